@@ -1,0 +1,51 @@
+//! Errors of the event log, as variants a caller can act on.
+
+use crate::codec::CodecError;
+use crate::log::ExpectedVersion;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// Optimistic concurrency: the stream is not at the expected version. Nothing was written.
+    /// Re-read the stream, decide again, retry.
+    #[error("version conflict on stream {stream:?}: expected {expected:?}, found version {actual}")]
+    VersionConflict {
+        stream: String,
+        expected: ExpectedVersion,
+        actual: u64,
+    },
+    /// The record at this global position failed verification. Never skipped, never a panic.
+    #[error("corrupt record at position {position}: {reason}")]
+    Corrupt { position: u64, reason: String },
+    /// An index entry (stream index, stream head, outbox) failed verification.
+    #[error("corrupt {tree} entry {key:?}: {reason}")]
+    CorruptIndex {
+        tree: &'static str,
+        key: Vec<u8>,
+        reason: String,
+    },
+    /// The caller's request is malformed (the field is named). Nothing was written.
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    /// The projector refused an event of this append. Nothing of this append was written.
+    #[error("projection refused event {event_type:?} of stream {stream:?}: {reason}")]
+    Projection {
+        stream: String,
+        event_type: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// sled reported an I/O or storage error.
+    #[error("storage: {0}")]
+    Sled(#[from] sled::Error),
+    /// The flush after this append failed: the append may or may not survive a crash. The log
+    /// refuses further writes (see `Failed`).
+    #[error("flush failed, outcome of this write unknown: {0}")]
+    FlushFailed(String),
+    /// An earlier storage failure stopped the writer; reopen the log to recover.
+    #[error("the log stopped after an earlier storage failure: {0}")]
+    Failed(String),
+    /// The log was closed.
+    #[error("the log is closed")]
+    Closed,
+}

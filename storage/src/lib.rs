@@ -1,0 +1,28 @@
+//! `saga-storage`: the durable event log every process of the saga system keeps, on sled.
+//!
+//! - [`log`]: [`EventLog`], the log itself. `append` is atomic per call, checks the stream's
+//!   expected version (optimistic concurrency) and returns only once flushed to disk;
+//!   concurrent appends share one flush (group commit). Reads of one stream, of the whole log
+//!   from a global position (audit replay), and live subscriptions.
+//! - [`record_format`]: the on-disk record envelope (format version, position, stream, version,
+//!   timestamp, event type, payload, checksum, hash chain). A record that fails verification is
+//!   a `StorageError::Corrupt` naming its position.
+//! - [`codec`]: the payload codec (bincode 2 + serde), the one place that knows it.
+//! - [`projection`]: read models written in the same transaction as their events.
+//! - [`outbox`]: messages written with the events that decide them, for a relay to publish.
+//! - [`error`]: [`StorageError`], variants a caller can act on.
+
+pub mod codec;
+pub mod error;
+pub mod log;
+pub mod outbox;
+pub mod projection;
+pub mod record_format;
+
+pub use error::StorageError;
+pub use log::{
+    AppendRequest, Appended, Durability, EventLog, ExpectedVersion, LogConfig, LogStats, NewEvent, Record,
+    Subscription,
+};
+pub use outbox::{OutboxEntry, OutboxId, OutboxMessage};
+pub use projection::{EventView, ProjectError, ProjectionTx, Projector};

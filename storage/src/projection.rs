@@ -1,0 +1,79 @@
+//! Projections: read models kept in the same sled transaction as the events that drive them.
+//!
+//! A [`Projector`] is registered when the log is opened. The writer calls it for every event
+//! of every append, inside the append's transaction, so a projection can never disagree with
+//! the log: both are written or neither is, also across a crash. The projector sees the
+//! projection state including the earlier events of the same batch, so read-modify-write
+//! (e.g. "available stock -= quantity") is safe without locks.
+//!
+//! All projections of a log share one tree (`projections`); a projector namespaces its keys
+//! (e.g. `stock/<product>`). Read them with `EventLog::projection_get` and
+//! `EventLog::projection_scan_prefix`.
+
+use sled::IVec;
+use sled::transaction::{TransactionalTree, UnabortableTransactionError};
+
+/// An event as the projector sees it, before it is visible to anyone else.
+#[derive(Debug, Clone, Copy)]
+pub struct EventView<'a> {
+    pub position: u64,
+    pub stream: &'a str,
+    pub version: u64,
+    pub event_type: &'a str,
+    pub timestamp_us: i64,
+    /// The payload as stored (decode with `crate::codec::decode`).
+    pub payload: &'a [u8],
+}
+
+/// Why a projector did not apply an event.
+#[derive(Debug)]
+pub enum ProjectError {
+    /// The event cannot be applied (e.g. its payload does not decode). The whole append is
+    /// refused with `StorageError::Projection`; other appends of the batch go ahead.
+    Refused(String),
+    /// A transaction-level error from sled; propagate it with `?` (the writer retries or fails).
+    Tx(UnabortableTransactionError),
+}
+
+impl From<UnabortableTransactionError> for ProjectError {
+    fn from(error: UnabortableTransactionError) -> Self {
+        ProjectError::Tx(error)
+    }
+}
+
+impl From<crate::codec::CodecError> for ProjectError {
+    fn from(error: crate::codec::CodecError) -> Self {
+        ProjectError::Refused(error.to_string())
+    }
+}
+
+/// Keeps read models in step with the log. Implementations must be deterministic, must not do
+/// I/O other than through [`ProjectionTx`], and should not fail for events their own service
+/// produced: `project` is `apply` of the event-sourcing habit.
+pub trait Projector: Send + Sync + 'static {
+    fn project(&self, event: &EventView<'_>, tx: &mut ProjectionTx<'_>) -> Result<(), ProjectError>;
+}
+
+/// The projection tree inside the append transaction.
+pub struct ProjectionTx<'a> {
+    pub(crate) tree: &'a TransactionalTree,
+}
+
+impl ProjectionTx<'_> {
+    /// The current value of `key`, including writes of earlier events in this transaction.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<IVec>, ProjectError> {
+        Ok(self.tree.get(key)?)
+    }
+
+    /// Sets `key` to `value`.
+    pub fn insert(&mut self, key: impl AsRef<[u8]>, value: impl Into<IVec>) -> Result<(), ProjectError> {
+        self.tree.insert(key.as_ref(), value)?;
+        Ok(())
+    }
+
+    /// Removes `key`.
+    pub fn remove(&mut self, key: impl AsRef<[u8]>) -> Result<(), ProjectError> {
+        self.tree.remove(key.as_ref())?;
+        Ok(())
+    }
+}

@@ -1,0 +1,425 @@
+//! Behaviour of the event log within one process: append, reads, conflicts, subscriptions,
+//! projections, outbox, validation.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use saga_storage::{
+    AppendRequest, EventLog, EventView, ExpectedVersion, LogConfig, NewEvent, OutboxMessage, ProjectError,
+    ProjectionTx, Projector, StorageError, codec,
+};
+use serde::{Deserialize, Serialize};
+
+/// A tiny aggregate: an account whose balance is a fold of its events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum AccountEvent {
+    Deposited { amount: i64 },
+    Withdrawn { amount: i64 },
+}
+
+impl AccountEvent {
+    fn name(&self) -> &'static str {
+        match self {
+            AccountEvent::Deposited { .. } => "Deposited",
+            AccountEvent::Withdrawn { .. } => "Withdrawn",
+        }
+    }
+    fn to_new(&self) -> NewEvent {
+        NewEvent::encode(self.name(), self).expect("encodes")
+    }
+    fn apply(&self, balance: &mut i64) {
+        match self {
+            AccountEvent::Deposited { amount } => *balance += amount,
+            AccountEvent::Withdrawn { amount } => *balance -= amount,
+        }
+    }
+}
+
+/// Keeps `balance/<stream>` in the projection tree.
+struct BalanceProjector;
+
+impl Projector for BalanceProjector {
+    fn project(&self, event: &EventView<'_>, tx: &mut ProjectionTx<'_>) -> Result<(), ProjectError> {
+        let change: AccountEvent = codec::decode(event.payload)?;
+        let key = format!("balance/{}", event.stream);
+        let mut balance = match tx.get(&key)? {
+            Some(v) => i64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| ProjectError::Refused("bad".into()))?,
+            ),
+            None => 0,
+        };
+        change.apply(&mut balance);
+        if balance < 0 {
+            return Err(ProjectError::Refused(format!(
+                "balance of {} would go negative",
+                event.stream
+            )));
+        }
+        tx.insert(key, balance.to_be_bytes().to_vec())?;
+        Ok(())
+    }
+}
+
+fn open(dir: &tempfile::TempDir) -> EventLog {
+    EventLog::open_with(LogConfig::new(dir.path()), Some(Arc::new(BalanceProjector))).expect("opens")
+}
+
+async fn projected_balance(log: &EventLog, stream: &str) -> i64 {
+    match log
+        .projection_get(format!("balance/{stream}"))
+        .await
+        .expect("reads")
+    {
+        Some(v) => i64::from_be_bytes(v.as_ref().try_into().expect("8 bytes")),
+        None => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_of_stream_and_log_equals_fold_and_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut folded: BTreeMap<String, i64> = BTreeMap::new();
+    let mut expected_events: Vec<(String, AccountEvent)> = Vec::new();
+    {
+        let log = open(&dir);
+        // A deterministic pseudo-random mix of deposits and withdrawals over 5 streams.
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        for _ in 0..200 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let stream = format!("acct-{}", seed % 5);
+            let balance = folded.entry(stream.clone()).or_default();
+            let amount = (seed >> 8) as i64 % 50 + 1;
+            let event = if *balance >= amount && seed % 3 == 0 {
+                AccountEvent::Withdrawn { amount }
+            } else {
+                AccountEvent::Deposited { amount }
+            };
+            let version = log.stream_version(&stream).await.expect("version");
+            log.append(AppendRequest::new(&stream, ExpectedVersion::Exact(version)).event(event.to_new()))
+                .await
+                .expect("appends");
+            event.apply(balance);
+            expected_events.push((stream, event));
+        }
+    }
+    // Reopen: what we read is what is on disk.
+    let log = open(&dir);
+    for (stream, balance) in &folded {
+        let records = log.read_stream(stream, 1, 10_000).await.expect("reads stream");
+        let mut replayed = 0;
+        for (i, record) in records.iter().enumerate() {
+            assert_eq!(record.version(), i as u64 + 1);
+            assert_eq!(record.stream(), stream);
+            record
+                .decode::<AccountEvent>()
+                .expect("decodes")
+                .apply(&mut replayed);
+        }
+        assert_eq!(replayed, *balance, "replay of {stream} equals the fold");
+        assert_eq!(
+            projected_balance(&log, stream).await,
+            *balance,
+            "projection of {stream}"
+        );
+        assert_eq!(
+            log.stream_version(stream).await.expect("version"),
+            records.len() as u64
+        );
+    }
+    let all = log.read_all(1, 10_000).expect("reads log");
+    assert_eq!(all.len(), expected_events.len());
+    for (i, (record, (stream, event))) in all.iter().zip(&expected_events).enumerate() {
+        assert_eq!(record.position(), i as u64 + 1, "positions are gap-free from 1");
+        assert_eq!(record.stream(), stream);
+        assert_eq!(&record.decode::<AccountEvent>().expect("decodes"), event);
+    }
+    // Reading from the middle continues the chain check from the record before.
+    let tail = log.read_stream("acct-0", 3, 2).await.expect("reads from v3");
+    assert_eq!(tail.iter().map(|r| r.version()).collect::<Vec<_>>(), vec![3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_at_the_same_version_one_wins_one_conflicts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(&dir);
+    for round in 0..50u64 {
+        let a = log.append(
+            AppendRequest::new("race", ExpectedVersion::Exact(round))
+                .event(AccountEvent::Deposited { amount: 1 }.to_new()),
+        );
+        let b = log.append(
+            AppendRequest::new("race", ExpectedVersion::Exact(round))
+                .event(AccountEvent::Deposited { amount: 1000 }.to_new()),
+        );
+        let (a, b) = tokio::join!(a, b);
+        let (winner, loser) = match (a, b) {
+            (Ok(_), Err(e)) => (1, e),
+            (Err(e), Ok(_)) => (1000, e),
+            other => panic!("round {round}: expected exactly one success, got {other:?}"),
+        };
+        match loser {
+            StorageError::VersionConflict { actual, .. } => assert_eq!(actual, round + 1),
+            other => panic!("loser must see a version conflict, got {other}"),
+        }
+        let records = log.read_stream("race", round + 1, 10).await.expect("reads");
+        assert_eq!(records.len(), 1, "exactly the winner's event was written");
+        assert_eq!(
+            records[0].decode::<AccountEvent>().expect("decodes"),
+            AccountEvent::Deposited { amount: winner }
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_writers_retrying_on_conflict_lose_no_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(&dir);
+    const WRITERS: i64 = 16;
+    const PER_WRITER: i64 = 25;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conflicts = 0;
+            for _ in 0..PER_WRITER {
+                loop {
+                    let version = log.stream_version("shared").await.expect("version");
+                    let req = AppendRequest::new("shared", ExpectedVersion::Exact(version))
+                        .event(AccountEvent::Deposited { amount: w + 1 }.to_new());
+                    match log.append(req).await {
+                        Ok(_) => break,
+                        Err(StorageError::VersionConflict { .. }) => conflicts += 1,
+                        Err(e) => panic!("unexpected error: {e}"),
+                    }
+                }
+            }
+            conflicts
+        }));
+    }
+    let mut conflicts = 0;
+    for t in tasks {
+        conflicts += t.await.expect("task");
+    }
+    let records = log.read_stream("shared", 1, 10_000).await.expect("reads");
+    assert_eq!(
+        records.len() as i64,
+        WRITERS * PER_WRITER,
+        "every acknowledged append is there"
+    );
+    let expected_sum: i64 = (1..=WRITERS).sum::<i64>() * PER_WRITER;
+    assert_eq!(projected_balance(&log, "shared").await, expected_sum);
+    assert!(
+        conflicts > 0,
+        "16 writers on one stream should have collided at least once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_in_one_call_are_atomic_and_a_refused_projection_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(&dir);
+    log.append(
+        AppendRequest::new("a", ExpectedVersion::NoStream)
+            .event(AccountEvent::Deposited { amount: 10 }.to_new())
+            .event(AccountEvent::Withdrawn { amount: 4 }.to_new()),
+    )
+    .await
+    .expect("appends");
+    // The second event would take the balance below zero: the projector refuses, so neither
+    // event of this append may be written, while a concurrent append to another stream in the
+    // same batch still goes through.
+    let bad = log.append(
+        AppendRequest::new("a", ExpectedVersion::Exact(2))
+            .event(AccountEvent::Deposited { amount: 1 }.to_new())
+            .event(AccountEvent::Withdrawn { amount: 100 }.to_new()),
+    );
+    let good = log.append(
+        AppendRequest::new("b", ExpectedVersion::NoStream)
+            .event(AccountEvent::Deposited { amount: 5 }.to_new()),
+    );
+    let (bad, good) = tokio::join!(bad, good);
+    assert!(matches!(bad, Err(StorageError::Projection { .. })), "got {bad:?}");
+    good.expect("the other append stands");
+    assert_eq!(log.stream_version("a").await.expect("v"), 2);
+    assert_eq!(projected_balance(&log, "a").await, 6);
+    assert_eq!(projected_balance(&log, "b").await, 5);
+    let all = log.read_all(1, 100).expect("reads");
+    assert_eq!(all.len(), 3, "positions stay gap-free after a refused append");
+    assert_eq!(
+        all.iter().map(|r| r.position()).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_appends_name_the_field_and_write_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(&dir);
+    let ok_event = || AccountEvent::Deposited { amount: 1 }.to_new();
+    let cases = [
+        (
+            AppendRequest::new("", ExpectedVersion::Any).event(ok_event()),
+            "stream",
+        ),
+        (
+            AppendRequest::new("x\0y", ExpectedVersion::Any).event(ok_event()),
+            "stream",
+        ),
+        (
+            AppendRequest::new("s".repeat(201), ExpectedVersion::Any).event(ok_event()),
+            "stream",
+        ),
+        (AppendRequest::new("s", ExpectedVersion::Any), "events"),
+        (
+            AppendRequest::new("s", ExpectedVersion::Any).event(NewEvent::new("", vec![])),
+            "event_type",
+        ),
+        (
+            AppendRequest::new("s", ExpectedVersion::Any).event(NewEvent::new("T", vec![0; (1 << 20) + 1])),
+            "payload",
+        ),
+    ];
+    for (request, field) in cases {
+        match log.append(request).await {
+            Err(StorageError::Invalid { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("expected Invalid({field}), got {other:?}"),
+        }
+    }
+    assert_eq!(log.durable_position(), 0);
+    assert!(log.read_all(1, 10).expect("reads").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_delivers_every_position_once_in_order_across_catch_up_and_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(&dir);
+    // Some history before subscribing...
+    for i in 0..300 {
+        log.append(
+            AppendRequest::new(format!("s{}", i % 7), ExpectedVersion::Any)
+                .event(AccountEvent::Deposited { amount: 1 }.to_new()),
+        )
+        .await
+        .expect("appends");
+    }
+    let mut sub = log.subscribe(1);
+    // ...and concurrent writers while it catches up.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for _ in 0..250 {
+                    log.append(
+                        AppendRequest::new(format!("w{w}"), ExpectedVersion::Any)
+                            .event(AccountEvent::Deposited { amount: 1 }.to_new())
+                            .event(AccountEvent::Deposited { amount: 2 }.to_new()),
+                    )
+                    .await
+                    .expect("appends");
+                }
+            })
+        })
+        .collect();
+    let total = 300 + 4 * 250 * 2;
+    for expected in 1..=total {
+        let record = sub.next().await.expect("next record");
+        assert_eq!(record.position(), expected, "no gap, no duplicate");
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    // Nothing more than what was written.
+    let extra = tokio::time::timeout(std::time::Duration::from_millis(200), sub.next()).await;
+    assert!(extra.is_err(), "no record beyond the last append");
+    // Closing the log ends the subscription.
+    drop(log);
+    assert!(matches!(sub.next().await, Err(StorageError::Closed)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_entries_are_written_with_their_events_listed_in_order_and_deleted_on_ack() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let msg = |key: &str| OutboxMessage {
+        topic: "saga-compensation".into(),
+        tag: "stock".into(),
+        key: key.into(),
+        body: key.as_bytes().to_vec(),
+    };
+    {
+        let log = open(&dir);
+        log.append(
+            AppendRequest::new("saga-1", ExpectedVersion::NoStream)
+                .event(AccountEvent::Deposited { amount: 1 }.to_new())
+                .outbox(msg("saga-1:a"))
+                .outbox(msg("saga-1:b")),
+        )
+        .await
+        .expect("appends");
+        // A conflicting append's outbox entries must not appear.
+        let conflict = log
+            .append(
+                AppendRequest::new("saga-1", ExpectedVersion::NoStream)
+                    .event(AccountEvent::Deposited { amount: 1 }.to_new())
+                    .outbox(msg("never")),
+            )
+            .await;
+        assert!(matches!(conflict, Err(StorageError::VersionConflict { .. })));
+        log.append(
+            AppendRequest::new("saga-2", ExpectedVersion::NoStream)
+                .event(AccountEvent::Deposited { amount: 1 }.to_new())
+                .outbox(msg("saga-2:a")),
+        )
+        .await
+        .expect("appends");
+        let pending = log.outbox_pending(100).expect("lists");
+        let keys: Vec<_> = pending.iter().map(|e| e.message.key.as_str()).collect();
+        assert_eq!(keys, vec!["saga-1:a", "saga-1:b", "saga-2:a"]);
+        log.outbox_ack(vec![pending[0].id]).await.expect("acks");
+    }
+    // Pending entries survive a restart; the acknowledged one stays deleted.
+    let log = open(&dir);
+    let pending = log.outbox_pending(100).expect("lists");
+    let keys: Vec<_> = pending.iter().map(|e| e.message.key.as_str()).collect();
+    assert_eq!(keys, vec!["saga-1:b", "saga-2:a"]);
+    assert_eq!(pending[1].message, msg("saga-2:a"));
+    assert_eq!(
+        log.outbox_pending(1).expect("lists").len(),
+        1,
+        "the limit is honoured"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_share_flushes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(&dir);
+    let tasks: Vec<_> = (0..32)
+        .map(|w| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for _ in 0..20 {
+                    log.append(
+                        AppendRequest::new(format!("g{w}"), ExpectedVersion::Any)
+                            .event(AccountEvent::Deposited { amount: 1 }.to_new()),
+                    )
+                    .await
+                    .expect("appends");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let stats = log.stats();
+    assert_eq!(stats.appends, 640);
+    assert!(
+        stats.flushes < stats.appends / 2,
+        "group commit: 640 appends from 32 writers took {} flushes",
+        stats.flushes
+    );
+}
