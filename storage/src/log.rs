@@ -3,11 +3,12 @@
 //! # Design
 //!
 //! One writer thread owns every write to the database. Callers hand it jobs through a bounded
-//! queue (`queue_len_max`); it takes every job waiting (up to `batch_len_max`), applies them
+//! queue (`queue_len_max`); it takes every job waiting (up to `batch_len_max`) and applies them
 //! in **one sled transaction** (version checks, records, stream index, heads, projections,
-//! outbox), then calls **one flush** for the whole batch before answering any of them. While it
-//! flushes, new jobs queue up and form the next batch: that is the group commit, and it needs
-//! no tuning knob: a lone writer pays one flush per append, 64 writers share one.
+//! outbox). A second thread, the flusher, then calls **one flush** for every batch committed
+//! so far and only then answers their callers. The writer does not wait for the flush: it
+//! commits the next batch while the previous one is being flushed (pipelined group commit).
+//! No tuning knob: a lone writer pays one flush per append, 64 writers share a few.
 //!
 //! Because one thread assigns positions inside the transaction, positions are gap-free and in
 //! commit order, and version checks need no optimistic retry loop between writers: a stale
@@ -474,7 +475,6 @@ impl EventLog {
             batch_len_max: config.batch_len_max,
             next_position: last_position + 1,
             seq: 0,
-            failure: None,
         };
         let thread = std::thread::Builder::new()
             .name("saga-log-writer".into())
@@ -821,11 +821,38 @@ struct Writer {
     batch_len_max: usize,
     next_position: u64,
     seq: u64,
-    failure: Option<String>,
 }
 
+/// A committed batch on its way to the flusher.
+struct Committed {
+    seq: u64,
+    /// Highest position written by this batch or any before it.
+    position: u64,
+    /// The batch wrote events, so its answer must wait for a flush.
+    needs_flush: bool,
+    jobs: Vec<(Job, Outcome)>,
+}
+
+/// Committed batches that may wait for the flusher; the writer blocks beyond this
+/// (back-pressure instead of an unbounded queue).
+const FLUSH_QUEUE_LEN_MAX: usize = 64;
+
 impl Writer {
+    /// The writer thread: commits batches and hands them to the flusher thread, so that the
+    /// next batch is committed while the previous one is being flushed (pipelined group commit).
     fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        let (to_flusher, from_writer) = std::sync::mpsc::sync_channel::<Committed>(FLUSH_QUEUE_LEN_MAX);
+        let flusher = Flusher {
+            db: self.trees.db.clone(),
+            shared: Arc::clone(&self.shared),
+            durable: self.durable.clone(),
+            durability: self.durability,
+            failure: None,
+        };
+        let flusher = std::thread::Builder::new()
+            .name("saga-log-flusher".into())
+            .spawn(move || flusher.run(from_writer))
+            .expect("spawn the flusher thread");
         let mut batch = Vec::with_capacity(self.batch_len_max);
         while let Some(job) = jobs.blocking_recv() {
             batch.push(job);
@@ -835,71 +862,58 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.process(&mut batch);
+            if let Some(committed) = self.process(&mut batch)
+                && let Err(unsent) = to_flusher.send(committed)
+            {
+                // The flusher is gone (it panicked): nothing can become durable any more.
+                for (job, _) in unsent.0.jobs {
+                    reply(
+                        job,
+                        Outcome::Failed(StorageError::Failed("flusher stopped".into())),
+                    );
+                }
+            }
         }
-        // Every sender is gone: leave a final flush so that committed outbox deletions are on
-        // disk too (appends were flushed before they were answered).
-        let _ = self.trees.db.flush();
+        drop(to_flusher);
+        let _ = flusher.join();
     }
 
-    fn process(&mut self, batch: &mut Vec<Job>) {
-        if let Some(reason) = &self.failure {
+    /// Commits one batch. Returns it for the flusher, or `None` when it was answered already.
+    fn process(&mut self, batch: &mut Vec<Job>) -> Option<Committed> {
+        if self.durable.borrow().failed {
             for job in batch.drain(..) {
-                reply(job, Outcome::Failed(StorageError::Failed(reason.clone())));
+                reply(
+                    job,
+                    Outcome::Failed(StorageError::Failed("an earlier flush failed".into())),
+                );
             }
-            return;
+            return None;
         }
         let timestamp_us = now_us();
-        let committed = match self.commit(batch, timestamp_us) {
+        let (outcomes, next_position) = match self.commit(batch, timestamp_us) {
             Ok(committed) => committed,
             Err(error) => {
                 // A storage error inside the transaction: nothing of the batch was written, but
                 // the database is no longer trusted.
-                self.fail(format!("transaction failed: {error}"));
+                tracing::error!(%error, "event log transaction failed; refusing further writes");
+                self.durable.send_modify(|d| d.failed = true);
                 for job in batch.drain(..) {
                     reply(job, Outcome::Failed(StorageError::Sled(error.clone())));
                 }
-                return;
+                return None;
             }
         };
-        let (outcomes, next_position) = committed;
         self.seq += 1;
         self.shared.committed_seq.store(self.seq, Ordering::Release);
-        let wrote_events = next_position != self.next_position;
-        self.next_position = next_position;
         self.shared.batches.fetch_add(1, Ordering::Relaxed);
-        if wrote_events && self.durability == Durability::Fsync {
-            if let Err(error) = self.trees.db.flush() {
-                let reason = format!("flush failed: {error}");
-                self.fail(reason.clone());
-                for job in batch.drain(..) {
-                    reply(job, Outcome::Failed(StorageError::FlushFailed(reason.clone())));
-                }
-                return;
-            }
-            self.shared.flushes.fetch_add(1, Ordering::Relaxed);
-        }
-        self.durable.send_replace(Durable {
+        let needs_flush = next_position != self.next_position;
+        self.next_position = next_position;
+        Some(Committed {
             seq: self.seq,
-            position: self.next_position - 1,
-            failed: false,
-        });
-        for (job, outcome) in batch.drain(..).zip(outcomes) {
-            if let Outcome::Appended(appended) = &outcome {
-                self.shared.appends.fetch_add(1, Ordering::Relaxed);
-                self.shared.events.fetch_add(
-                    appended.last_position - appended.first_position + 1,
-                    Ordering::Relaxed,
-                );
-            }
-            reply(job, outcome);
-        }
-    }
-
-    fn fail(&mut self, reason: String) {
-        tracing::error!(%reason, "event log writer stops accepting writes");
-        self.failure = Some(reason);
-        self.durable.send_modify(|d| d.failed = true);
+            position: next_position - 1,
+            needs_flush,
+            jobs: batch.drain(..).zip(outcomes).collect(),
+        })
     }
 
     /// Applies the batch in one transaction. A job a projector refuses is left out and the
@@ -1021,6 +1035,78 @@ impl Writer {
                     assert!(left_out.insert(index, error).is_none(), "a job is left out once");
                 }
                 Err(TransactionError::Storage(error)) => return Err(error),
+            }
+        }
+    }
+}
+
+/// The flusher thread: makes committed batches durable, in commit order, then answers them.
+struct Flusher {
+    db: sled::Db,
+    shared: Arc<Shared>,
+    durable: watch::Sender<Durable>,
+    durability: Durability,
+    failure: Option<String>,
+}
+
+impl Flusher {
+    fn run(mut self, committed: std::sync::mpsc::Receiver<Committed>) {
+        let mut ready = Vec::new();
+        while let Ok(first) = committed.recv() {
+            ready.push(first);
+            // Every batch committed by now is covered by the flush below: take them all.
+            while let Ok(more) = committed.try_recv() {
+                ready.push(more);
+            }
+            self.finish(&mut ready);
+        }
+        // Sled flushes on drop as well; this makes committed outbox deletions durable on a
+        // clean close.
+        let _ = self.db.flush();
+    }
+
+    fn finish(&mut self, ready: &mut Vec<Committed>) {
+        if self.failure.is_none()
+            && self.durability == Durability::Fsync
+            && ready.iter().any(|c| c.needs_flush)
+        {
+            // Each of these batches' transactions completed before this call: the flush covers them.
+            match self.db.flush() {
+                Ok(_) => {
+                    self.shared.flushes.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    let reason = format!("flush failed: {error}");
+                    tracing::error!(%reason, "event log stops accepting writes");
+                    self.failure = Some(reason);
+                    self.durable.send_modify(|d| d.failed = true);
+                }
+            }
+        }
+        if let Some(reason) = &self.failure {
+            for batch in ready.drain(..) {
+                for (job, _) in batch.jobs {
+                    reply(job, Outcome::Failed(StorageError::FlushFailed(reason.clone())));
+                }
+            }
+            return;
+        }
+        let last = ready.last().expect("finish is called with at least one batch");
+        self.durable.send_replace(Durable {
+            seq: last.seq,
+            position: last.position,
+            failed: false,
+        });
+        for batch in ready.drain(..) {
+            for (job, outcome) in batch.jobs {
+                if let Outcome::Appended(appended) = &outcome {
+                    self.shared.appends.fetch_add(1, Ordering::Relaxed);
+                    self.shared.events.fetch_add(
+                        appended.last_position - appended.first_position + 1,
+                        Ordering::Relaxed,
+                    );
+                }
+                reply(job, outcome);
             }
         }
     }

@@ -1,0 +1,26 @@
+//! The project's topics and consumer groups. Kept here so that scripts/dev-env (through
+//! `saga-mqadmin ensure-topics`), the relay and the consumers agree on the names.
+
+/// Compensation requests, orchestrator -> participants. Tag = participant role, key =
+/// `<saga_id>:<step>`.
+pub const COMPENSATION_TOPIC: &str = "saga-compensation";
+/// Compensation acknowledgements, participants -> orchestrator. Key = `<saga_id>:<step>`.
+pub const COMPENSATION_ACK_TOPIC: &str = "saga-compensation-ack";
+/// Used by the broker smoke test only.
+pub const SMOKE_TOPIC: &str = "saga-smoke";
+
+/// Every topic scripts/dev-env creates up front.
+pub const ALL_TOPICS: &[&str] = &[COMPENSATION_TOPIC, COMPENSATION_ACK_TOPIC, SMOKE_TOPIC];
+
+/// Queues per topic: enough for a few consumer instances per group on one broker.
+pub const QUEUES_PER_TOPIC: i32 = 8;
+
+/// The consumer group of a participant role: one group per role, so every role receives every
+/// compensation meant for it, and instances of a role share the load.
+pub fn compensation_group(role: &str) -> String {
+    format!("saga-compensation-{role}")
+}
+
+/// The environment variable that carries the name server address to tests and tools
+/// (`host:port`); scripts/test sets it after starting the broker.
+pub const NAMESRV_ENV: &str = "SAGA_ROCKETMQ_NAMESRV";
