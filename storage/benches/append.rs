@@ -3,7 +3,8 @@
 //! stream (transaction, envelope, checksum, hash chain, flush).
 //!
 //! ```text
-//! cargo bench -p saga-storage --bench append -- [--writers 1,16,64] [--seconds 5] [--event-bytes 200] [--fsync off]
+//! cargo bench -p saga-storage --bench append -- [--writers 1,16,64] [--seconds 5] [--event-bytes 200]
+//!     [--fsync off] [--runtime-workers 2]
 //! ```
 //!
 //! One line per writer count:
@@ -18,6 +19,7 @@ struct Args {
     seconds: f64,
     event_bytes: usize,
     fsync: bool,
+    runtime_workers: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -26,6 +28,7 @@ fn parse_args() -> Result<Args, String> {
         seconds: 5.0,
         event_bytes: 200,
         fsync: true,
+        runtime_workers: 2,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -42,6 +45,9 @@ fn parse_args() -> Result<Args, String> {
                 args.event_bytes = value()?.parse().map_err(|e| format!("--event-bytes: {e}"))?
             }
             "--fsync" => args.fsync = value()? != "off",
+            "--runtime-workers" => {
+                args.runtime_workers = value()?.parse().map_err(|e| format!("--runtime-workers: {e}"))?
+            }
             "--bench" => {} // passed by `cargo bench`
             other => return Err(format!("unknown argument {other}")),
         }
@@ -122,7 +128,7 @@ fn main() {
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(args.runtime_workers)
         .enable_all()
         .build()
         .expect("runtime");

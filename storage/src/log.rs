@@ -4,7 +4,7 @@
 //!
 //! One writer thread owns every write to the database. Callers hand it jobs through a bounded
 //! queue (`queue_len_max`); it takes every job waiting (up to `batch_len_max`) and applies them
-//! in **one sled transaction** (version checks, records, stream index, heads, projections,
+//! in **one sled transaction** (version checks, records, stream index, projections,
 //! outbox). A second thread, the flusher, then calls **one flush** for every batch committed
 //! so far and only then answers their callers. The writer does not wait for the flush: it
 //! commits the next batch while the previous one is being flushed (pipelined group commit).
@@ -23,7 +23,10 @@
 //!
 //! - `events`: position (u64 BE) -> record (see `record_format`).
 //! - `streams`: stream ++ 0x00 ++ version (u64 BE) -> position (u64 BE).
-//! - `heads`: stream -> version (u64 BE) ++ checksum of its last record (u64 BE).
+//! - Stream heads (version and checksum of the last record, for version checks and the hash
+//!   chain) are not stored: the writer, the only writer, keeps them in a bounded cache and
+//!   derives a missing one from the stream index and the stream's last record. That saves a
+//!   read and a write per append (the writer's CPU is the limit at high concurrency).
 //! - `outbox`: see `outbox`. `projections`: see `projection`.
 //!
 //! # Back-of-the-envelope
@@ -311,7 +314,6 @@ struct Trees {
     db: sled::Db,
     events: sled::Tree,
     streams: sled::Tree,
-    heads: sled::Tree,
     outbox: sled::Tree,
     projections: sled::Tree,
 }
@@ -392,26 +394,48 @@ fn decode_position(tree: &'static str, key: &[u8], value: &[u8]) -> Result<u64, 
     Ok(u64::from_be_bytes(bytes))
 }
 
-/// A stream's head: its version and the checksum of its last record.
-fn decode_head(stream: &str, value: &[u8]) -> Result<(u64, u64), StorageError> {
-    if value.len() != 16 {
-        return Err(StorageError::CorruptIndex {
-            tree: "heads",
-            key: stream.as_bytes().to_vec(),
-            reason: format!("value of {} bytes, expected 16", value.len()),
-        });
-    }
-    let version = u64::from_be_bytes(value[..8].try_into().expect("16 bytes checked"));
-    let checksum = u64::from_be_bytes(value[8..].try_into().expect("16 bytes checked"));
-    Ok((version, checksum))
+/// The stream's last (version, position) from the stream index, if it has any event.
+fn last_version(streams: &sled::Tree, stream: &str) -> Result<Option<(u64, u64)>, StorageError> {
+    let Some(entry) = streams
+        .range(stream_key(stream, 1)..=stream_key(stream, u64::MAX))
+        .next_back()
+    else {
+        return Ok(None);
+    };
+    let (key, value) = entry?;
+    let position = decode_position("streams", &key, &value)?;
+    let version_bytes: [u8; 8] = key[key.len() - 8..]
+        .try_into()
+        .expect("stream keys end in 8 bytes");
+    Ok(Some((u64::from_be_bytes(version_bytes), position)))
 }
 
-fn encode_head(version: u64, checksum: u64) -> [u8; 16] {
-    let mut value = [0u8; 16];
-    value[..8].copy_from_slice(&version.to_be_bytes());
-    value[8..].copy_from_slice(&checksum.to_be_bytes());
-    value
+/// A stream's head: its version and the checksum of its last record (0, 0 for a new stream),
+/// from committed data.
+fn load_head(trees: &Trees, stream: &str) -> Result<(u64, u64), StorageError> {
+    let Some((version, position)) = last_version(&trees.streams, stream)? else {
+        return Ok((0, 0));
+    };
+    let bytes = trees
+        .events
+        .get(position.to_be_bytes())?
+        .ok_or_else(|| StorageError::Corrupt {
+            position,
+            reason: "indexed record is missing".into(),
+        })?;
+    let record = Record::verify(position, bytes)?;
+    if record.version() != version || record.stream() != stream {
+        return Err(StorageError::Corrupt {
+            position,
+            reason: format!("index says {stream:?} v{version}, record disagrees"),
+        });
+    }
+    Ok((version, record.checksum()))
 }
+
+/// Most stream heads the writer caches; past it the cache is emptied (heads are re-derived on
+/// demand), so memory stays bounded however many streams exist.
+const HEAD_CACHE_LEN_MAX: usize = 100_000;
 
 impl EventLog {
     /// Opens (or creates) the log at `config.path` without projections.
@@ -442,7 +466,6 @@ impl EventLog {
         let trees = Trees {
             events: db.open_tree("events")?,
             streams: db.open_tree("streams")?,
-            heads: db.open_tree("heads")?,
             outbox: db.open_tree("outbox")?,
             projections: db.open_tree("projections")?,
             db,
@@ -475,6 +498,7 @@ impl EventLog {
             batch_len_max: config.batch_len_max,
             next_position: last_position + 1,
             seq: 0,
+            heads: HashMap::new(),
         };
         let thread = std::thread::Builder::new()
             .name("saga-log-writer".into())
@@ -518,12 +542,9 @@ impl EventLog {
 
     /// The stream's current version (0 if it does not exist), as durable.
     pub async fn stream_version(&self, stream: &str) -> Result<u64, StorageError> {
-        let head = self.shared.trees.heads.get(stream.as_bytes())?;
+        let version = last_version(&self.shared.trees.streams, stream)?.map_or(0, |(version, _)| version);
         self.wait_durable_read().await?;
-        match head {
-            Some(value) => Ok(decode_head(stream, &value)?.0),
-            None => Ok(0),
-        }
+        Ok(version)
     }
 
     /// Up to `max` records of `stream` from `from_version` (1-based), in order. Verifies each
@@ -821,6 +842,8 @@ struct Writer {
     batch_len_max: usize,
     next_position: u64,
     seq: u64,
+    /// stream -> (version, checksum of its last record), for committed data only.
+    heads: HashMap<String, (u64, u64)>,
 }
 
 /// A committed batch on its way to the flusher.
@@ -918,12 +941,35 @@ impl Writer {
 
     /// Applies the batch in one transaction. A job a projector refuses is left out and the
     /// transaction is tried again without it (rare: projectors refuse only malformed events).
-    fn commit(&self, batch: &[Job], timestamp_us: i64) -> Result<(Vec<Outcome>, u64), sled::Error> {
+    fn commit(&mut self, batch: &[Job], timestamp_us: i64) -> Result<(Vec<Outcome>, u64), sled::Error> {
         let mut left_out: HashMap<usize, StorageError> = HashMap::new();
+        // Heads of streams not in the cache, loaded before the transaction: sled's concurrency
+        // control is one process-wide fair RwLock, and a plain read inside a transaction
+        // closure can deadlock against another thread's commit waiting for the write lock.
+        let mut loaded: HashMap<&str, (u64, u64)> = HashMap::new();
+        for (index, job) in batch.iter().enumerate() {
+            if let Job::Append { request, .. } = job {
+                let stream = request.stream.as_str();
+                if self.heads.contains_key(stream) || loaded.contains_key(stream) {
+                    continue;
+                }
+                match load_head(&self.trees, stream) {
+                    Ok(head) => {
+                        loaded.insert(stream, head);
+                    }
+                    Err(error) => {
+                        left_out.insert(index, error);
+                    }
+                }
+            }
+        }
         loop {
             let t = &self.trees;
-            let result = (&t.events, &t.streams, &t.heads, &t.outbox, &t.projections).transaction(
-                |(events, streams, heads, outbox, projections)| {
+            let cache = &self.heads;
+            let result = (&t.events, &t.streams, &t.outbox, &t.projections).transaction(
+                |(events, streams, outbox, projections)| {
+                    // Heads written by this attempt; merged into the cache once it commits.
+                    let mut new_heads: HashMap<&str, (u64, u64)> = HashMap::new();
                     let mut position = self.next_position;
                     let mut outcomes = Vec::with_capacity(batch.len());
                     for (index, job) in batch.iter().enumerate() {
@@ -942,11 +988,17 @@ impl Writer {
                             Job::Append { request, outbox, .. } => (request, outbox),
                         };
                         let stream = request.stream.as_str();
-                        let (mut version, mut prev_checksum) = match heads.get(stream.as_bytes())? {
-                            Some(value) => decode_head(stream, &value).map_err(|error| {
-                                ConflictableTransactionError::Abort(LeaveOut { index, error })
-                            })?,
-                            None => (0, 0),
+                        let head = new_heads
+                            .get(stream)
+                            .or_else(|| cache.get(stream))
+                            .or_else(|| loaded.get(stream));
+                        let Some(&(mut version, mut prev_checksum)) = head else {
+                            // Loading this stream's head failed for an earlier job of the batch
+                            // (that job carries the error).
+                            outcomes.push(Some(Outcome::Failed(StorageError::Failed(format!(
+                                "the head of stream {stream:?} could not be read"
+                            )))));
+                            continue;
                         };
                         if !request.expected.admits(version) {
                             outcomes.push(Some(Outcome::Failed(StorageError::VersionConflict {
@@ -998,7 +1050,7 @@ impl Writer {
                             prev_checksum = checksum;
                             position += 1;
                         }
-                        heads.insert(stream.as_bytes(), &encode_head(version, prev_checksum))?;
+                        new_heads.insert(stream, (version, prev_checksum));
                         for (i, body) in encoded_outbox.iter().enumerate() {
                             let id = OutboxId {
                                 position: first_position,
@@ -1012,11 +1064,17 @@ impl Writer {
                             last_position: position - 1,
                         })));
                     }
-                    Ok((outcomes, position))
+                    Ok((outcomes, position, new_heads))
                 },
             );
             match result {
-                Ok((outcomes, next_position)) => {
+                Ok((outcomes, next_position, new_heads)) => {
+                    if self.heads.len() + new_heads.len() > HEAD_CACHE_LEN_MAX {
+                        self.heads.clear();
+                    }
+                    for (stream, head) in new_heads {
+                        self.heads.insert(stream.to_owned(), head);
+                    }
                     let outcomes = outcomes
                         .into_iter()
                         .enumerate()

@@ -423,3 +423,56 @@ async fn concurrent_appends_share_flushes() {
         stats.flushes
     );
 }
+
+/// sled's concurrency control is one process-wide lock: a read inside one log's transaction
+/// once deadlocked against another log's commit. Two logs, many new streams (head not cached,
+/// so it is loaded from disk), concurrent appends: all must finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_logs_in_one_process_append_to_new_streams_without_deadlock() {
+    let dirs = [
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    ];
+    let logs: Vec<EventLog> = dirs.iter().map(open).collect();
+    // Reopen-style cold heads: write, reopen, then append again so every head is loaded.
+    for log in &logs {
+        for s in 0..50 {
+            log.append(
+                AppendRequest::new(format!("cold-{s}"), ExpectedVersion::NoStream)
+                    .event(AccountEvent::Deposited { amount: 1 }.to_new()),
+            )
+            .await
+            .expect("appends");
+        }
+    }
+    drop(logs);
+    let logs: Vec<EventLog> = dirs.iter().map(open).collect();
+    let mut tasks = Vec::new();
+    for log in &logs {
+        for w in 0..8 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                for s in (w..50).step_by(8) {
+                    log.append(
+                        AppendRequest::new(format!("cold-{s}"), ExpectedVersion::Exact(1))
+                            .event(AccountEvent::Deposited { amount: 1 }.to_new()),
+                    )
+                    .await
+                    .expect("appends");
+                    let _ = log.read_stream(&format!("cold-{s}"), 1, 10).await.expect("reads");
+                }
+            }));
+        }
+    }
+    let all = async {
+        for t in tasks {
+            t.await.expect("task");
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), all)
+        .await
+        .expect("no deadlock: every append finished");
+    for log in &logs {
+        assert_eq!(log.read_all(1, 1000).expect("reads").len(), 100);
+    }
+}
