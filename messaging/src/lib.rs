@@ -5,7 +5,7 @@
 //!   consumers with a [`rocketmq::MessageHandler`], and topic creation that waits for routes.
 //!   This is the only crate that links the RocketMQ client (heavy to build: keep it stable).
 //! - [`topics`]: topic and consumer-group names shared by every process and by scripts/dev-env.
-//! - [`error`]: [`MessagingError`].
+//! - [`error`]: the error type, [`MessagingError`].
 //!
 //! Still to come (participants issue): the transport trait, its embedded sled-backed
 //! implementation, and one conformance suite both implementations pass.

@@ -1,6 +1,6 @@
 //! `saga-storage`: the durable event log every process of the saga system keeps, on sled.
 //!
-//! - [`log`]: [`EventLog`], the log itself. `append` is atomic per call, checks the stream's
+//! - [`log`]: the log itself, [`EventLog`]. `append` is atomic per call, checks the stream's
 //!   expected version (optimistic concurrency) and returns only once flushed to disk;
 //!   concurrent appends share one flush (group commit). Reads of one stream, of the whole log
 //!   from a global position (audit replay), and live subscriptions.
@@ -10,7 +10,7 @@
 //! - [`codec`]: the payload codec (bincode 2 + serde), the one place that knows it.
 //! - [`projection`]: read models written in the same transaction as their events.
 //! - [`outbox`]: messages written with the events that decide them, for a relay to publish.
-//! - [`error`]: [`StorageError`], variants a caller can act on.
+//! - [`error`]: the error type, [`StorageError`], with variants a caller can act on.
 
 pub mod codec;
 pub mod error;

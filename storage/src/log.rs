@@ -759,8 +759,7 @@ fn read_range(events: &sled::Tree, from: u64, to: u64, max: usize) -> Result<Vec
     if from > to {
         return Ok(out);
     }
-    let mut expected = from;
-    for entry in events.range(from.to_be_bytes()..=to.to_be_bytes()).take(max) {
+    for (expected, entry) in (from..).zip(events.range(from.to_be_bytes()..=to.to_be_bytes()).take(max)) {
         let (key, value) = entry?;
         let position = decode_position("events", &key, &key)?;
         if position != expected {
@@ -770,7 +769,6 @@ fn read_range(events: &sled::Tree, from: u64, to: u64, max: usize) -> Result<Vec
             });
         }
         out.push(Record::verify(position, value)?);
-        expected += 1;
     }
     if out.is_empty() {
         return Err(StorageError::Corrupt {

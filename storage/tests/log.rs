@@ -93,7 +93,7 @@ async fn replay_of_stream_and_log_equals_fold_and_survives_reopen() {
             let stream = format!("acct-{}", seed % 5);
             let balance = folded.entry(stream.clone()).or_default();
             let amount = (seed >> 8) as i64 % 50 + 1;
-            let event = if *balance >= amount && seed % 3 == 0 {
+            let event = if *balance >= amount && seed.is_multiple_of(3) {
                 AccountEvent::Withdrawn { amount }
             } else {
                 AccountEvent::Deposited { amount }
