@@ -395,3 +395,117 @@ impl PushConsumer {
         self.inner.shutdown().await;
     }
 }
+
+/// The production compensation transport: a [`RocketMqClient`] with one producer.
+pub struct RocketMqTransport {
+    client: tokio::sync::Mutex<Option<RocketMqClient>>,
+    producer: Producer,
+}
+
+impl RocketMqTransport {
+    /// Starts the client runtime and a producer in `producer_group`.
+    pub async fn start(config: RocketMqConfig, producer_group: &str) -> Result<Self, MessagingError> {
+        let client = RocketMqClient::new(config)?;
+        let producer = client.producer(producer_group).await?;
+        Ok(RocketMqTransport {
+            client: tokio::sync::Mutex::new(Some(client)),
+            producer,
+        })
+    }
+
+    /// Stops the producer and the client runtime. Shut consumers down first.
+    pub async fn shutdown(self) {
+        self.producer.shutdown().await;
+        if let Some(client) = self.client.lock().await.take() {
+            client.shutdown().await;
+        }
+    }
+}
+
+impl crate::transport::Transport for RocketMqTransport {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [crate::transport::Outgoing],
+    ) -> crate::transport::BoxFuture<'a, Result<(), MessagingError>> {
+        Box::pin(async move {
+            // A RocketMQ batch holds one topic: one request per topic.
+            let mut by_topic: std::collections::BTreeMap<&str, Vec<OutgoingMessage<'_>>> = Default::default();
+            for m in messages {
+                by_topic.entry(&m.topic).or_default().push(OutgoingMessage {
+                    topic: &m.topic,
+                    tag: &m.tag,
+                    key: &m.key,
+                    body: &m.body,
+                });
+            }
+            for batch in by_topic.values() {
+                match batch.as_slice() {
+                    [one] => self.producer.send(one).await?,
+                    many => self.producer.send_batch(many).await?,
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn subscribe(
+        &self,
+        spec: crate::transport::SubscriptionSpec,
+        handler: Arc<dyn crate::transport::Handler>,
+    ) -> crate::transport::BoxFuture<'_, Result<Box<dyn crate::transport::Consumer>, MessagingError>> {
+        Box::pin(async move {
+            let tags = if spec.tags.is_empty() {
+                "*".to_string()
+            } else {
+                spec.tags.join(" || ")
+            };
+            let bridge = Arc::new(Bridge {
+                handler,
+                // The listener runs on the client runtime's blocking lane; the handler's future
+                // runs on the service's runtime, which subscribes from inside it.
+                runtime: tokio::runtime::Handle::current(),
+                spec: spec.clone(),
+            });
+            let guard = self.client.lock().await;
+            let client = guard
+                .as_ref()
+                .ok_or_else(|| MessagingError::Config("transport was shut down".into()))?;
+            let consumer = client
+                .push_consumer(&spec.group, &spec.topic, &tags, bridge)
+                .await?;
+            Ok(Box::new(consumer) as Box<dyn crate::transport::Consumer>)
+        })
+    }
+}
+
+/// Runs an async transport handler from the client's synchronous listener.
+struct Bridge {
+    handler: Arc<dyn crate::transport::Handler>,
+    runtime: tokio::runtime::Handle,
+    spec: crate::transport::SubscriptionSpec,
+}
+
+impl MessageHandler for Bridge {
+    fn handle(&self, message: &ReceivedMessage<'_>) -> Handled {
+        if !self.spec.accepts(message.tag) {
+            return Handled::Consumed;
+        }
+        let delivery = crate::transport::Delivery {
+            topic: message.topic.to_owned(),
+            tag: message.tag.to_owned(),
+            key: message.key.to_owned(),
+            body: message.body.to_vec(),
+            attempt: u32::try_from(message.reconsume_times).unwrap_or(0),
+        };
+        match self.runtime.block_on(self.handler.handle(delivery)) {
+            crate::transport::Outcome::Consumed => Handled::Consumed,
+            crate::transport::Outcome::RetryLater => Handled::RetryLater,
+        }
+    }
+}
+
+impl crate::transport::Consumer for PushConsumer {
+    fn shutdown(self: Box<Self>) -> crate::transport::BoxFuture<'static, ()> {
+        Box::pin(PushConsumer::shutdown(*self))
+    }
+}
