@@ -1,11 +1,123 @@
-//! `saga-participants`: the order, stock, coupon and balance services. Empty until the
-//! participants issue; this is the map of what it will own (ARCHITECTURE.md):
+//! `saga-participants`: the order, stock, coupon and balance services, each an event-sourced
+//! process with its own sled log.
 //!
-//! - one module per participant: its events, its state as their fold, its projections kept in
-//!   the same transaction (`saga_storage::Projector`), its `saga.v1` gRPC service;
-//! - the barrier per (saga id, step): repeated actions return the first outcome, a
-//!   compensation without action is recorded and does nothing, a late action is refused;
-//! - the compensation consumer and its consumer log (processing -> success | fail, bounded
-//!   tries, then parked, never dropped), over the `saga_messaging` transport;
-//! - the `saga-participant --role ...` binary, and a library entry point so that one process
-//!   can host all four.
+//! - [`events`]: every participant event, the read models (stock per product, coupons,
+//!   balances, orders) and the projector that keeps them in each append's transaction and
+//!   guards the invariants that span sagas (no overselling, no negative balance, one lock per
+//!   coupon).
+//! - [`barrier`]: the barrier per (saga id, step) as the fold of the step's own stream:
+//!   repeated actions return the first outcome, null compensations are recorded, late actions
+//!   are refused, compensations apply once.
+//! - [`grpc`]: the `saga.v1` services with input validation and status mapping.
+//! - [`Participant`]: opens a role's log and serves its gRPC service (a library entry point, so
+//!   one process can host all four).
+//!
+//! - [`consumer`]: the compensation consumer and its consumer log (processing / success / fail,
+//!   parked after 3 tries, never dropped) on any `saga_messaging::transport::Transport`, with
+//!   acknowledgements to the orchestrator.
+//!
+//! Still to come (rest of the participants issue): `ConsumerAdmin` over gRPC, the
+//! `saga-participant` binary and the process-level tests with the real broker.
+
+pub mod barrier;
+pub mod consumer;
+pub mod events;
+pub mod grpc;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use saga_proto::v1 as pb;
+use saga_storage::{EventLog, LogConfig, StorageError};
+
+/// A participant role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Order,
+    Stock,
+    Coupon,
+    Balance,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Order, Role::Stock, Role::Coupon, Role::Balance];
+
+    /// The role's name: the compensation message tag and the consumer group suffix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Order => "order",
+            Role::Stock => "stock",
+            Role::Coupon => "coupon",
+            Role::Balance => "balance",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.name() == name)
+    }
+}
+
+/// One participant: its role and its event log.
+#[derive(Clone)]
+pub struct Participant {
+    role: Role,
+    log: EventLog,
+}
+
+impl Participant {
+    /// Opens (or creates) the role's log in `data_dir`.
+    pub fn open(role: Role, data_dir: &Path) -> Result<Participant, StorageError> {
+        let log = EventLog::open_with(
+            LogConfig::new(data_dir),
+            Some(Arc::new(events::ParticipantProjector)),
+        )?;
+        Ok(Participant { role, log })
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
+    /// The role's gRPC service, ready to serve.
+    pub fn router(&self) -> tonic::service::Routes {
+        let log = self.log.clone();
+        match self.role {
+            Role::Order => tonic::service::Routes::new(pb::order_service_server::OrderServiceServer::new(
+                grpc::OrderService { log },
+            )),
+            Role::Stock => tonic::service::Routes::new(pb::stock_service_server::StockServiceServer::new(
+                grpc::StockService { log },
+            )),
+            Role::Coupon => tonic::service::Routes::new(pb::coupon_service_server::CouponServiceServer::new(
+                grpc::CouponService { log },
+            )),
+            Role::Balance => tonic::service::Routes::new(
+                pb::balance_service_server::BalanceServiceServer::new(grpc::BalanceService { log }),
+            ),
+        }
+    }
+
+    /// Serves the role's gRPC service on `listener` until `shutdown` completes.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_routes(self.router())
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+            .await
+    }
+
+    /// Undoes `key`'s action exactly once (the compensation consumer calls this).
+    pub async fn compensate(
+        &self,
+        key: &barrier::StepKey,
+    ) -> Result<barrier::Compensated, barrier::BarrierError> {
+        barrier::compensate(&self.log, key).await
+    }
+}

@@ -1,0 +1,189 @@
+//! The barrier per (saga id, step), as the fold of the step's own stream
+//! `step/<saga_id>/<step>`:
+//!
+//! - a repeated action returns the first outcome (the recorded action, or the recorded
+//!   refusal) and changes nothing again;
+//! - a compensation with no prior action is recorded (`NullCompensated`) and does nothing;
+//! - an action arriving after its compensation is refused (`AlreadyCompensated`), so nothing
+//!   is left reserved for a saga that gave up on this step;
+//! - a repeated compensation does nothing again.
+//!
+//! Races need no lock: an action appends with `ExpectedVersion::NoStream` and a compensation
+//! with the exact version it folded, so of two racing calls on one key exactly one appends
+//! and the other re-reads and follows the barrier's answer.
+
+use saga_storage::{AppendRequest, EventLog, ExpectedVersion, NewEvent, StorageError};
+
+use crate::events::{ParticipantEvent, Refusal};
+
+/// Longest saga id and step name, in bytes.
+pub const KEY_PART_LEN_MAX: usize = 64;
+/// Tries of one call against concurrent writers of the same key before giving up (each
+/// conflict means another call on the same key made progress, so this is never reached in
+/// practice; it bounds the loop).
+const CONFLICT_RETRIES_MAX: usize = 16;
+
+/// The idempotency key of a step.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StepKey {
+    pub saga_id: String,
+    pub step: String,
+}
+
+impl StepKey {
+    pub fn stream(&self) -> String {
+        format!("step/{}/{}", self.saga_id, self.step)
+    }
+}
+
+/// What the step's stream says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepState {
+    Empty,
+    Acted(ParticipantEvent),
+    Refused(Refusal, String),
+    Compensated { null: bool },
+}
+
+/// Folds a step stream.
+pub fn fold(events: impl IntoIterator<Item = ParticipantEvent>) -> StepState {
+    let mut state = StepState::Empty;
+    for event in events {
+        state = match (state, event) {
+            (StepState::Empty, ParticipantEvent::ActionRefused { refusal, detail }) => {
+                StepState::Refused(refusal, detail)
+            }
+            (StepState::Empty, ParticipantEvent::NullCompensated) => StepState::Compensated { null: true },
+            (StepState::Empty, action) => StepState::Acted(action),
+            (StepState::Refused(..), ParticipantEvent::NullCompensated) => {
+                StepState::Compensated { null: true }
+            }
+            (StepState::Acted(_), ParticipantEvent::NullCompensated) => StepState::Compensated { null: true },
+            (StepState::Acted(_), _) => StepState::Compensated { null: false },
+            (state, event) => panic!("step stream breaks the barrier: {event:?} after {state:?}"),
+        };
+    }
+    state
+}
+
+/// Why a barrier call did not produce an outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum BarrierError {
+    #[error("refused ({code}): {detail}", code = .0.code(), detail = .1)]
+    Refused(Refusal, String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("too many concurrent writers on {0}")]
+    Contended(String),
+}
+
+async fn read(log: &EventLog, key: &StepKey) -> Result<(StepState, u64), BarrierError> {
+    let records = log.read_stream(&key.stream(), 1, 16).await?;
+    let version = records.len() as u64;
+    let events = records
+        .iter()
+        .map(|r| r.decode::<ParticipantEvent>())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((fold(events), version))
+}
+
+fn new_event(event: &ParticipantEvent) -> Result<NewEvent, BarrierError> {
+    Ok(NewEvent::encode(event.name(), event)?)
+}
+
+/// Performs `action` once for `key`. Returns the recorded action and whether it was recorded
+/// by an earlier call (`replayed`).
+pub async fn act(
+    log: &EventLog,
+    key: &StepKey,
+    action: ParticipantEvent,
+) -> Result<(ParticipantEvent, bool), BarrierError> {
+    for _ in 0..CONFLICT_RETRIES_MAX {
+        match read(log, key).await? {
+            (StepState::Acted(done), _) => return Ok((done, true)),
+            (StepState::Refused(refusal, detail), _) => return Err(BarrierError::Refused(refusal, detail)),
+            (StepState::Compensated { .. }, _) => {
+                return Err(BarrierError::Refused(
+                    Refusal::AlreadyCompensated,
+                    format!(
+                        "{}/{} was compensated before this action arrived",
+                        key.saga_id, key.step
+                    ),
+                ));
+            }
+            (StepState::Empty, _) => {}
+        }
+        let request = AppendRequest::new(key.stream(), ExpectedVersion::NoStream).event(new_event(&action)?);
+        match log.append(request).await {
+            Ok(_) => return Ok((action, false)),
+            Err(StorageError::VersionConflict { .. }) => continue,
+            Err(StorageError::Projection { reason, .. }) => {
+                // A business refusal from the projector's guard: record it, so that a repeat
+                // of this action gets the same answer.
+                let (refusal, detail) = Refusal::parse(&reason).ok_or_else(|| {
+                    BarrierError::Storage(StorageError::Projection {
+                        stream: key.stream(),
+                        event_type: action.name().into(),
+                        reason: reason.clone(),
+                    })
+                })?;
+                let refused = ParticipantEvent::ActionRefused {
+                    refusal,
+                    detail: detail.clone(),
+                };
+                let request =
+                    AppendRequest::new(key.stream(), ExpectedVersion::NoStream).event(new_event(&refused)?);
+                match log.append(request).await {
+                    Ok(_) => return Err(BarrierError::Refused(refusal, detail)),
+                    Err(StorageError::VersionConflict { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(BarrierError::Contended(key.stream()))
+}
+
+/// What a compensation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compensated {
+    /// The action's effect was undone now.
+    Applied,
+    /// There was no action: recorded, nothing undone.
+    Null,
+    /// Done before; nothing changed now.
+    AlreadyApplied,
+}
+
+/// Undoes whatever `key`'s action did, exactly once.
+pub async fn compensate(log: &EventLog, key: &StepKey) -> Result<Compensated, BarrierError> {
+    for _ in 0..CONFLICT_RETRIES_MAX {
+        let (state, version) = read(log, key).await?;
+        let (event, outcome) = match state {
+            StepState::Compensated { .. } => return Ok(Compensated::AlreadyApplied),
+            StepState::Empty | StepState::Refused(..) => {
+                (ParticipantEvent::NullCompensated, Compensated::Null)
+            }
+            StepState::Acted(action) => match action.undo() {
+                Some(undo) => (undo, Compensated::Applied),
+                // A confirmation is not undoable: compensating it records a null compensation
+                // (the saga never compensates its last step, so this is a caller's mistake).
+                None => (ParticipantEvent::NullCompensated, Compensated::Null),
+            },
+        };
+        let request =
+            AppendRequest::new(key.stream(), ExpectedVersion::Exact(version)).event(new_event(&event)?);
+        match log.append(request).await {
+            Ok(_) => return Ok(outcome),
+            Err(StorageError::VersionConflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(BarrierError::Contended(key.stream()))
+}
+
+/// The step's current state (for audits and tests).
+pub async fn state(log: &EventLog, key: &StepKey) -> Result<StepState, BarrierError> {
+    Ok(read(log, key).await?.0)
+}

@@ -1,0 +1,345 @@
+//! The compensation consumer and its consumer log.
+//!
+//! As in the classic design, each message is tracked per (group, tag, key) with a status:
+//! processing -> success | fail (with the number of tries); a duplicate of a successful
+//! message is skipped; after [`TRIES_MAX`] failed tries the message is parked (an event, and
+//! an entry in the parked list served by `ConsumerAdmin`), never dropped. Here the log is a
+//! stream of events per message, `consumer/<group>/<tag>/<key>`, in the participant's own
+//! event log, so it replays with everything else.
+//!
+//! Exactly once: the transport delivers at least once, the consumer log skips what succeeded,
+//! and the barrier (`barrier::compensate`) makes even a redelivery after a crash between
+//! "applied" and "success recorded" harmless.
+//!
+//! After a compensation is applied (or found applied, or parked) the consumer publishes a
+//! `saga.v1.CompensationAck` to the acknowledgement topic (key `<saga_id>:<step>`). A duplicate
+//! delivery of a successful message publishes the ack again, since the first one may have been
+//! lost with a crash.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prost::Message as _;
+use saga_messaging::topics;
+use saga_messaging::transport::{BoxFuture, Delivery, Handler, Outcome, Outgoing, Transport};
+use saga_proto::v1 as pb;
+use saga_storage::{AppendRequest, ExpectedVersion, NewEvent};
+
+use crate::barrier::{BarrierError, Compensated, StepKey};
+use crate::events::ParticipantEvent;
+use crate::{Participant, Role};
+
+/// Failed tries before a message is parked.
+pub const TRIES_MAX: u32 = 3;
+
+/// Where a message stands in the consumer log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumeStatus {
+    New,
+    Processing { tries: u32 },
+    Failed { tries: u32 },
+    Succeeded,
+    Parked { tries: u32 },
+}
+
+fn fold(events: impl IntoIterator<Item = ParticipantEvent>) -> ConsumeStatus {
+    let mut status = ConsumeStatus::New;
+    for event in events {
+        let tries = match status {
+            ConsumeStatus::Processing { tries }
+            | ConsumeStatus::Failed { tries }
+            | ConsumeStatus::Parked { tries } => tries,
+            ConsumeStatus::New | ConsumeStatus::Succeeded => 0,
+        };
+        status = match event {
+            ParticipantEvent::ConsumeStarted { .. } => ConsumeStatus::Processing { tries },
+            ParticipantEvent::ConsumeSucceeded { .. } => ConsumeStatus::Succeeded,
+            ParticipantEvent::ConsumeFailed { tries, .. } => ConsumeStatus::Failed { tries },
+            ParticipantEvent::MessageParked { tries, .. } => ConsumeStatus::Parked { tries },
+            ParticipantEvent::ParkedRequeued => ConsumeStatus::Failed { tries: 0 },
+            other => panic!("consumer log holds a non-consumer event: {other:?}"),
+        };
+    }
+    status
+}
+
+/// Fault injection for tests and chaos runs: compensations of sagas whose id starts with this
+/// prefix fail (as a storage outage would), so that the retry and parking paths can be
+/// exercised end to end. The `saga-participant` binary reads it at start-up.
+pub const FAULT_PREFIX_ENV: &str = "SAGA_FAULT_COMPENSATION_FAILS_FOR";
+
+/// Handles compensation messages for one participant.
+pub struct CompensationConsumer {
+    participant: Participant,
+    acks: Arc<dyn Transport>,
+    group: String,
+    fault_prefix: Option<String>,
+}
+
+impl CompensationConsumer {
+    pub fn new(participant: Participant, acks: Arc<dyn Transport>) -> Self {
+        let group = topics::compensation_group(participant.role().name());
+        CompensationConsumer {
+            participant,
+            acks,
+            group,
+            fault_prefix: None,
+        }
+    }
+
+    /// Fault injection (see [`FAULT_PREFIX_ENV`]): compensations of sagas whose id starts with
+    /// `prefix` fail. `None` or an empty prefix turns it off.
+    pub fn with_fault_prefix(mut self, prefix: Option<String>) -> Self {
+        self.fault_prefix = prefix.filter(|p| !p.is_empty());
+        self
+    }
+
+    /// The subscription this consumer needs: the compensation topic, its role's tag.
+    pub fn spec(&self) -> saga_messaging::transport::SubscriptionSpec {
+        saga_messaging::transport::SubscriptionSpec {
+            group: self.group.clone(),
+            topic: topics::COMPENSATION_TOPIC.into(),
+            tags: vec![self.participant.role().name().into()],
+        }
+    }
+
+    fn log_stream(&self, tag: &str, key: &str) -> String {
+        format!("consumer/{}/{tag}/{key}", self.group)
+    }
+
+    async fn append(&self, stream: &str, event: ParticipantEvent) -> Result<(), String> {
+        let new = NewEvent::encode(event.name(), &event).map_err(|e| e.to_string())?;
+        self.participant
+            .log()
+            .append(AppendRequest::new(stream, ExpectedVersion::Any).event(new))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn status(&self, stream: &str) -> Result<ConsumeStatus, String> {
+        let records = self
+            .participant
+            .log()
+            .read_stream(stream, 1, saga_storage::log::READ_LEN_MAX)
+            .await
+            .map_err(|e| e.to_string())?;
+        let events = records
+            .iter()
+            .map(|r| r.decode::<ParticipantEvent>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        Ok(fold(events))
+    }
+
+    async fn ack(
+        &self,
+        key: &StepKey,
+        outcome: pb::CompensationOutcome,
+        detail: String,
+    ) -> Result<(), String> {
+        let body = pb::CompensationAck {
+            key: Some(pb::StepKey {
+                saga_id: key.saga_id.clone(),
+                step: key.step.clone(),
+            }),
+            role: self.participant.role().name().into(),
+            outcome: outcome as i32,
+            detail,
+        }
+        .encode_to_vec();
+        self.acks
+            .publish(&[Outgoing {
+                topic: topics::COMPENSATION_ACK_TOPIC.into(),
+                tag: self.participant.role().name().into(),
+                key: format!("{}:{}", key.saga_id, key.step),
+                body,
+            }])
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn compensate(&self, key: &StepKey) -> Result<Compensated, BarrierError> {
+        if let Some(prefix) = &self.fault_prefix
+            && key.saga_id.starts_with(prefix.as_str())
+        {
+            return Err(BarrierError::Contended(format!(
+                "injected fault ({FAULT_PREFIX_ENV})"
+            )));
+        }
+        self.participant.compensate(key).await
+    }
+
+    async fn park(
+        &self,
+        stream: &str,
+        delivery: &Delivery,
+        tries: u32,
+        error: String,
+        key: Option<&StepKey>,
+    ) -> Outcome {
+        let parked = ParticipantEvent::MessageParked {
+            group: self.group.clone(),
+            tag: delivery.tag.clone(),
+            key: delivery.key.clone(),
+            tries,
+            error: error.clone(),
+            body: delivery.body.clone(),
+            parked_at_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        };
+        if let Err(e) = self.append(stream, parked).await {
+            tracing::warn!(key = %delivery.key, error = %e, "could not record parking; retry later");
+            return Outcome::RetryLater;
+        }
+        tracing::error!(key = %delivery.key, tries, %error, "compensation parked");
+        if let Some(key) = key
+            && let Err(e) = self.ack(key, pb::CompensationOutcome::Parked, error).await
+        {
+            tracing::warn!(error = %e, "parked ack not published; the parked list still shows it");
+        }
+        Outcome::Consumed
+    }
+
+    async fn handle_delivery(&self, delivery: Delivery) -> Outcome {
+        let stream = self.log_stream(&delivery.tag, &delivery.key);
+        let status = match self.status(&stream).await {
+            Ok(status) => status,
+            Err(e) => {
+                tracing::warn!(key = %delivery.key, error = %e, "consumer log unreadable; retry later");
+                return Outcome::RetryLater;
+            }
+        };
+        // A message that can never succeed is parked at once: retrying cannot help.
+        let request = match pb::CompensationRequest::decode(delivery.body.as_slice()) {
+            Ok(r) => r,
+            Err(e) => {
+                return self
+                    .park(&stream, &delivery, 1, format!("undecodable body: {e}"), None)
+                    .await;
+            }
+        };
+        let Some(key) = request.key.map(|k| StepKey {
+            saga_id: k.saga_id,
+            step: k.step,
+        }) else {
+            return self
+                .park(&stream, &delivery, 1, "body has no step key".into(), None)
+                .await;
+        };
+        if Role::parse(&request.role) != Some(self.participant.role()) || delivery.tag != request.role {
+            let error = format!(
+                "message for role {:?} (tag {:?}) reached {}",
+                request.role,
+                delivery.tag,
+                self.participant.role().name()
+            );
+            return self.park(&stream, &delivery, 1, error, Some(&key)).await;
+        }
+        let tries = match status {
+            ConsumeStatus::Succeeded => {
+                // Duplicate: skip the work, re-send the ack (the first may have been lost).
+                return match self
+                    .ack(&key, pb::CompensationOutcome::AlreadyApplied, String::new())
+                    .await
+                {
+                    Ok(()) => Outcome::Consumed,
+                    Err(_) => Outcome::RetryLater,
+                };
+            }
+            ConsumeStatus::Parked { .. } => return Outcome::Consumed,
+            ConsumeStatus::New => 0,
+            ConsumeStatus::Processing { tries } | ConsumeStatus::Failed { tries } => tries,
+        };
+        if let Err(e) = self
+            .append(&stream, ParticipantEvent::ConsumeStarted { attempt: tries + 1 })
+            .await
+        {
+            tracing::warn!(key = %delivery.key, error = %e, "could not record processing; retry later");
+            return Outcome::RetryLater;
+        }
+        match self.compensate(&key).await {
+            Ok(compensated) => {
+                let outcome = match compensated {
+                    Compensated::Applied => pb::CompensationOutcome::Applied,
+                    Compensated::Null => pb::CompensationOutcome::Null,
+                    Compensated::AlreadyApplied => pb::CompensationOutcome::AlreadyApplied,
+                };
+                let recorded = ParticipantEvent::ConsumeSucceeded {
+                    outcome: outcome.as_str_name().into(),
+                };
+                if self.append(&stream, recorded).await.is_err() {
+                    // The barrier makes the redelivery harmless.
+                    return Outcome::RetryLater;
+                }
+                match self.ack(&key, outcome, String::new()).await {
+                    Ok(()) => Outcome::Consumed,
+                    Err(_) => Outcome::RetryLater,
+                }
+            }
+            Err(error) => {
+                let tries = tries + 1;
+                let error = error.to_string();
+                if tries >= TRIES_MAX {
+                    return self.park(&stream, &delivery, tries, error, Some(&key)).await;
+                }
+                tracing::warn!(key = %delivery.key, tries, %error, "compensation failed; retry later");
+                let _ = self
+                    .append(&stream, ParticipantEvent::ConsumeFailed { tries, error })
+                    .await;
+                Outcome::RetryLater
+            }
+        }
+    }
+
+    /// Parked messages, oldest key first, after `after` (a log key) when given.
+    pub async fn parked(&self, after: Option<&str>, max: usize) -> Result<Vec<pb::ParkedMessage>, String> {
+        let after_key = after.map(|a| format!("parked/consumer/{a}"));
+        let entries = self
+            .participant
+            .log()
+            .projection_scan_prefix("parked/", after_key.as_deref().map(str::as_bytes), max)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::with_capacity(entries.len());
+        for (_, value) in entries {
+            let event: ParticipantEvent = saga_storage::codec::decode(&value).map_err(|e| e.to_string())?;
+            if let ParticipantEvent::MessageParked {
+                group,
+                tag,
+                key,
+                tries,
+                error,
+                body,
+                parked_at_unix_ms,
+            } = event
+            {
+                out.push(pb::ParkedMessage {
+                    log_key: format!("{group}/{tag}/{key}"),
+                    group,
+                    tag,
+                    key,
+                    tries,
+                    last_error: error,
+                    parked_at_unix_ms,
+                    body,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Handler for CompensationConsumer {
+    fn handle(&self, delivery: Delivery) -> BoxFuture<'static, Outcome> {
+        // The handler owns clones of what it needs so that the future is 'static.
+        let this = CompensationConsumer {
+            participant: self.participant.clone(),
+            acks: Arc::clone(&self.acks),
+            group: self.group.clone(),
+            fault_prefix: self.fault_prefix.clone(),
+        };
+        Box::pin(async move { this.handle_delivery(delivery).await })
+    }
+}

@@ -1,0 +1,523 @@
+//! Participants over real gRPC on loopback (in-process server): the barrier's four rules,
+//! business refusals, invariants under concurrency, and input validation. Process-level tests
+//! with the compensation consumer live in `tests/` (saga-tests).
+
+use prost::Message as _;
+use saga_participants::barrier::{Compensated, StepKey};
+use saga_participants::{Participant, Role};
+use saga_proto::v1 as pb;
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Running {
+    participant: Participant,
+    channel: Channel,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    async fn start(role: Role) -> Running {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let participant = Participant::open(role, dir.path()).expect("opens");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = participant.clone();
+        let server = tokio::spawn(async move {
+            serving
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("serves");
+        });
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("connects");
+        Running {
+            participant,
+            channel,
+            stop: Some(stop),
+            server: Some(server),
+            _dir: dir,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().expect("running").send(());
+        self.server.take().expect("running").await.expect("server task");
+    }
+}
+
+fn key(saga: &str, step: &str) -> Option<pb::StepKey> {
+    Some(pb::StepKey {
+        saga_id: saga.into(),
+        step: step.into(),
+    })
+}
+
+fn item(product: &str, quantity: i64) -> pb::OrderItem {
+    pb::OrderItem {
+        product_id: product.into(),
+        quantity,
+    }
+}
+
+fn refusal_of(status: &tonic::Status) -> pb::RefusalReason {
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let refusal = pb::BusinessRefusal::decode(status.details()).expect("details hold a BusinessRefusal");
+    pb::RefusalReason::try_from(refusal.reason).expect("known reason")
+}
+
+async fn stock(
+    client: &mut pb::stock_service_client::StockServiceClient<Channel>,
+    product: &str,
+) -> (i64, i64) {
+    let s = client
+        .get_stock(pb::GetStockRequest {
+            product_ids: vec![product.into()],
+        })
+        .await
+        .expect("reads")
+        .into_inner()
+        .stock;
+    (s[0].available, s[0].reserved)
+}
+
+async fn seed_stock(
+    client: &mut pb::stock_service_client::StockServiceClient<Channel>,
+    product: &str,
+    n: i64,
+) {
+    client
+        .seed_stock(pb::SeedStockRequest {
+            stock: vec![pb::ProductStock {
+                product_id: product.into(),
+                available: n,
+                reserved: 0,
+            }],
+        })
+        .await
+        .expect("seeds");
+}
+
+fn reserve(saga: &str, product: &str, quantity: i64) -> pb::ReserveStockRequest {
+    pb::ReserveStockRequest {
+        key: key(saga, "reserve_stock"),
+        order_id: saga.into(),
+        items: vec![item(product, quantity)],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_action_returns_first_outcome_and_changes_nothing_again() {
+    let p = Running::start(Role::Stock).await;
+    let mut client = pb::stock_service_client::StockServiceClient::new(p.channel.clone());
+    seed_stock(&mut client, "p1", 10).await;
+    let first = client
+        .reserve_stock(reserve("s1", "p1", 3))
+        .await
+        .expect("reserves")
+        .into_inner();
+    assert!(!first.replayed);
+    // The same key again, even with other content: the first outcome, nothing reserved again.
+    let again = client
+        .reserve_stock(reserve("s1", "p1", 5))
+        .await
+        .expect("replays")
+        .into_inner();
+    assert!(again.replayed);
+    assert_eq!(stock(&mut client, "p1").await, (7, 3));
+    let events = p
+        .participant
+        .log()
+        .read_stream("step/s1/reserve_stock", 1, 10)
+        .await
+        .expect("reads");
+    assert_eq!(events.len(), 1, "one event for the key");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compensation_without_action_is_null_and_a_late_action_is_refused() {
+    let p = Running::start(Role::Stock).await;
+    let mut client = pb::stock_service_client::StockServiceClient::new(p.channel.clone());
+    seed_stock(&mut client, "p1", 10).await;
+    let key_ = StepKey {
+        saga_id: "s2".into(),
+        step: "reserve_stock".into(),
+    };
+    assert_eq!(
+        p.participant.compensate(&key_).await.expect("compensates"),
+        Compensated::Null
+    );
+    let late = client
+        .reserve_stock(reserve("s2", "p1", 4))
+        .await
+        .expect_err("late action is refused");
+    assert_eq!(refusal_of(&late), pb::RefusalReason::AlreadyCompensated);
+    assert_eq!(stock(&mut client, "p1").await, (10, 0), "nothing left reserved");
+    let types: Vec<String> = p
+        .participant
+        .log()
+        .read_stream("step/s2/reserve_stock", 1, 10)
+        .await
+        .expect("reads")
+        .iter()
+        .map(|r| r.event_type().to_owned())
+        .collect();
+    assert_eq!(
+        types,
+        vec!["NullCompensated"],
+        "the null compensation is recorded, the late action is not"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_compensation_undoes_once() {
+    let p = Running::start(Role::Stock).await;
+    let mut client = pb::stock_service_client::StockServiceClient::new(p.channel.clone());
+    seed_stock(&mut client, "p1", 10).await;
+    client
+        .reserve_stock(reserve("s3", "p1", 4))
+        .await
+        .expect("reserves");
+    let key_ = StepKey {
+        saga_id: "s3".into(),
+        step: "reserve_stock".into(),
+    };
+    // Concurrent duplicates of the compensation, as a redelivering broker may cause.
+    let outcomes = futures_join(&p.participant, &key_, 8).await;
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == Compensated::Applied).count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Compensated::Applied | Compensated::AlreadyApplied))
+    );
+    assert_eq!(stock(&mut client, "p1").await, (10, 0), "released exactly once");
+    p.stop().await;
+}
+
+async fn futures_join(participant: &Participant, key: &StepKey, n: usize) -> Vec<Compensated> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let participant = participant.clone();
+            let key = key.clone();
+            tokio::spawn(async move { participant.compensate(&key).await.expect("compensates") })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sagas_never_oversell_and_refusals_are_remembered() {
+    let p = Running::start(Role::Stock).await;
+    let mut client = pb::stock_service_client::StockServiceClient::new(p.channel.clone());
+    seed_stock(&mut client, "last", 10).await;
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .reserve_stock(reserve(&format!("race{i}"), "last", 1))
+                    .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut refused = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.expect("task") {
+            Ok(_) => ok += 1,
+            Err(status) => {
+                assert_eq!(refusal_of(&status), pb::RefusalReason::OutOfStock);
+                refused.push(i);
+            }
+        }
+    }
+    assert_eq!(ok, 10, "exactly the available units were reserved");
+    assert_eq!(stock(&mut client, "last").await, (0, 10));
+    // A refused key keeps its refusal, even after a compensation frees a unit.
+    p.participant
+        .compensate(&StepKey {
+            saga_id: "race-none".into(),
+            step: "reserve_stock".into(),
+        })
+        .await
+        .expect("null compensation");
+    let again = client
+        .reserve_stock(reserve(&format!("race{}", refused[0]), "last", 1))
+        .await
+        .expect_err("still refused");
+    assert_eq!(refusal_of(&again), pb::RefusalReason::OutOfStock);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balance_and_coupon_refuse_for_business_reasons_and_compensate_exactly() {
+    let b = Running::start(Role::Balance).await;
+    let mut balance = pb::balance_service_client::BalanceServiceClient::new(b.channel.clone());
+    balance
+        .seed_balances(pb::SeedBalancesRequest {
+            accounts: vec![
+                pb::Account {
+                    user_id: "rich".into(),
+                    balance_minor: 100,
+                },
+                pb::Account {
+                    user_id: "poor".into(),
+                    balance_minor: 0,
+                },
+            ],
+        })
+        .await
+        .expect("seeds");
+    let deduct = |saga: &str, user: &str| pb::DeductBalanceRequest {
+        key: key(saga, "deduct_balance"),
+        user_id: user.into(),
+        amount_minor: 10,
+        order_id: saga.into(),
+    };
+    let err = balance
+        .deduct_balance(deduct("b1", "poor"))
+        .await
+        .expect_err("refused");
+    assert_eq!(refusal_of(&err), pb::RefusalReason::InsufficientBalance);
+    let ok = balance
+        .deduct_balance(deduct("b2", "rich"))
+        .await
+        .expect("deducts")
+        .into_inner();
+    assert_eq!(ok.account.expect("account").balance_minor, 90);
+    let k = StepKey {
+        saga_id: "b2".into(),
+        step: "deduct_balance".into(),
+    };
+    assert_eq!(
+        b.participant.compensate(&k).await.expect("refunds"),
+        Compensated::Applied
+    );
+    assert_eq!(
+        b.participant.compensate(&k).await.expect("dup"),
+        Compensated::AlreadyApplied
+    );
+    let accounts = balance
+        .get_balances(pb::GetBalancesRequest {
+            user_ids: vec!["rich".into()],
+        })
+        .await
+        .expect("reads")
+        .into_inner()
+        .accounts;
+    assert_eq!(accounts[0].balance_minor, 100, "refunded exactly once");
+    b.stop().await;
+
+    let c = Running::start(Role::Coupon).await;
+    let mut coupon = pb::coupon_service_client::CouponServiceClient::new(c.channel.clone());
+    coupon
+        .seed_coupons(pb::SeedCouponsRequest {
+            coupons: vec![pb::Coupon {
+                coupon_id: "c1".into(),
+                owner_user_id: "u1".into(),
+                value_minor: 5,
+                status: pb::CouponStatus::Free as i32,
+                locked_by_order_id: String::new(),
+            }],
+        })
+        .await
+        .expect("seeds");
+    let lock = |saga: &str, user: &str| pb::LockCouponRequest {
+        key: key(saga, "lock_coupon"),
+        coupon_id: "c1".into(),
+        user_id: user.into(),
+        order_id: saga.into(),
+    };
+    let err = coupon
+        .lock_coupon(lock("x1", "someone-else"))
+        .await
+        .expect_err("not theirs");
+    assert_eq!(refusal_of(&err), pb::RefusalReason::CouponNotFree);
+    coupon.lock_coupon(lock("x2", "u1")).await.expect("locks");
+    let err = coupon
+        .lock_coupon(lock("x3", "u1"))
+        .await
+        .expect_err("already locked");
+    assert_eq!(refusal_of(&err), pb::RefusalReason::CouponNotFree);
+    let k = StepKey {
+        saga_id: "x2".into(),
+        step: "lock_coupon".into(),
+    };
+    assert_eq!(
+        c.participant.compensate(&k).await.expect("unlocks"),
+        Compensated::Applied
+    );
+    let c1 = coupon
+        .get_coupons(pb::GetCouponsRequest {
+            coupon_ids: vec!["c1".into()],
+        })
+        .await
+        .expect("reads")
+        .into_inner()
+        .coupons
+        .remove(0);
+    assert_eq!(
+        c1.status,
+        pb::CouponStatus::Free as i32,
+        "free again after the compensation"
+    );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_requests_name_the_field_and_change_nothing() {
+    let p = Running::start(Role::Stock).await;
+    let mut client = pb::stock_service_client::StockServiceClient::new(p.channel.clone());
+    seed_stock(&mut client, "p1", 10).await;
+    let before = p.participant.log().durable_position();
+    let cases = [
+        (
+            pb::ReserveStockRequest {
+                key: None,
+                ..reserve("s", "p1", 1)
+            },
+            "key",
+        ),
+        (
+            pb::ReserveStockRequest {
+                key: key("", "reserve_stock"),
+                ..reserve("s", "p1", 1)
+            },
+            "key.saga_id",
+        ),
+        (
+            pb::ReserveStockRequest {
+                key: key("a/b", "reserve_stock"),
+                ..reserve("s", "p1", 1)
+            },
+            "key.saga_id",
+        ),
+        (
+            pb::ReserveStockRequest {
+                key: key("s", &"x".repeat(65)),
+                ..reserve("s", "p1", 1)
+            },
+            "key.step",
+        ),
+        (
+            pb::ReserveStockRequest {
+                order_id: String::new(),
+                ..reserve("s", "p1", 1)
+            },
+            "order_id",
+        ),
+        (reserve("s", "p1", 0), "items[0].quantity"),
+        (reserve("s", "p1", -2), "items[0].quantity"),
+        (
+            pb::ReserveStockRequest {
+                items: vec![],
+                ..reserve("s", "p1", 1)
+            },
+            "items",
+        ),
+        (
+            pb::ReserveStockRequest {
+                items: vec![item("p1", 1), item("p1", 2)],
+                ..reserve("s", "p1", 1)
+            },
+            "items[1].product_id",
+        ),
+    ];
+    for (request, field) in cases {
+        let status = client.reserve_stock(request).await.expect_err("invalid");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().starts_with(&format!("{field}:")),
+            "names {field}: {}",
+            status.message()
+        );
+    }
+    assert_eq!(
+        p.participant.log().durable_position(),
+        before,
+        "nothing was written"
+    );
+    assert_eq!(stock(&mut client, "p1").await, (10, 0));
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_is_created_confirmed_or_cancelled_once() {
+    let p = Running::start(Role::Order).await;
+    let mut client = pb::order_service_client::OrderServiceClient::new(p.channel.clone());
+    let create = |saga: &str| pb::CreateOrderRequest {
+        key: key(saga, "create_order"),
+        order_id: saga.into(),
+        user_id: "u1".into(),
+        items: vec![item("p1", 1)],
+        amount_minor: 10,
+        coupon_id: String::new(),
+    };
+    let created = client
+        .create_order(create("o1"))
+        .await
+        .expect("creates")
+        .into_inner();
+    assert_eq!(
+        created.order.expect("order").status,
+        pb::OrderStatus::Pending as i32
+    );
+    assert!(
+        client
+            .create_order(create("o1"))
+            .await
+            .expect("replays")
+            .into_inner()
+            .replayed
+    );
+    let confirmed = client
+        .confirm_order(pb::ConfirmOrderRequest {
+            key: key("o1", "confirm_order"),
+            order_id: "o1".into(),
+        })
+        .await
+        .expect("confirms")
+        .into_inner();
+    assert_eq!(
+        confirmed.order.expect("order").status,
+        pb::OrderStatus::Confirmed as i32
+    );
+
+    client.create_order(create("o2")).await.expect("creates");
+    let k = StepKey {
+        saga_id: "o2".into(),
+        step: "create_order".into(),
+    };
+    assert_eq!(
+        p.participant.compensate(&k).await.expect("cancels"),
+        Compensated::Applied
+    );
+    let err = client
+        .confirm_order(pb::ConfirmOrderRequest {
+            key: key("o2", "confirm_order"),
+            order_id: "o2".into(),
+        })
+        .await
+        .expect_err("a cancelled order is not confirmed");
+    assert_eq!(refusal_of(&err), pb::RefusalReason::InvalidState);
+    p.stop().await;
+}
