@@ -413,6 +413,20 @@ impl RocketMqTransport {
         })
     }
 
+    /// See [`RocketMqClient::ensure_topics`].
+    pub async fn ensure_topics(
+        &self,
+        topics: &[&str],
+        queue_count: i32,
+        deadline: Duration,
+    ) -> Result<(), MessagingError> {
+        let guard = self.client.lock().await;
+        let client = guard
+            .as_ref()
+            .ok_or_else(|| MessagingError::Config("transport was shut down".into()))?;
+        client.ensure_topics(topics, queue_count, deadline).await
+    }
+
     /// Stops the producer and the client runtime. Shut consumers down first.
     pub async fn shutdown(self) {
         self.producer.shutdown().await;

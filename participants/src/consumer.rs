@@ -68,12 +68,19 @@ fn fold(events: impl IntoIterator<Item = ParticipantEvent>) -> ConsumeStatus {
 /// exercised end to end. The `saga-participant` binary reads it at start-up.
 pub const FAULT_PREFIX_ENV: &str = "SAGA_FAULT_COMPENSATION_FAILS_FOR";
 
+/// Fault injection for crash tests: the process aborts right after applying a compensation of
+/// a saga whose id starts with this prefix, before recording success or acknowledging: the
+/// "killed between consuming and acknowledging" case, made deterministic.
+pub const CRASH_PREFIX_ENV: &str = "SAGA_FAULT_ABORT_AFTER_APPLY_FOR";
+
 /// Handles compensation messages for one participant.
 pub struct CompensationConsumer {
     participant: Participant,
     acks: Arc<dyn Transport>,
     group: String,
+    topic: String,
     fault_prefix: Option<String>,
+    crash_prefix: Option<String>,
 }
 
 impl CompensationConsumer {
@@ -83,8 +90,31 @@ impl CompensationConsumer {
             participant,
             acks,
             group,
+            topic: topics::COMPENSATION_TOPIC.into(),
             fault_prefix: None,
+            crash_prefix: None,
         }
+    }
+
+    /// Consumes as `group` instead of the role's default `saga-compensation-<role>` (tests that
+    /// run several participants of one role against one broker; see the note on instances in
+    /// README).
+    pub fn with_group(mut self, group: String) -> Self {
+        self.group = group;
+        self
+    }
+
+    /// Consumes compensations from `topic` instead of `saga-compensation` (isolated test runs
+    /// against a shared broker).
+    pub fn with_topic(mut self, topic: String) -> Self {
+        self.topic = topic;
+        self
+    }
+
+    /// Fault injection (see [`CRASH_PREFIX_ENV`]).
+    pub fn with_crash_prefix(mut self, prefix: Option<String>) -> Self {
+        self.crash_prefix = prefix.filter(|p| !p.is_empty());
+        self
     }
 
     /// Fault injection (see [`FAULT_PREFIX_ENV`]): compensations of sagas whose id starts with
@@ -98,7 +128,7 @@ impl CompensationConsumer {
     pub fn spec(&self) -> saga_messaging::transport::SubscriptionSpec {
         saga_messaging::transport::SubscriptionSpec {
             group: self.group.clone(),
-            topic: topics::COMPENSATION_TOPIC.into(),
+            topic: self.topic.clone(),
             tags: vec![self.participant.role().name().into()],
         }
     }
@@ -261,6 +291,15 @@ impl CompensationConsumer {
         }
         match self.compensate(&key).await {
             Ok(compensated) => {
+                if let Some(prefix) = &self.crash_prefix
+                    && key.saga_id.starts_with(prefix.as_str())
+                {
+                    eprintln!(
+                        "injected crash ({CRASH_PREFIX_ENV}) after applying {}",
+                        delivery.key
+                    );
+                    std::process::abort();
+                }
                 let outcome = match compensated {
                     Compensated::Applied => pb::CompensationOutcome::Applied,
                     Compensated::Null => pb::CompensationOutcome::Null,
@@ -331,6 +370,56 @@ impl CompensationConsumer {
     }
 }
 
+impl CompensationConsumer {
+    /// Puts a parked message back: records `ParkedRequeued` (its tries start again from 0)
+    /// and publishes the original message again. `log_key` is `<group>/<tag>/<key>`.
+    pub async fn requeue(&self, log_key: &str) -> Result<Option<pb::ParkedMessage>, String> {
+        let stream = format!("consumer/{log_key}");
+        let Some(value) = self
+            .participant
+            .log()
+            .projection_get(format!("parked/{stream}"))
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        let event: ParticipantEvent = saga_storage::codec::decode(&value).map_err(|e| e.to_string())?;
+        let ParticipantEvent::MessageParked {
+            group,
+            tag,
+            key,
+            tries,
+            error,
+            body,
+            parked_at_unix_ms,
+        } = event
+        else {
+            return Err(format!("parked entry of {stream} holds another event"));
+        };
+        self.append(&stream, ParticipantEvent::ParkedRequeued).await?;
+        self.acks
+            .publish(&[Outgoing {
+                topic: self.topic.clone(),
+                tag: tag.clone(),
+                key: key.clone(),
+                body: body.clone(),
+            }])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Some(pb::ParkedMessage {
+            log_key: log_key.to_owned(),
+            group,
+            tag,
+            key,
+            tries,
+            last_error: error,
+            parked_at_unix_ms,
+            body,
+        }))
+    }
+}
+
 impl Handler for CompensationConsumer {
     fn handle(&self, delivery: Delivery) -> BoxFuture<'static, Outcome> {
         // The handler owns clones of what it needs so that the future is 'static.
@@ -338,7 +427,9 @@ impl Handler for CompensationConsumer {
             participant: self.participant.clone(),
             acks: Arc::clone(&self.acks),
             group: self.group.clone(),
+            topic: self.topic.clone(),
             fault_prefix: self.fault_prefix.clone(),
+            crash_prefix: self.crash_prefix.clone(),
         };
         Box::pin(async move { this.handle_delivery(delivery).await })
     }

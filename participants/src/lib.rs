@@ -16,8 +16,7 @@
 //!   parked after 3 tries, never dropped) on any `saga_messaging::transport::Transport`, with
 //!   acknowledgements to the orchestrator.
 //!
-//! Still to come (rest of the participants issue): `ConsumerAdmin` over gRPC, the
-//! `saga-participant` binary and the process-level tests with the real broker.
+//! The `saga-participant` binary (`src/bin/saga-participant.rs`) runs one role as a process.
 
 pub mod barrier;
 pub mod consumer;
@@ -82,10 +81,11 @@ impl Participant {
         &self.log
     }
 
-    /// The role's gRPC service, ready to serve.
-    pub fn router(&self) -> tonic::service::Routes {
+    /// The role's gRPC service and `ConsumerAdmin` (answering FAILED_PRECONDITION when no
+    /// consumer is given), ready to serve.
+    pub fn router(&self, consumer: Option<Arc<consumer::CompensationConsumer>>) -> tonic::service::Routes {
         let log = self.log.clone();
-        match self.role {
+        let routes = match self.role {
             Role::Order => tonic::service::Routes::new(pb::order_service_server::OrderServiceServer::new(
                 grpc::OrderService { log },
             )),
@@ -98,17 +98,22 @@ impl Participant {
             Role::Balance => tonic::service::Routes::new(
                 pb::balance_service_server::BalanceServiceServer::new(grpc::BalanceService { log }),
             ),
-        }
+        };
+        routes.add_service(pb::consumer_admin_server::ConsumerAdminServer::new(
+            grpc::ConsumerAdminService { consumer },
+        ))
     }
 
-    /// Serves the role's gRPC service on `listener` until `shutdown` completes.
+    /// Serves the role's gRPC service (and `ConsumerAdmin`) on `listener` until `shutdown`
+    /// completes.
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
+        consumer: Option<Arc<consumer::CompensationConsumer>>,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
         tonic::transport::Server::builder()
-            .add_routes(self.router())
+            .add_routes(self.router(consumer))
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
             .await
     }

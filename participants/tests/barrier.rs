@@ -27,7 +27,7 @@ impl Running {
         let serving = participant.clone();
         let server = tokio::spawn(async move {
             serving
-                .serve(listener, async {
+                .serve(listener, None, async {
                     let _ = stopped.await;
                 })
                 .await

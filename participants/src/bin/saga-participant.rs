@@ -1,0 +1,139 @@
+//! `saga-participant`: one participant role as a process.
+//!
+//! ```text
+//! saga-participant --role order|stock|coupon|balance --listen 127.0.0.1:PORT --data-dir DIR
+//!                  [--rocketmq 127.0.0.1:9876 [--group G] [--compensation-topic T]]
+//! ```
+//!
+//! With `--rocketmq`, the role's compensation consumer runs (consumer group
+//! `saga-compensation-<role>`, acknowledgements to `saga-compensation-ack`); without it only the
+//! gRPC service runs. Prints `listening on ADDR` once it accepts calls. SIGTERM or Ctrl-C stops
+//! it gracefully. `SAGA_FAULT_COMPENSATION_FAILS_FOR=<saga id prefix>` injects compensation
+//! failures and `SAGA_FAULT_ABORT_AFTER_APPLY_FOR=<prefix>` a crash after applying a
+//! compensation, before acknowledging it (tests and chaos runs only).
+
+#![recursion_limit = "512"]
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use saga_messaging::rocketmq::{RocketMqConfig, RocketMqTransport};
+use saga_messaging::transport::Transport as _;
+use saga_participants::consumer::{CRASH_PREFIX_ENV, CompensationConsumer, FAULT_PREFIX_ENV};
+use saga_participants::{Participant, Role};
+
+#[derive(Parser)]
+#[command(about = "One saga participant (order, stock, coupon or balance) as a gRPC service")]
+struct Args {
+    /// order, stock, coupon or balance.
+    #[arg(long)]
+    role: String,
+    /// Address to serve gRPC on (port 0 picks one; the chosen address is printed).
+    #[arg(long)]
+    listen: String,
+    /// Directory of the role's event log.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// RocketMQ name server; runs the compensation consumer.
+    #[arg(long)]
+    rocketmq: Option<String>,
+    /// Consumer group of the compensation consumer (default `saga-compensation-<role>`).
+    /// Every instance of a role keeps its own log, so run one instance per role and group.
+    #[arg(long)]
+    group: Option<String>,
+    /// Topic to consume compensations from (default `saga-compensation`; it must exist).
+    #[arg(long)]
+    compensation_topic: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,saga_participants=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let role = Role::parse(&args.role).with_context(|| format!("--role: unknown role {:?}", args.role))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(run(role, args))
+}
+
+async fn shutdown_signal() {
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn run(role: Role, args: Args) -> anyhow::Result<()> {
+    let participant = Participant::open(role, &args.data_dir).with_context(|| {
+        format!(
+            "--data-dir: cannot open the event log in {}",
+            args.data_dir.display()
+        )
+    })?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("--listen: cannot bind {}", args.listen))?;
+    let addr = listener.local_addr()?;
+
+    let mut messaging = None;
+    if let Some(namesrv) = &args.rocketmq {
+        let config = RocketMqConfig {
+            thread_name: format!("saga-{}-mq", role.name()),
+            ..RocketMqConfig::new(namesrv.clone())
+        };
+        let transport = Arc::new(
+            RocketMqTransport::start(config, &format!("saga-participant-{}", role.name()))
+                .await
+                .context("--rocketmq: cannot start the RocketMQ client")?,
+        );
+        let mut consumer = CompensationConsumer::new(participant.clone(), transport.clone());
+        if let Some(group) = args.group.clone() {
+            consumer = consumer.with_group(group);
+        }
+        if let Some(topic) = args.compensation_topic.clone() {
+            consumer = consumer.with_topic(topic);
+        }
+        let consumer = Arc::new(
+            consumer
+                .with_fault_prefix(std::env::var(FAULT_PREFIX_ENV).ok())
+                .with_crash_prefix(std::env::var(CRASH_PREFIX_ENV).ok()),
+        );
+        let subscription = transport
+            .subscribe(consumer.spec(), consumer.clone())
+            .await
+            .context("cannot start the compensation consumer")?;
+        messaging = Some((transport, consumer, subscription));
+    }
+
+    let consumer = messaging.as_ref().map(|(_, consumer, _)| Arc::clone(consumer));
+    println!("listening on {addr}");
+    std::io::stdout().flush()?;
+    tracing::info!(role = role.name(), %addr, consumer = consumer.is_some(), "participant started");
+    participant
+        .serve(listener, consumer, shutdown_signal())
+        .await
+        .context("gRPC server")?;
+
+    if let Some((transport, consumer, subscription)) = messaging {
+        subscription.shutdown().await;
+        drop(consumer);
+        if let Ok(transport) = Arc::try_unwrap(transport) {
+            transport.shutdown().await;
+        }
+    }
+    tracing::info!(role = role.name(), "participant stopped");
+    Ok(())
+}

@@ -1,0 +1,373 @@
+#![recursion_limit = "512"]
+//! `saga-participant` as a real process: restart after SIGKILL, and compensations through the
+//! real RocketMQ broker (scripts/dev-env): a duplicate is applied once, and a crash between
+//! applying and acknowledging is healed by redelivery, the consumer log and the barrier.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message as _;
+use saga_messaging::rocketmq::{RocketMqConfig, RocketMqTransport};
+use saga_messaging::topics;
+use saga_messaging::transport::{
+    BoxFuture, Delivery, Handler, Outcome, Outgoing, SubscriptionSpec, Transport,
+};
+use saga_participants::consumer::CRASH_PREFIX_ENV;
+use saga_proto::v1 as pb;
+use tonic::transport::Channel;
+
+/// A child process, killed (SIGKILL) and reaped when dropped, also when a test fails.
+struct Proc {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// `rocketmq`: name server and the test's run id. Each test gets its own compensation topic
+    /// and group: tests run at once, every group receives every message of its topic, and a
+    /// participant that never saw a step would record a null compensation for it.
+    fn start(data_dir: &std::path::Path, rocketmq: Option<(&str, &str)>, env: &[(&str, &str)]) -> Proc {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_saga-participant"));
+        command
+            .args(["--role", "stock", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some((namesrv, run)) = rocketmq {
+            command.args(["--rocketmq", namesrv, "--group", &format!("stock-{run}")]);
+            command.args(["--compensation-topic", &format!("comp-{run}")]);
+        }
+        let mut child = command.spawn().expect("starts saga-participant");
+        let stdout = child.stdout.take().expect("piped");
+        let mut proc = Proc {
+            child,
+            addr: String::new(),
+        };
+        // The first line says where it listens; it is printed once calls are accepted.
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("reads stdout");
+        proc.addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        proc
+    }
+
+    async fn stock(&self) -> pb::stock_service_client::StockServiceClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("connects");
+        pb::stock_service_client::StockServiceClient::new(channel)
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+fn run_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    format!("{}x{}", std::process::id(), nanos % 1_000_000_000_000)
+}
+
+fn reserve(saga: &str, product: &str) -> pb::ReserveStockRequest {
+    pb::ReserveStockRequest {
+        key: Some(pb::StepKey {
+            saga_id: saga.into(),
+            step: "reserve_stock".into(),
+        }),
+        order_id: saga.into(),
+        items: vec![pb::OrderItem {
+            product_id: product.into(),
+            quantity: 2,
+        }],
+    }
+}
+
+async fn level(
+    client: &mut pb::stock_service_client::StockServiceClient<Channel>,
+    product: &str,
+) -> (i64, i64) {
+    let stock = client
+        .get_stock(pb::GetStockRequest {
+            product_ids: vec![product.into()],
+        })
+        .await
+        .expect("reads")
+        .into_inner()
+        .stock;
+    (stock[0].available, stock[0].reserved)
+}
+
+async fn seed(client: &mut pb::stock_service_client::StockServiceClient<Channel>, product: &str) {
+    client
+        .seed_stock(pb::SeedStockRequest {
+            stock: vec![pb::ProductStock {
+                product_id: product.into(),
+                available: 100,
+                reserved: 0,
+            }],
+        })
+        .await
+        .expect("seeds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_participant_restarts_with_every_acknowledged_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = Proc::start(dir.path(), None, &[]);
+    let mut client = p.stock().await;
+    seed(&mut client, "p1").await;
+    for i in 0..20 {
+        client
+            .reserve_stock(reserve(&format!("k{i}"), "p1"))
+            .await
+            .expect("reserves");
+    }
+    let invalid = client
+        .reserve_stock(reserve("", "p1"))
+        .await
+        .expect_err("invalid");
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+    assert_eq!(level(&mut client, "p1").await, (60, 40));
+    p.kill();
+
+    let p = Proc::start(dir.path(), None, &[]);
+    let mut client = p.stock().await;
+    assert_eq!(
+        level(&mut client, "p1").await,
+        (60, 40),
+        "every acknowledged reservation survived SIGKILL"
+    );
+    let again = client
+        .reserve_stock(reserve("k7", "p1"))
+        .await
+        .expect("replays")
+        .into_inner();
+    assert!(again.replayed, "the barrier survived too");
+    assert_eq!(level(&mut client, "p1").await, (60, 40));
+}
+
+fn namesrv() -> Option<String> {
+    match std::env::var(topics::NAMESRV_ENV) {
+        Ok(addr) => Some(addr),
+        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!(
+                "{} is not set under CI: run the tests through scripts/test",
+                topics::NAMESRV_ENV
+            )
+        }
+        Err(_) => {
+            eprintln!(
+                "skipped: {} not set (run through scripts/test)",
+                topics::NAMESRV_ENV
+            );
+            None
+        }
+    }
+}
+
+/// Acks of one run (the ack topic holds older runs' acks too).
+struct Acks {
+    run: String,
+    seen: Mutex<Vec<pb::CompensationAck>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Handler for Acks {
+    fn handle(&self, delivery: Delivery) -> BoxFuture<'static, Outcome> {
+        if delivery.key.starts_with(&self.run)
+            && let Ok(ack) = pb::CompensationAck::decode(delivery.body.as_slice())
+        {
+            self.seen.lock().expect("not poisoned").push(ack);
+            self.changed.notify_waiters();
+        }
+        Box::pin(async { Outcome::Consumed })
+    }
+}
+
+impl Acks {
+    async fn wait_for(&self, n: usize, patience: Duration) -> Vec<pb::CompensationAck> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let notified = self.changed.notified();
+            let seen = self.seen.lock().expect("not poisoned").clone();
+            if seen.len() >= n || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.seen.lock().expect("not poisoned").clone();
+            }
+        }
+    }
+}
+
+fn compensation(run: &str, saga: &str) -> Outgoing {
+    Outgoing {
+        topic: format!("comp-{run}"),
+        tag: "stock".into(),
+        key: format!("{saga}:reserve_stock"),
+        body: pb::CompensationRequest {
+            key: Some(pb::StepKey {
+                saga_id: saga.into(),
+                step: "reserve_stock".into(),
+            }),
+            role: "stock".into(),
+            requested_at_unix_ms: 0,
+        }
+        .encode_to_vec(),
+    }
+}
+
+async fn ack_listener(
+    namesrv: &str,
+    run: &str,
+) -> (
+    RocketMqTransport,
+    Box<dyn saga_messaging::transport::Consumer>,
+    Arc<Acks>,
+) {
+    let transport = RocketMqTransport::start(RocketMqConfig::new(namesrv), &format!("test-{run}"))
+        .await
+        .expect("client");
+    transport
+        .ensure_topics(&[&format!("comp-{run}")], 2, Duration::from_secs(30))
+        .await
+        .expect("creates the run's compensation topic");
+    let acks = Arc::new(Acks {
+        run: run.to_owned(),
+        seen: Mutex::default(),
+        changed: tokio::sync::Notify::new(),
+    });
+    let consumer = transport
+        .subscribe(
+            SubscriptionSpec {
+                group: format!("test-acks-{run}"),
+                topic: topics::COMPENSATION_ACK_TOPIC.into(),
+                tags: vec!["stock".into()],
+            },
+            acks.clone(),
+        )
+        .await
+        .expect("subscribes");
+    (transport, consumer, acks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compensation_delivered_twice_by_rocketmq_is_applied_once() {
+    let Some(namesrv) = namesrv() else { return };
+    let run = run_id();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (transport, consumer, acks) = ack_listener(&namesrv, &run).await;
+    let p = Proc::start(dir.path(), Some((&namesrv, &run)), &[]);
+    let mut client = p.stock().await;
+    let product = format!("p{run}");
+    seed(&mut client, &product).await;
+    let saga = format!("{run}-dup");
+    client
+        .reserve_stock(reserve(&saga, &product))
+        .await
+        .expect("reserves");
+    transport
+        .publish(&[compensation(&run, &saga)])
+        .await
+        .expect("publishes");
+    transport
+        .publish(&[compensation(&run, &saga)])
+        .await
+        .expect("publishes the duplicate");
+    let seen = acks.wait_for(2, Duration::from_secs(60)).await;
+    consumer.shutdown().await;
+    transport.shutdown().await;
+    let mut outcomes: Vec<i32> = seen.iter().map(|a| a.outcome).collect();
+    outcomes.sort_unstable();
+    assert_eq!(
+        outcomes,
+        vec![
+            pb::CompensationOutcome::Applied as i32,
+            pb::CompensationOutcome::AlreadyApplied as i32
+        ],
+        "one application, one duplicate acknowledged: {seen:?}"
+    );
+    assert_eq!(
+        level(&mut client, &product).await,
+        (100, 0),
+        "released exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_killed_after_applying_before_acknowledging_applies_exactly_once_after_restart() {
+    let Some(namesrv) = namesrv() else { return };
+    let run = run_id();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let crash_prefix = format!("{run}-crash");
+    let (transport, consumer, acks) = ack_listener(&namesrv, &run).await;
+    let p = Proc::start(
+        dir.path(),
+        Some((&namesrv, &run)),
+        &[(CRASH_PREFIX_ENV, &crash_prefix)],
+    );
+    let mut client = p.stock().await;
+    let product = format!("p{run}");
+    seed(&mut client, &product).await;
+    let saga = format!("{run}-crash");
+    client
+        .reserve_stock(reserve(&saga, &product))
+        .await
+        .expect("reserves");
+    transport
+        .publish(&[compensation(&run, &saga)])
+        .await
+        .expect("publishes");
+    // The participant applies the compensation, then aborts before recording or acking it.
+    let mut p = p;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = p.child.wait().expect("waits");
+        (p, status)
+    });
+    let (p, status) = tokio::time::timeout(Duration::from_secs(60), status)
+        .await
+        .expect("the participant crashed as injected")
+        .expect("join");
+    assert!(!status.success(), "aborted: {status:?}");
+    drop(p);
+
+    // Restart without the fault: the broker redelivers, the consumer log says "processing",
+    // the barrier says "already applied": nothing is released twice.
+    let p = Proc::start(dir.path(), Some((&namesrv, &run)), &[]);
+    let seen = acks.wait_for(1, Duration::from_secs(90)).await;
+    consumer.shutdown().await;
+    transport.shutdown().await;
+    assert!(
+        !seen.is_empty(),
+        "the redelivered compensation was acknowledged after restart"
+    );
+    assert_eq!(
+        seen[0].outcome,
+        pb::CompensationOutcome::AlreadyApplied as i32,
+        "{seen:?}"
+    );
+    let mut client = p.stock().await;
+    assert_eq!(
+        level(&mut client, &product).await,
+        (100, 0),
+        "applied exactly once"
+    );
+}
