@@ -14,7 +14,7 @@ use saga_messaging::topics;
 use saga_messaging::transport::{
     BoxFuture, Delivery, Handler, Outcome, Outgoing, SubscriptionSpec, Transport,
 };
-use saga_participants::consumer::CRASH_PREFIX_ENV;
+use saga_participants::consumer::{CRASH_PREFIX_ENV, FAULT_PREFIX_ENV, TRIES_MAX};
 use saga_proto::v1 as pb;
 use tonic::transport::Channel;
 
@@ -64,15 +64,18 @@ impl Proc {
         proc
     }
 
-    async fn stock(&self) -> pb::stock_service_client::StockServiceClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
             .expect("uri")
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(10))
             .connect()
             .await
-            .expect("connects");
-        pb::stock_service_client::StockServiceClient::new(channel)
+            .expect("connects")
+    }
+
+    async fn stock(&self) -> pb::stock_service_client::StockServiceClient<Channel> {
+        pb::stock_service_client::StockServiceClient::new(self.channel().await)
     }
 
     fn kill(mut self) {
@@ -370,4 +373,37 @@ async fn participant_killed_after_applying_before_acknowledging_applies_exactly_
         (100, 0),
         "applied exactly once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compensation_that_keeps_failing_is_parked_after_3_tries_and_listed() {
+    let Some(namesrv) = namesrv() else { return };
+    let run = run_id();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (transport, consumer, acks) = ack_listener(&namesrv, &run).await;
+    let failing = format!("{run}-fails");
+    let p = Proc::start(dir.path(), Some((&namesrv, &run)), &[(FAULT_PREFIX_ENV, &failing)]);
+    let mut client = p.stock().await;
+    let product = format!("p{run}");
+    seed(&mut client, &product).await;
+    client.reserve_stock(reserve(&failing, &product)).await.expect("reserves");
+    transport.publish(&[compensation(&run, &failing)]).await.expect("publishes");
+    // The broker redelivers after ~10 s and ~40 s: the third failure parks it.
+    let seen = acks.wait_for(1, Duration::from_secs(150)).await;
+    consumer.shutdown().await;
+    transport.shutdown().await;
+    assert_eq!(seen.len(), 1, "one ack, for the parking: {seen:?}");
+    assert_eq!(seen[0].outcome, pb::CompensationOutcome::Parked as i32);
+    let mut admin = pb::consumer_admin_client::ConsumerAdminClient::new(p.channel().await);
+    let parked = admin
+        .list_parked(pb::ListParkedRequest::default())
+        .await
+        .expect("lists")
+        .into_inner()
+        .parked;
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0].tries, TRIES_MAX);
+    assert_eq!(parked[0].key, format!("{failing}:reserve_stock"));
+    assert_eq!(parked[0].body, compensation(&run, &failing).body, "the message is kept, not dropped");
+    assert_eq!(level(&mut client, &product).await, (98, 2), "not applied while parked");
 }
