@@ -24,3 +24,19 @@ pub fn compensation_group(role: &str) -> String {
 /// The environment variable that carries the name server address to tests and tools
 /// (`host:port`); scripts/test sets it after starting the broker.
 pub const NAMESRV_ENV: &str = "SAGA_ROCKETMQ_NAMESRV";
+
+/// The name server address for tests that need the real broker: `Some` from [`NAMESRV_ENV`]
+/// (set by scripts/test); `None` outside it, with a note that the test is skipped; and a panic
+/// under `CI=true`, where a missing broker must fail the run rather than skip it.
+pub fn namesrv_for_tests() -> Option<String> {
+    match std::env::var(NAMESRV_ENV) {
+        Ok(addr) => Some(addr),
+        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{NAMESRV_ENV} is not set under CI: run the tests through scripts/test")
+        }
+        Err(_) => {
+            eprintln!("skipped: {NAMESRV_ENV} not set (run through scripts/test)");
+            None
+        }
+    }
+}

@@ -68,22 +68,7 @@ struct RocketMq {
 impl RocketMq {
     /// `None` outside scripts/test; under CI a missing broker is a failure.
     fn from_env() -> Option<Self> {
-        match std::env::var(topics::NAMESRV_ENV) {
-            Ok(namesrv) => Some(RocketMq { namesrv }),
-            Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-                panic!(
-                    "{} is not set under CI: run the tests through scripts/test",
-                    topics::NAMESRV_ENV
-                )
-            }
-            Err(_) => {
-                eprintln!(
-                    "skipped: {} not set (run through scripts/test)",
-                    topics::NAMESRV_ENV
-                );
-                None
-            }
-        }
+        topics::namesrv_for_tests().map(|namesrv| RocketMq { namesrv })
     }
 }
 

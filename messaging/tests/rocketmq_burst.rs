@@ -18,27 +18,6 @@ const LISTENER_WORK: Duration = Duration::from_millis(3);
 /// A message that was refused admission comes back after ~10 s; anything this slow is one.
 const STALL: Duration = Duration::from_secs(5);
 
-/// The name server address from scripts/test; `None` outside it (then the test is skipped,
-/// except under CI, where a missing broker is a failure).
-fn namesrv() -> Option<String> {
-    match std::env::var(topics::NAMESRV_ENV) {
-        Ok(addr) => Some(addr),
-        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!(
-                "{} is not set under CI: run the tests through scripts/test",
-                topics::NAMESRV_ENV
-            )
-        }
-        Err(_) => {
-            eprintln!(
-                "skipped: {} not set (run through scripts/test)",
-                topics::NAMESRV_ENV
-            );
-            None
-        }
-    }
-}
-
 #[derive(Default)]
 struct Seen {
     /// key -> (deliveries, first receive time)
@@ -83,7 +62,9 @@ impl MessageHandler for Recorder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_5000_keyed_messages_all_arrive_without_redelivery_stall() {
-    let Some(namesrv) = namesrv() else { return };
+    let Some(namesrv) = topics::namesrv_for_tests() else {
+        return;
+    };
     let client = RocketMqClient::new(RocketMqConfig::new(namesrv)).expect("client runtime");
     let run_tag = format!(
         "burst-{}-{}",

@@ -53,7 +53,11 @@ fn main() {
     let child = Kill(child);
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).expect("reads");
-    let addr = line.trim().strip_prefix("listening on ").expect("listening line").to_owned();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_owned();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -343,28 +343,7 @@ impl CompensationConsumer {
             .map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity(entries.len());
         for (_, value) in entries {
-            let event: ParticipantEvent = saga_storage::codec::decode(&value).map_err(|e| e.to_string())?;
-            if let ParticipantEvent::MessageParked {
-                group,
-                tag,
-                key,
-                tries,
-                error,
-                body,
-                parked_at_unix_ms,
-            } = event
-            {
-                out.push(pb::ParkedMessage {
-                    log_key: format!("{group}/{tag}/{key}"),
-                    group,
-                    tag,
-                    key,
-                    tries,
-                    last_error: error,
-                    parked_at_unix_ms,
-                    body,
-                });
-            }
+            out.push(parked_message(&value)?);
         }
         Ok(out)
     }
@@ -384,8 +363,25 @@ impl CompensationConsumer {
         else {
             return Ok(None);
         };
-        let event: ParticipantEvent = saga_storage::codec::decode(&value).map_err(|e| e.to_string())?;
-        let ParticipantEvent::MessageParked {
+        let message = parked_message(&value)?;
+        self.append(&stream, ParticipantEvent::ParkedRequeued).await?;
+        self.acks
+            .publish(&[Outgoing {
+                topic: self.topic.clone(),
+                tag: message.tag.clone(),
+                key: message.key.clone(),
+                body: message.body.clone(),
+            }])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Some(message))
+    }
+}
+
+/// A parked-list entry (the stored `MessageParked` event) as the API shows it.
+fn parked_message(stored: &[u8]) -> Result<pb::ParkedMessage, String> {
+    match saga_storage::codec::decode::<ParticipantEvent>(stored).map_err(|e| e.to_string())? {
+        ParticipantEvent::MessageParked {
             group,
             tag,
             key,
@@ -393,22 +389,8 @@ impl CompensationConsumer {
             error,
             body,
             parked_at_unix_ms,
-        } = event
-        else {
-            return Err(format!("parked entry of {stream} holds another event"));
-        };
-        self.append(&stream, ParticipantEvent::ParkedRequeued).await?;
-        self.acks
-            .publish(&[Outgoing {
-                topic: self.topic.clone(),
-                tag: tag.clone(),
-                key: key.clone(),
-                body: body.clone(),
-            }])
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(Some(pb::ParkedMessage {
-            log_key: log_key.to_owned(),
+        } => Ok(pb::ParkedMessage {
+            log_key: format!("{group}/{tag}/{key}"),
             group,
             tag,
             key,
@@ -416,7 +398,8 @@ impl CompensationConsumer {
             last_error: error,
             parked_at_unix_ms,
             body,
-        }))
+        }),
+        other => Err(format!("parked list holds a {} event", other.name())),
     }
 }
 

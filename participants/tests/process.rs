@@ -170,25 +170,6 @@ async fn sigkilled_participant_restarts_with_every_acknowledged_change() {
     assert_eq!(level(&mut client, "p1").await, (60, 40));
 }
 
-fn namesrv() -> Option<String> {
-    match std::env::var(topics::NAMESRV_ENV) {
-        Ok(addr) => Some(addr),
-        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!(
-                "{} is not set under CI: run the tests through scripts/test",
-                topics::NAMESRV_ENV
-            )
-        }
-        Err(_) => {
-            eprintln!(
-                "skipped: {} not set (run through scripts/test)",
-                topics::NAMESRV_ENV
-            );
-            None
-        }
-    }
-}
-
 /// Acks of one run (the ack topic holds older runs' acks too).
 struct Acks {
     run: String,
@@ -274,7 +255,9 @@ async fn ack_listener(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compensation_delivered_twice_by_rocketmq_is_applied_once() {
-    let Some(namesrv) = namesrv() else { return };
+    let Some(namesrv) = topics::namesrv_for_tests() else {
+        return;
+    };
     let run = run_id();
     let dir = tempfile::tempdir().expect("tempdir");
     let (transport, consumer, acks) = ack_listener(&namesrv, &run).await;
@@ -317,7 +300,9 @@ async fn compensation_delivered_twice_by_rocketmq_is_applied_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn participant_killed_after_applying_before_acknowledging_applies_exactly_once_after_restart() {
-    let Some(namesrv) = namesrv() else { return };
+    let Some(namesrv) = topics::namesrv_for_tests() else {
+        return;
+    };
     let run = run_id();
     let dir = tempfile::tempdir().expect("tempdir");
     let crash_prefix = format!("{run}-crash");
@@ -377,17 +362,29 @@ async fn participant_killed_after_applying_before_acknowledging_applies_exactly_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compensation_that_keeps_failing_is_parked_after_3_tries_and_listed() {
-    let Some(namesrv) = namesrv() else { return };
+    let Some(namesrv) = topics::namesrv_for_tests() else {
+        return;
+    };
     let run = run_id();
     let dir = tempfile::tempdir().expect("tempdir");
     let (transport, consumer, acks) = ack_listener(&namesrv, &run).await;
     let failing = format!("{run}-fails");
-    let p = Proc::start(dir.path(), Some((&namesrv, &run)), &[(FAULT_PREFIX_ENV, &failing)]);
+    let p = Proc::start(
+        dir.path(),
+        Some((&namesrv, &run)),
+        &[(FAULT_PREFIX_ENV, &failing)],
+    );
     let mut client = p.stock().await;
     let product = format!("p{run}");
     seed(&mut client, &product).await;
-    client.reserve_stock(reserve(&failing, &product)).await.expect("reserves");
-    transport.publish(&[compensation(&run, &failing)]).await.expect("publishes");
+    client
+        .reserve_stock(reserve(&failing, &product))
+        .await
+        .expect("reserves");
+    transport
+        .publish(&[compensation(&run, &failing)])
+        .await
+        .expect("publishes");
     // The broker redelivers after ~10 s and ~40 s: the third failure parks it.
     let seen = acks.wait_for(1, Duration::from_secs(150)).await;
     consumer.shutdown().await;
@@ -404,6 +401,14 @@ async fn compensation_that_keeps_failing_is_parked_after_3_tries_and_listed() {
     assert_eq!(parked.len(), 1, "{parked:?}");
     assert_eq!(parked[0].tries, TRIES_MAX);
     assert_eq!(parked[0].key, format!("{failing}:reserve_stock"));
-    assert_eq!(parked[0].body, compensation(&run, &failing).body, "the message is kept, not dropped");
-    assert_eq!(level(&mut client, &product).await, (98, 2), "not applied while parked");
+    assert_eq!(
+        parked[0].body,
+        compensation(&run, &failing).body,
+        "the message is kept, not dropped"
+    );
+    assert_eq!(
+        level(&mut client, &product).await,
+        (98, 2),
+        "not applied while parked"
+    );
 }

@@ -433,6 +433,28 @@ fn load_head(trees: &Trees, stream: &str) -> Result<(u64, u64), StorageError> {
     Ok((version, record.checksum()))
 }
 
+/// How long `open` waits for sled's file lock. After the last handle of a database is dropped,
+/// sled's I/O threads can hold the file for a moment, so an immediate reopen in the same
+/// process (tests, the embedded queue's restart) can find it locked. Another process holding it
+/// for longer still gets the error.
+const LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn open_sled(config: &sled::Config) -> Result<sled::Db, StorageError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT_MAX;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                // Poll for the lock's release; bounded by LOCK_WAIT_MAX.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            result => return Ok(result?),
+        }
+    }
+}
+
 /// Most stream heads the writer caches; past it the cache is emptied (heads are re-derived on
 /// demand), so memory stays bounded however many streams exist.
 const HEAD_CACHE_LEN_MAX: usize = 100_000;
@@ -456,13 +478,13 @@ impl EventLog {
                 reason: "batch_len_max and queue_len_max must be positive".into(),
             });
         }
-        let db = sled::Config::new()
+        let sled_config = sled::Config::new()
             .path(&config.path)
             .cache_capacity(config.cache_capacity_bytes)
             .mode(sled::Mode::HighThroughput)
             // We flush ourselves, once per batch; sled's timer would only add flushes.
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        let db = open_sled(&sled_config)?;
         let trees = Trees {
             events: db.open_tree("events")?,
             streams: db.open_tree("streams")?,

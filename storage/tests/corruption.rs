@@ -15,10 +15,28 @@ async fn write_log(dir: &std::path::Path, n: u64) {
     }
 }
 
+/// Opens the database with sled directly. Like `EventLog::open`, it waits briefly for the file
+/// lock, which sled's I/O threads may hold for a moment after the log was dropped.
+fn open_sled(dir: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && e.to_string().contains("could not acquire lock") =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => panic!("opens sled: {e}"),
+        }
+    }
+}
+
 /// Changes the stored bytes of the record at `position` with sled directly, as a disk error
 /// or a stray write would.
 fn damage(dir: &std::path::Path, position: u64, f: impl FnOnce(&mut Vec<u8>)) {
-    let db = sled::open(dir).expect("opens sled");
+    let db = open_sled(dir);
     let events = db.open_tree("events").expect("tree");
     let mut bytes = events
         .get(position.to_be_bytes())
@@ -82,7 +100,7 @@ async fn truncated_or_misplaced_records_are_corrupt() {
     damage(dir.path(), 2, |bytes| bytes.truncate(bytes.len() - 3));
     // Position 4 gets a valid record copied from position 6: checksum fine, wrong place.
     {
-        let db = sled::open(dir.path()).expect("opens sled");
+        let db = open_sled(dir.path());
         let events = db.open_tree("events").expect("tree");
         let six = events.get(6u64.to_be_bytes()).expect("reads").expect("present");
         events.insert(4u64.to_be_bytes(), six).expect("writes");
