@@ -398,7 +398,7 @@ impl PushConsumer {
 
 /// The production compensation transport: a [`RocketMqClient`] with one producer.
 pub struct RocketMqTransport {
-    client: tokio::sync::Mutex<Option<RocketMqClient>>,
+    client: RocketMqClient,
     producer: Producer,
 }
 
@@ -407,10 +407,7 @@ impl RocketMqTransport {
     pub async fn start(config: RocketMqConfig, producer_group: &str) -> Result<Self, MessagingError> {
         let client = RocketMqClient::new(config)?;
         let producer = client.producer(producer_group).await?;
-        Ok(RocketMqTransport {
-            client: tokio::sync::Mutex::new(Some(client)),
-            producer,
-        })
+        Ok(RocketMqTransport { client, producer })
     }
 
     /// See [`RocketMqClient::ensure_topics`].
@@ -420,19 +417,13 @@ impl RocketMqTransport {
         queue_count: i32,
         deadline: Duration,
     ) -> Result<(), MessagingError> {
-        let guard = self.client.lock().await;
-        let client = guard
-            .as_ref()
-            .ok_or_else(|| MessagingError::Config("transport was shut down".into()))?;
-        client.ensure_topics(topics, queue_count, deadline).await
+        self.client.ensure_topics(topics, queue_count, deadline).await
     }
 
     /// Stops the producer and the client runtime. Shut consumers down first.
     pub async fn shutdown(self) {
         self.producer.shutdown().await;
-        if let Some(client) = self.client.lock().await.take() {
-            client.shutdown().await;
-        }
+        self.client.shutdown().await;
     }
 }
 
@@ -480,11 +471,8 @@ impl crate::transport::Transport for RocketMqTransport {
                 runtime: tokio::runtime::Handle::current(),
                 spec: spec.clone(),
             });
-            let guard = self.client.lock().await;
-            let client = guard
-                .as_ref()
-                .ok_or_else(|| MessagingError::Config("transport was shut down".into()))?;
-            let consumer = client
+            let consumer = self
+                .client
                 .push_consumer(&spec.group, &spec.topic, &tags, bridge)
                 .await?;
             Ok(Box::new(consumer) as Box<dyn crate::transport::Consumer>)
