@@ -412,3 +412,101 @@ async fn compensation_that_keeps_failing_is_parked_after_3_tries_and_listed() {
         "not applied while parked"
     );
 }
+
+/// The four barrier rules against a separate process, compensations arriving through the real
+/// broker, asserted on the participant's state and then on its own log (read after it stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barrier_rules_hold_in_a_separate_process_through_the_broker() {
+    let Some(namesrv) = topics::namesrv_for_tests() else {
+        return;
+    };
+    let run = run_id();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (transport, consumer, acks) = ack_listener(&namesrv, &run).await;
+    let p = Proc::start(dir.path(), Some((&namesrv, &run)), &[]);
+    let mut client = p.stock().await;
+    let product = format!("p{run}");
+    seed(&mut client, &product).await;
+
+    // Duplicate action: the first outcome again, nothing reserved twice.
+    let done = format!("{run}-done");
+    let first = client
+        .reserve_stock(reserve(&done, &product))
+        .await
+        .expect("reserves")
+        .into_inner();
+    let again = client
+        .reserve_stock(reserve(&done, &product))
+        .await
+        .expect("replays")
+        .into_inner();
+    assert!(!first.replayed && again.replayed);
+    assert_eq!(level(&mut client, &product).await, (98, 2));
+
+    // Null compensation, then the late action is refused.
+    let never = format!("{run}-never");
+    transport
+        .publish(&[compensation(&run, &never)])
+        .await
+        .expect("publishes");
+    let seen = acks.wait_for(1, Duration::from_secs(60)).await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].outcome, pb::CompensationOutcome::Null as i32);
+    let late = client
+        .reserve_stock(reserve(&never, &product))
+        .await
+        .expect_err("late action refused");
+    assert_eq!(late.code(), tonic::Code::FailedPrecondition, "{late:?}");
+    let refusal = pb::BusinessRefusal::decode(late.details()).expect("refusal detail");
+    assert_eq!(refusal.reason, pb::RefusalReason::AlreadyCompensated as i32);
+    assert_eq!(
+        level(&mut client, &product).await,
+        (98, 2),
+        "nothing hangs reserved"
+    );
+
+    // Duplicate compensation: undone once.
+    transport
+        .publish(&[compensation(&run, &done)])
+        .await
+        .expect("publishes");
+    transport
+        .publish(&[compensation(&run, &done)])
+        .await
+        .expect("publishes the duplicate");
+    let seen = acks.wait_for(3, Duration::from_secs(60)).await;
+    consumer.shutdown().await;
+    transport.shutdown().await;
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(
+        level(&mut client, &product).await,
+        (100, 0),
+        "released exactly once"
+    );
+    drop(client);
+
+    // The events, from the participant's own log once it is gone.
+    p.kill();
+    let log = saga_storage::EventLog::open(saga_storage::LogConfig::new(dir.path())).expect("reopens");
+    let types = |stream: String| {
+        let log = log.clone();
+        async move {
+            log.read_stream(&stream, 1, 10)
+                .await
+                .expect("reads")
+                .iter()
+                .map(|r| r.event_type().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        types(format!("step/{done}/reserve_stock")).await,
+        vec!["StockReserved", "StockReleased"],
+        "one action, one compensation, duplicates recorded nowhere"
+    );
+    assert_eq!(
+        types(format!("step/{never}/reserve_stock")).await,
+        vec!["NullCompensated"],
+        "the null compensation is recorded, the late action is not"
+    );
+}
