@@ -1,13 +1,27 @@
-//! `saga-orchestrator`: runs order sagas. Empty until the orchestrator issue; this is the
-//! map of what it will own (ARCHITECTURE.md):
+//! `saga-orchestrator`: the saga engine, the order saga and the orchestrator's gRPC API.
 //!
-//! - saga definitions as data (ordered steps: participant, action, compensation, deadline,
-//!   retry policy) and the generic engine that decides the next command from a saga's state;
-//! - saga events (`SagaStarted`, `StepStarted`, `StepSucceeded`, `StepFailed`,
-//!   `CompensationRequested`, `CompensationApplied`, `SagaCompleted`, `SagaCompensated`,
-//!   `SagaStuck`) appended to its `saga_storage::EventLog`, state as their fold;
-//! - the outbox relay that publishes compensation messages through `saga_messaging`;
-//! - the `saga.v1.Orchestrator` gRPC service (`saga_proto`), health and reflection;
-//! - binaries `saga-orchestrator` (`serve`, and `dev`: the all-in-one demo) and `sagactl`.
+//! - [`definition`]: a saga definition as data (steps, participants, deadlines, retries).
+//! - [`events`] and [`state`]: the saga events and the saga's state as their fold, with the
+//!   next move computed from state alone.
+//! - [`engine`]: starts and drives sagas, writes compensations to the outbox in the same
+//!   append as the decision, relays the outbox to the compensation transport, applies
+//!   participants' acknowledgements, and resumes every unfinished saga after a restart.
+//! - [`projector`]: read models kept in each append's transaction (request ids for
+//!   idempotent starts, sagas by status for listing and recovery).
+//! - [`order`]: the order saga's definition and the invoker that calls the participants.
+//! - [`api`]: the `saga.v1.Orchestrator` gRPC service, with health checking and reflection.
+//! - `dev` (feature `dev`): the all-in-one process behind `saga-orchestrator dev`.
 //!
-//! It never links participant code except in the `dev` composition root.
+//! The binaries: `saga-orchestrator` (`serve`, `dev`) and `sagactl` (the client CLI).
+
+#![recursion_limit = "512"]
+
+pub mod api;
+pub mod definition;
+#[cfg(feature = "dev")]
+pub mod dev;
+pub mod engine;
+pub mod events;
+pub mod order;
+pub mod projector;
+pub mod state;

@@ -23,6 +23,42 @@ pub const KEY_PART_LEN_MAX: usize = 64;
 /// practice; it bounds the loop).
 const CONFLICT_RETRIES_MAX: usize = 16;
 
+/// Fault injection for process tests and chaos runs, read by the `saga-participant` binary:
+/// `delay:<step>:<ms>` makes every action of `<step>` answer `<ms>` after it was applied (so the
+/// caller's deadline passes after the effect: "outcome unknown"); `refuse:<step>` refuses
+/// every action of `<step>` with INVALID_STATE without recording anything.
+pub const ACT_FAULT_ENV: &str = "SAGA_FAULT_ACT";
+
+/// A parsed [`ACT_FAULT_ENV`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActFault {
+    DelayAfterApply { step: String, delay_ms: u64 },
+    Refuse { step: String },
+}
+
+impl ActFault {
+    pub fn parse(text: &str) -> Option<ActFault> {
+        let mut parts = text.split(':');
+        match (parts.next()?, parts.next()?, parts.next()) {
+            ("delay", step, Some(ms)) => Some(ActFault::DelayAfterApply {
+                step: step.to_owned(),
+                delay_ms: ms.parse().ok()?,
+            }),
+            ("refuse", step, None) => Some(ActFault::Refuse {
+                step: step.to_owned(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+static ACT_FAULT: std::sync::OnceLock<ActFault> = std::sync::OnceLock::new();
+
+/// Installs a fault for this process (once; later calls are ignored).
+pub fn inject_act_fault(fault: ActFault) {
+    let _ = ACT_FAULT.set(fault);
+}
+
 /// The idempotency key of a step.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StepKey {
@@ -98,6 +134,14 @@ pub async fn act(
     key: &StepKey,
     action: ParticipantEvent,
 ) -> Result<(ParticipantEvent, bool), BarrierError> {
+    if let Some(ActFault::Refuse { step }) = ACT_FAULT.get()
+        && *step == key.step
+    {
+        return Err(BarrierError::Refused(
+            Refusal::InvalidState,
+            format!("injected refusal ({ACT_FAULT_ENV})"),
+        ));
+    }
     for _ in 0..CONFLICT_RETRIES_MAX {
         match read(log, key).await? {
             (StepState::Acted(done), _) => return Ok((done, true)),
@@ -115,7 +159,14 @@ pub async fn act(
         }
         let request = AppendRequest::new(key.stream(), ExpectedVersion::NoStream).event(new_event(&action)?);
         match log.append(request).await {
-            Ok(_) => return Ok((action, false)),
+            Ok(_) => {
+                if let Some(ActFault::DelayAfterApply { step, delay_ms }) = ACT_FAULT.get()
+                    && *step == key.step
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(*delay_ms)).await;
+                }
+                return Ok((action, false));
+            }
             Err(StorageError::VersionConflict { .. }) => continue,
             Err(StorageError::Projection { reason, .. }) => {
                 // A business refusal from the projector's guard: record it, so that a repeat

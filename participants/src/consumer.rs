@@ -79,6 +79,7 @@ pub struct CompensationConsumer {
     acks: Arc<dyn Transport>,
     group: String,
     topic: String,
+    ack_topic: String,
     fault_prefix: Option<String>,
     crash_prefix: Option<String>,
 }
@@ -91,6 +92,7 @@ impl CompensationConsumer {
             acks,
             group,
             topic: topics::COMPENSATION_TOPIC.into(),
+            ack_topic: topics::COMPENSATION_ACK_TOPIC.into(),
             fault_prefix: None,
             crash_prefix: None,
         }
@@ -108,6 +110,12 @@ impl CompensationConsumer {
     /// against a shared broker).
     pub fn with_topic(mut self, topic: String) -> Self {
         self.topic = topic;
+        self
+    }
+
+    /// Acknowledges to `topic` instead of `saga-compensation-ack` (isolated test runs).
+    pub fn with_ack_topic(mut self, topic: String) -> Self {
+        self.ack_topic = topic;
         self
     }
 
@@ -180,7 +188,7 @@ impl CompensationConsumer {
         .encode_to_vec();
         self.acks
             .publish(&[Outgoing {
-                topic: topics::COMPENSATION_ACK_TOPIC.into(),
+                topic: self.ack_topic.clone(),
                 tag: self.participant.role().name().into(),
                 key: format!("{}:{}", key.saga_id, key.step),
                 body,
@@ -411,6 +419,7 @@ impl Handler for CompensationConsumer {
             acks: Arc::clone(&self.acks),
             group: self.group.clone(),
             topic: self.topic.clone(),
+            ack_topic: self.ack_topic.clone(),
             fault_prefix: self.fault_prefix.clone(),
             crash_prefix: self.crash_prefix.clone(),
         };

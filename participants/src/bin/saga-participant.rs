@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! saga-participant --role order|stock|coupon|balance --listen 127.0.0.1:PORT --data-dir DIR
-//!                  [--rocketmq 127.0.0.1:9876 [--group G] [--compensation-topic T]]
+//!                  [--rocketmq 127.0.0.1:9876 [--group G] [--compensation-topic T] [--ack-topic T]]
 //! ```
 //!
 //! With `--rocketmq`, the role's compensation consumer runs (consumer group
@@ -10,7 +10,8 @@
 //! gRPC service runs. Prints `listening on ADDR` once it accepts calls. SIGTERM or Ctrl-C stops
 //! it gracefully. `SAGA_FAULT_COMPENSATION_FAILS_FOR=<saga id prefix>` injects compensation
 //! failures and `SAGA_FAULT_ABORT_AFTER_APPLY_FOR=<prefix>` a crash after applying a
-//! compensation, before acknowledging it (tests and chaos runs only).
+//! compensation, before acknowledging it; `SAGA_FAULT_ACT=delay:<step>:<ms>|refuse:<step>` slows
+//! or refuses one step's actions (see `barrier::ACT_FAULT_ENV`). Tests and chaos runs only.
 
 #![recursion_limit = "512"]
 
@@ -47,6 +48,9 @@ struct Args {
     /// Topic to consume compensations from (default `saga-compensation`; it must exist).
     #[arg(long)]
     compensation_topic: Option<String>,
+    /// Topic to acknowledge compensations on (default `saga-compensation-ack`; it must exist).
+    #[arg(long)]
+    ack_topic: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +62,15 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Ok(fault) = std::env::var(saga_participants::barrier::ACT_FAULT_ENV) {
+        let parsed = saga_participants::barrier::ActFault::parse(&fault).with_context(|| {
+            format!(
+                "{}: cannot parse {fault:?}",
+                saga_participants::barrier::ACT_FAULT_ENV
+            )
+        })?;
+        saga_participants::barrier::inject_act_fault(parsed);
+    }
     let role = Role::parse(&args.role).with_context(|| format!("--role: unknown role {:?}", args.role))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -105,6 +118,9 @@ async fn run(role: Role, args: Args) -> anyhow::Result<()> {
         }
         if let Some(topic) = args.compensation_topic.clone() {
             consumer = consumer.with_topic(topic);
+        }
+        if let Some(topic) = args.ack_topic.clone() {
+            consumer = consumer.with_ack_topic(topic);
         }
         let consumer = Arc::new(
             consumer

@@ -1,0 +1,453 @@
+//! The `saga.v1.Orchestrator` gRPC service: validation (INVALID_ARGUMENT names the field),
+//! status mapping, and the two server streams (WatchSaga, ReplayEvents).
+
+use std::pin::Pin;
+
+use prost::Message as _;
+use saga_proto::v1 as pb;
+use saga_storage::StorageError;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{Engine, EngineError};
+use crate::events::SagaEvent;
+use crate::order;
+use crate::projector;
+use crate::state::{Phase, SagaState, Status as SagaStatus};
+
+/// Longest request id.
+pub const REQUEST_ID_LEN_MAX: usize = 128;
+/// Longest user, product, coupon or saga id.
+pub const ID_LEN_MAX: usize = 64;
+pub const ITEMS_MAX: usize = 64;
+pub const PAGE_SIZE_MAX: u32 = 1000;
+const PAGE_SIZE_DEFAULT: u32 = 100;
+/// Records per read while streaming the log, and messages buffered per stream.
+const STREAM_CHUNK: usize = 256;
+/// Longest operator reason.
+const REASON_LEN_MAX: usize = 1024;
+
+pub struct OrchestratorService {
+    pub engine: Engine,
+}
+
+fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {reason}"))
+}
+
+/// Ids travel in participants' stream names and message keys: printable ASCII without '/'.
+fn check_id(field: &str, value: &str, len_max: usize, required: bool) -> Result<(), Status> {
+    if value.is_empty() {
+        return if required {
+            Err(invalid(field, "must not be empty"))
+        } else {
+            Ok(())
+        };
+    }
+    if value.len() > len_max {
+        return Err(invalid(field, format!("longer than {len_max} bytes")));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
+        return Err(invalid(field, "must be printable ASCII without spaces or '/'"));
+    }
+    Ok(())
+}
+
+fn check_reason(reason: &str) -> Result<(), Status> {
+    if reason.len() > REASON_LEN_MAX {
+        return Err(invalid("reason", format!("longer than {REASON_LEN_MAX} bytes")));
+    }
+    Ok(())
+}
+
+/// Checks a StartOrder request; the first bad field is named.
+pub fn validate_start(request: &pb::StartOrderRequest) -> Result<(), Status> {
+    check_id("request_id", &request.request_id, REQUEST_ID_LEN_MAX, true)?;
+    check_id("user_id", &request.user_id, ID_LEN_MAX, true)?;
+    if request.items.is_empty() {
+        return Err(invalid("items", "at least one item is needed"));
+    }
+    if request.items.len() > ITEMS_MAX {
+        return Err(invalid("items", format!("more than {ITEMS_MAX} items")));
+    }
+    for (i, item) in request.items.iter().enumerate() {
+        check_id(
+            &format!("items[{i}].product_id"),
+            &item.product_id,
+            ID_LEN_MAX,
+            true,
+        )?;
+        if item.quantity <= 0 {
+            return Err(invalid(&format!("items[{i}].quantity"), "must be positive"));
+        }
+        if request.items[..i].iter().any(|o| o.product_id == item.product_id) {
+            return Err(invalid(
+                &format!("items[{i}].product_id"),
+                "a product may appear once",
+            ));
+        }
+    }
+    if request.amount_minor <= 0 {
+        return Err(invalid("amount_minor", "must be positive"));
+    }
+    check_id("coupon_id", &request.coupon_id, ID_LEN_MAX, false)
+}
+
+fn engine_status(error: EngineError) -> Status {
+    match error {
+        EngineError::NotFound(saga) => Status::not_found(format!("saga {saga} not found")),
+        EngineError::Precondition(text) => Status::failed_precondition(text),
+        EngineError::Contended(text) => Status::unavailable(format!("contended: {text}")),
+        EngineError::Storage(StorageError::Closed) => Status::unavailable("the orchestrator is stopping"),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+fn saga_status(status: SagaStatus) -> pb::SagaState {
+    match status {
+        SagaStatus::Running => pb::SagaState::Running,
+        SagaStatus::Compensating => pb::SagaState::Compensating,
+        SagaStatus::Completed => pb::SagaState::Completed,
+        SagaStatus::Compensated => pb::SagaState::Compensated,
+        SagaStatus::Stuck => pb::SagaState::Stuck,
+    }
+}
+
+fn step_state(phase: Phase) -> pb::StepState {
+    match phase {
+        Phase::Pending => pb::StepState::Pending,
+        Phase::Running => pb::StepState::Running,
+        Phase::Succeeded => pb::StepState::Succeeded,
+        Phase::Failed(_) => pb::StepState::Failed,
+        Phase::Skipped => pb::StepState::Skipped,
+        Phase::Compensating => pb::StepState::Compensating,
+        Phase::Compensated => pb::StepState::Compensated,
+        Phase::CompensationParked => pb::StepState::CompensationParked,
+    }
+}
+
+/// A saga as the API shows it.
+pub fn saga_to_proto(state: &SagaState) -> pb::Saga {
+    let mut order = pb::OrderDetails::decode(state.payload.as_slice()).unwrap_or_default();
+    order.order_id = state.saga_id.clone();
+    pb::Saga {
+        saga_id: state.saga_id.clone(),
+        request_id: state.request_id.clone(),
+        state: saga_status(state.status) as i32,
+        order: Some(order),
+        steps: state
+            .steps
+            .iter()
+            .map(|s| pb::StepStatus {
+                name: s.name.clone(),
+                state: step_state(s.phase) as i32,
+                attempts: s.attempts,
+                last_error: s.last_error.clone(),
+            })
+            .collect(),
+        version: state.version,
+        started_at_unix_ms: state.started_at_unix_us / 1000,
+        updated_at_unix_ms: state.updated_at_unix_us / 1000,
+        failure_reason: state.failure_reason.clone(),
+    }
+}
+
+/// A stored record as ReplayEvents shows it; the payload is rendered as JSON when it is a saga
+/// event.
+pub fn log_event(record: &saga_storage::Record) -> pb::LogEvent {
+    let payload_json = record
+        .decode::<SagaEvent>()
+        .ok()
+        .and_then(|e| serde_json::to_string(&e).ok())
+        .unwrap_or_default();
+    pb::LogEvent {
+        position: record.position(),
+        stream: record.stream().to_owned(),
+        version: record.version(),
+        event_type: record.event_type().to_owned(),
+        timestamp_unix_us: record.timestamp_us(),
+        payload: record.payload().to_vec(),
+        payload_json,
+        checksum: record.checksum(),
+        prev_checksum: record.prev_checksum(),
+    }
+}
+
+impl OrchestratorService {
+    async fn get(&self, saga_id: &str) -> Result<SagaState, Status> {
+        check_id("saga_id", saga_id, ID_LEN_MAX, true)?;
+        self.engine
+            .load(saga_id)
+            .await
+            .map_err(engine_status)?
+            .ok_or_else(|| Status::not_found(format!("saga {saga_id} not found")))
+    }
+}
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::orchestrator_server::Orchestrator for OrchestratorService {
+    async fn start_order(
+        &self,
+        request: Request<pb::StartOrderRequest>,
+    ) -> Result<Response<pb::StartOrderResponse>, Status> {
+        let request = request.into_inner();
+        validate_start(&request)?;
+        let details = pb::OrderDetails {
+            order_id: String::new(),
+            user_id: request.user_id,
+            items: request.items,
+            amount_minor: request.amount_minor,
+            coupon_id: request.coupon_id,
+        };
+        let skipped = order::skipped_steps(&details);
+        let (state, created) = self
+            .engine
+            .start(
+                order::DEFINITION,
+                &request.request_id,
+                details.encode_to_vec(),
+                skipped,
+            )
+            .await
+            .map_err(engine_status)?;
+        Ok(Response::new(pb::StartOrderResponse {
+            saga: Some(saga_to_proto(&state)),
+            created,
+        }))
+    }
+
+    async fn get_saga(
+        &self,
+        request: Request<pb::GetSagaRequest>,
+    ) -> Result<Response<pb::GetSagaResponse>, Status> {
+        let state = self.get(&request.into_inner().saga_id).await?;
+        Ok(Response::new(pb::GetSagaResponse {
+            saga: Some(saga_to_proto(&state)),
+        }))
+    }
+
+    async fn list_sagas(
+        &self,
+        request: Request<pb::ListSagasRequest>,
+    ) -> Result<Response<pb::ListSagasResponse>, Status> {
+        let request = request.into_inner();
+        let status = match pb::SagaState::try_from(request.state) {
+            Ok(pb::SagaState::Unspecified) => None,
+            Ok(pb::SagaState::Running) => Some(SagaStatus::Running),
+            Ok(pb::SagaState::Compensating) => Some(SagaStatus::Compensating),
+            Ok(pb::SagaState::Completed) => Some(SagaStatus::Completed),
+            Ok(pb::SagaState::Compensated) => Some(SagaStatus::Compensated),
+            Ok(pb::SagaState::Stuck) => Some(SagaStatus::Stuck),
+            Err(_) => return Err(invalid("state", format!("unknown state {}", request.state))),
+        };
+        let page_size = match request.page_size {
+            0 => PAGE_SIZE_DEFAULT,
+            n if n > PAGE_SIZE_MAX => return Err(invalid("page_size", format!("at most {PAGE_SIZE_MAX}"))),
+            n => n,
+        } as usize;
+        let prefix = projector::index_prefix(status);
+        if !request.page_token.is_empty() && !request.page_token.starts_with(&prefix) {
+            return Err(invalid("page_token", "not a token of this listing"));
+        }
+        let after = (!request.page_token.is_empty()).then(|| request.page_token.as_bytes());
+        let page = self
+            .engine
+            .log()
+            .projection_scan_prefix(&prefix, after, page_size + 1)
+            .await
+            .map_err(|e| engine_status(e.into()))?;
+        let more = page.len() > page_size;
+        let mut sagas = Vec::with_capacity(page_size.min(page.len()));
+        let mut last_key = String::new();
+        for (key, _) in page.iter().take(page_size) {
+            let Some(saga_id) = projector::saga_of_index_key(key) else {
+                continue;
+            };
+            if let Some(state) = self.engine.load(saga_id).await.map_err(engine_status)? {
+                sagas.push(saga_to_proto(&state));
+            }
+            last_key = String::from_utf8_lossy(key).into_owned();
+        }
+        Ok(Response::new(pb::ListSagasResponse {
+            sagas,
+            next_page_token: if more { last_key } else { String::new() },
+        }))
+    }
+
+    type WatchSagaStream = EventStream<pb::SagaEvent>;
+
+    async fn watch_saga(
+        &self,
+        request: Request<pb::WatchSagaRequest>,
+    ) -> Result<Response<Self::WatchSagaStream>, Status> {
+        let request = request.into_inner();
+        check_id("saga_id", &request.saga_id, ID_LEN_MAX, true)?;
+        let saga_id = request.saga_id;
+        let from_version = request.from_version.max(1);
+        // Subscribe before the first read, so that no change between them is missed.
+        let mut watch = self.engine.watch(&saga_id);
+        let log = self.engine.log().clone();
+        if log
+            .stream_version(&saga_id)
+            .await
+            .map_err(|e| engine_status(e.into()))?
+            == 0
+        {
+            return Err(Status::not_found(format!("saga {saga_id} not found")));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNK);
+        tokio::spawn(async move {
+            let mut state: Option<SagaState> = None;
+            let mut next = 1u64;
+            loop {
+                let records = match log.read_stream(&saga_id, next, STREAM_CHUNK).await {
+                    Ok(records) => records,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                };
+                for record in &records {
+                    next = record.version() + 1;
+                    let event = match record.decode::<SagaEvent>() {
+                        Ok(event) => event,
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                            return;
+                        }
+                    };
+                    let folded = match state.as_mut() {
+                        None => SagaState::fold(&saga_id, [(event.clone(), record.timestamp_us())])
+                            .and_then(|s| s.ok_or_else(|| "empty".to_owned()))
+                            .map(|s| state = Some(s)),
+                        Some(s) => s.apply(&event, record.timestamp_us()),
+                    };
+                    if let Err(reason) = folded {
+                        let _ = tx.send(Err(Status::internal(reason))).await;
+                        return;
+                    }
+                    let status = state.as_ref().expect("folded").status;
+                    if record.version() >= from_version {
+                        let message = pb::SagaEvent {
+                            saga_id: saga_id.clone(),
+                            version: record.version(),
+                            position: record.position(),
+                            event_type: record.event_type().to_owned(),
+                            timestamp_unix_us: record.timestamp_us(),
+                            state: saga_status(status) as i32,
+                            step: event.step().unwrap_or_default().to_owned(),
+                            detail: event.detail(),
+                        };
+                        if tx.send(Ok(message)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if status.is_final() {
+                        return;
+                    }
+                }
+                if records.len() < STREAM_CHUNK {
+                    tokio::select! {
+                        _ = watch.changed() => {}
+                        _ = tx.closed() => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type ReplayEventsStream = EventStream<pb::LogEvent>;
+
+    async fn replay_events(
+        &self,
+        request: Request<pb::ReplayEventsRequest>,
+    ) -> Result<Response<Self::ReplayEventsStream>, Status> {
+        let request = request.into_inner();
+        let follow = request.follow;
+        let log = self.engine.log().clone();
+        // Without `follow`, the replay ends at the log's end as of this call.
+        let end = log.durable_position();
+        let mut subscription = log.subscribe(request.from_position.max(1));
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNK);
+        tokio::spawn(async move {
+            loop {
+                if !follow && subscription.next_position() > end {
+                    return;
+                }
+                let record = tokio::select! {
+                    record = subscription.next() => record,
+                    _ = tx.closed() => return,
+                };
+                let message = record
+                    .map(|r| log_event(&r))
+                    .map_err(|e| Status::internal(e.to_string()));
+                let failed = message.is_err();
+                if tx.send(message).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn retry_saga(
+        &self,
+        request: Request<pb::RetrySagaRequest>,
+    ) -> Result<Response<pb::RetrySagaResponse>, Status> {
+        let request = request.into_inner();
+        check_id("saga_id", &request.saga_id, ID_LEN_MAX, true)?;
+        check_reason(&request.reason)?;
+        let state = self
+            .engine
+            .retry(&request.saga_id, &request.reason)
+            .await
+            .map_err(engine_status)?;
+        Ok(Response::new(pb::RetrySagaResponse {
+            saga: Some(saga_to_proto(&state)),
+        }))
+    }
+
+    async fn abort_saga(
+        &self,
+        request: Request<pb::AbortSagaRequest>,
+    ) -> Result<Response<pb::AbortSagaResponse>, Status> {
+        let request = request.into_inner();
+        check_id("saga_id", &request.saga_id, ID_LEN_MAX, true)?;
+        check_reason(&request.reason)?;
+        let state = self
+            .engine
+            .abort(&request.saga_id, &request.reason)
+            .await
+            .map_err(engine_status)?;
+        Ok(Response::new(pb::AbortSagaResponse {
+            saga: Some(saga_to_proto(&state)),
+        }))
+    }
+}
+
+/// The orchestrator's routes: the API, standard health checking (reporting SERVING) and
+/// server reflection.
+pub async fn routes(engine: Engine) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::orchestrator_server::OrchestratorServer<OrchestratorService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(saga_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    Ok(
+        tonic::service::Routes::new(pb::orchestrator_server::OrchestratorServer::new(
+            OrchestratorService { engine },
+        ))
+        .add_service(health)
+        .add_service(reflection),
+    )
+}

@@ -1,0 +1,287 @@
+//! `saga-orchestrator`: the saga orchestrator as a process.
+//!
+//! ```text
+//! saga-orchestrator serve --listen 127.0.0.1:50051 --data-dir DIR --rocketmq 127.0.0.1:9876 \
+//!     --participants order=HOST:PORT,stock=HOST:PORT,coupon=HOST:PORT,balance=HOST:PORT
+//! saga-orchestrator dev [--orders N] [--concurrency C] [--listen ADDR] [--data-dir DIR]
+//! ```
+//!
+//! `serve` prints `listening on ADDR` once it accepts calls; SIGTERM or Ctrl-C stops it. `dev`
+//! is the all-in-one embedded default (see `saga_orchestrator::dev`).
+
+#![recursion_limit = "512"]
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use saga_messaging::rocketmq::{RocketMqConfig, RocketMqTransport};
+use saga_messaging::topics;
+use saga_messaging::transport::{SubscriptionSpec, Transport as _};
+use saga_orchestrator::engine::{AckHandler, Engine, EngineConfig};
+use saga_orchestrator::order::{self, OrderInvoker, OrderTiming, ParticipantAddrs};
+
+#[derive(Parser)]
+#[command(about = "The event-sourced saga orchestrator")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the orchestrator against participant processes and a RocketMQ broker.
+    Serve(Serve),
+    /// Run everything in one process with the embedded transport (no broker needed).
+    Dev(DevArgs),
+}
+
+#[derive(clap::Args)]
+struct Serve {
+    /// Address of the gRPC API (port 0 picks one; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// Directory of the orchestrator's event log.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// order=HOST:PORT,stock=HOST:PORT,coupon=HOST:PORT,balance=HOST:PORT
+    #[arg(long)]
+    participants: String,
+    /// RocketMQ name server (HOST:PORT).
+    #[arg(long)]
+    rocketmq: String,
+    /// Topic compensations are published to.
+    #[arg(long, default_value = topics::COMPENSATION_TOPIC)]
+    compensation_topic: String,
+    /// Topic acknowledgements are consumed from.
+    #[arg(long, default_value = topics::COMPENSATION_ACK_TOPIC)]
+    ack_topic: String,
+    /// Consumer group on the acknowledgement topic.
+    #[arg(long, default_value = saga_orchestrator::dev::ACK_GROUP)]
+    ack_group: String,
+    #[command(flatten)]
+    timing: Timing,
+}
+
+#[derive(clap::Args)]
+struct Timing {
+    /// Deadline of one participant call; past it the step's outcome is unknown.
+    #[arg(long, default_value_t = 2000)]
+    step_deadline_ms: u64,
+    /// Attempts of a step against transient errors.
+    #[arg(long, default_value_t = 8)]
+    step_attempts: u32,
+}
+
+impl Timing {
+    fn order_timing(&self) -> OrderTiming {
+        OrderTiming {
+            step_deadline_ms: self.step_deadline_ms,
+            attempts_max: self.step_attempts.max(1),
+            ..OrderTiming::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct DevArgs {
+    /// Run this many orders (order n as shared/BENCH.md defines it), print a summary and exit.
+    /// Without it the system stays up for clients (sagactl).
+    #[arg(long)]
+    orders: Option<u64>,
+    /// Orders in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Address of the gRPC API.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// Data directory (default: a new temporary one, removed at exit). With `--orders` it must
+    /// be new or empty, since the run's checks count from the seeded state.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Coupons to seed when no `--orders` is given (coupon n belongs to order n).
+    #[arg(long, default_value_t = 10_000)]
+    coupons: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,saga_orchestrator=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    match args.command {
+        Command::Serve(serve) => runtime.block_on(run_serve(serve)),
+        Command::Dev(dev) => {
+            let correct = runtime.block_on(run_dev(dev))?;
+            // Background tasks (consumers, drivers) are not waited for.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            if !correct {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn run_serve(args: Serve) -> anyhow::Result<()> {
+    let addrs =
+        ParticipantAddrs::parse(&args.participants).map_err(|e| anyhow::anyhow!("--participants: {e}"))?;
+    let log = saga_orchestrator::engine::open_log(saga_storage::LogConfig::new(&args.data_dir))
+        .with_context(|| {
+            format!(
+                "--data-dir: cannot open the event log in {}",
+                args.data_dir.display()
+            )
+        })?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("--listen: cannot bind {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let config = RocketMqConfig {
+        thread_name: "saga-orchestrator-mq".into(),
+        ..RocketMqConfig::new(args.rocketmq.clone())
+    };
+    let transport = Arc::new(
+        RocketMqTransport::start(config, "saga-orchestrator")
+            .await
+            .context("--rocketmq: cannot start the RocketMQ client")?,
+    );
+    let engine = Engine::new(
+        log,
+        vec![order::definition(&args.timing.order_timing())],
+        OrderInvoker::new(&addrs)?,
+        EngineConfig {
+            compensation_topic: args.compensation_topic.clone(),
+            ..EngineConfig::default()
+        },
+    );
+    let relay = {
+        let engine = engine.clone();
+        let transport: Arc<dyn saga_messaging::transport::Transport> = transport.clone();
+        tokio::spawn(async move { engine.run_relay(transport).await })
+    };
+    let acks = transport
+        .subscribe(
+            SubscriptionSpec {
+                group: args.ack_group.clone(),
+                topic: args.ack_topic.clone(),
+                tags: Vec::new(),
+            },
+            Arc::new(AckHandler {
+                engine: engine.clone(),
+            }),
+        )
+        .await
+        .context("cannot subscribe to acknowledgements")?;
+    let resumed = engine.recover().await?;
+    let routes = saga_orchestrator::api::routes(engine.clone()).await?;
+    println!("listening on {addr}");
+    std::io::stdout().flush()?;
+    tracing::info!(%addr, resumed, "orchestrator started");
+    tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown_signal(),
+        )
+        .await
+        .context("gRPC server")?;
+    acks.shutdown().await;
+    relay.abort();
+    drop(engine);
+    if let Ok(transport) = Arc::try_unwrap(transport) {
+        transport.shutdown().await;
+    }
+    tracing::info!("orchestrator stopped");
+    Ok(())
+}
+
+async fn run_dev(args: DevArgs) -> anyhow::Result<bool> {
+    use saga_orchestrator::dev;
+    if let (Some(dir), Some(_)) = (&args.data_dir, args.orders)
+        && std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
+    {
+        anyhow::bail!(
+            "--data-dir {} is not empty; --orders needs a fresh one (or none, for a temporary one)",
+            dir.display()
+        );
+    }
+    let (data_dir, _temp) = dev::data_dir(args.data_dir.clone())?;
+    let coupons = args.orders.unwrap_or(args.coupons);
+    let system = dev::Dev::start(&data_dir, &args.listen, coupons).await?;
+    let api = system.api_addr.to_string();
+    let Some(orders) = args.orders else {
+        println!("listening on {api}");
+        println!(
+            "participants: order {} stock {} coupon {} balance {}; data in {}",
+            system.participants.order,
+            system.participants.stock,
+            system.participants.coupon,
+            system.participants.balance,
+            data_dir.display()
+        );
+        std::io::stdout().flush()?;
+        shutdown_signal().await;
+        system.shutdown().await;
+        return Ok(true);
+    };
+
+    let bar = indicatif::ProgressBar::new(orders);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} sagas {per_sec} eta {eta}")
+            .expect("valid template"),
+    );
+    let began = Instant::now();
+    let ticker = bar.clone();
+    let results = dev::run_orders(&api, "dev", orders, args.concurrency, move || ticker.inc(1)).await?;
+    let elapsed = began.elapsed();
+    bar.finish_and_clear();
+    let problems = dev::check_conservation(&system.participants, &results).await?;
+    system.shutdown().await;
+
+    let mut latencies: Vec<Duration> = results.iter().map(|r| r.latency).collect();
+    latencies.sort_unstable();
+    let count = |state| results.iter().filter(|r| r.state == state).count();
+    let completed = count(saga_proto::v1::SagaState::Completed);
+    let compensated = count(saga_proto::v1::SagaState::Compensated);
+    let stuck = results.len() - completed - compensated;
+    for problem in &problems {
+        println!("check failed: {problem}");
+    }
+    println!(
+        "elapsed {:.2} s, {:.1} sagas/s at {} in flight, saga latency p50 {:.1} ms p99 {:.1} ms",
+        elapsed.as_secs_f64(),
+        results.len() as f64 / elapsed.as_secs_f64(),
+        args.concurrency,
+        dev::percentile_ms(&latencies, 50.0),
+        dev::percentile_ms(&latencies, 99.0),
+    );
+    let correct = problems.is_empty() && results.len() as u64 == orders;
+    println!(
+        "orders={orders} completed={completed} compensated={compensated} stuck={stuck} correct={}",
+        if correct { "yes" } else { "no" }
+    );
+    std::io::stdout().flush()?;
+    Ok(correct)
+}

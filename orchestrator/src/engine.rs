@@ -1,0 +1,833 @@
+//! The generic saga engine: starts sagas, drives each through its definition, requests
+//! compensations through the outbox, applies participants' acknowledgements, and recovers
+//! every unfinished saga on start.
+//!
+//! One driver task per running saga is the only writer of its stream while it runs forward;
+//! acknowledgements (compensating sagas) and operators (stuck sagas) write with the exact
+//! version they folded, so a race is a version conflict that the loser re-decides, never a
+//! lost update. Abort is cooperative: the API leaves a request that the driver records between
+//! steps.
+//!
+//! Latency: the append that records a step's outcome (and the next `StepStarted`) runs at the
+//! same time as the next step's call, not before it. That is safe because the next call is
+//! idempotent by key, and because compensation always includes the frontier step (see
+//! `state`): a step called before its `StepStarted` was durable is compensated after a crash
+//! all the same. Each append is still durable before anything depends on it (the outbox, the
+//! final event a client waits for).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message as _;
+use saga_messaging::transport::{BoxFuture, Delivery, Handler, Outcome, Outgoing, Transport};
+use saga_proto::v1 as pb;
+use saga_storage::{AppendRequest, EventLog, ExpectedVersion, NewEvent, OutboxMessage, StorageError};
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::definition::{SagaDefinition, StepDef};
+use crate::events::{CompensationOutcome, FailureKind, SagaEvent};
+use crate::projector;
+use crate::state::{Next, Phase, SagaState, Status};
+
+/// Re-decisions of one operation after version conflicts before it gives up (each conflict
+/// means another writer made progress, so this bounds a loop that should never spin).
+const CONFLICTS_MAX: usize = 16;
+/// Outbox entries published in one request.
+pub const RELAY_BATCH_LEN_MAX: usize = 128;
+/// Longest wait of the relay between publish failures.
+const RELAY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long AbortSaga waits for the driver to record the abort (a step call in flight finishes
+/// first, bounded by its deadline).
+const ABORT_WAIT: Duration = Duration::from_secs(30);
+
+/// How a step call failed, as the invoker classifies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepError {
+    Business(String),
+    Transient(String),
+    Unknown(String),
+}
+
+/// Performs steps' forward actions: the definition-specific side of the engine.
+pub trait StepInvoker: Send + Sync + 'static {
+    /// Calls `step` for saga `saga_id` with the saga's payload. The engine applies the step's
+    /// deadline around the returned future; the invoker should pass it on to the callee.
+    fn invoke(
+        &self,
+        saga_id: &str,
+        step: &StepDef,
+        payload: &[u8],
+    ) -> BoxFuture<'static, Result<(), StepError>>;
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Where compensation requests are published (tag = participant role).
+    pub compensation_topic: String,
+    /// Most sagas driven at once; further ones wait for a slot.
+    pub drivers_max: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            compensation_topic: saga_messaging::topics::COMPENSATION_TOPIC.into(),
+            drivers_max: 4096,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("saga {0} not found")]
+    NotFound(String),
+    /// The saga's state does not allow the operation.
+    #[error("{0}")]
+    Precondition(String),
+    #[error("unknown saga definition {0:?}")]
+    UnknownDefinition(String),
+    /// A stored saga stream does not fold (a bug or damage): never skipped.
+    #[error("saga {saga} cannot be replayed: {reason}")]
+    Corrupt { saga: String, reason: String },
+    #[error("saga {0}: too many concurrent writers")]
+    Contended(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// The engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    log: EventLog,
+    definitions: HashMap<String, Arc<SagaDefinition>>,
+    invoker: Arc<dyn StepInvoker>,
+    config: EngineConfig,
+    /// Sagas with a driver; `true` when something asked for another pass while it ran.
+    driving: Mutex<HashMap<String, bool>>,
+    aborts: Mutex<HashMap<String, String>>,
+    watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
+    relay_wake: Notify,
+    drivers: Semaphore,
+    last_id_us: Mutex<u64>,
+    node: u32,
+}
+
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_i64(now_us());
+    h.write_u32(std::process::id());
+    h.finish() as u32
+}
+
+/// Opens the orchestrator's log with its projector.
+pub fn open_log(config: saga_storage::LogConfig) -> Result<EventLog, StorageError> {
+    EventLog::open_with(config, Some(Arc::new(projector::SagaProjector)))
+}
+
+impl Engine {
+    /// An engine over `log` (opened with [`open_log`]). Call [`Engine::recover`] once, and run
+    /// [`Engine::run_relay`] and an acknowledgement subscription ([`AckHandler`]).
+    pub fn new(
+        log: EventLog,
+        definitions: Vec<SagaDefinition>,
+        invoker: Arc<dyn StepInvoker>,
+        config: EngineConfig,
+    ) -> Engine {
+        let drivers = Semaphore::new(config.drivers_max);
+        Engine {
+            inner: Arc::new(Inner {
+                log,
+                definitions: definitions
+                    .into_iter()
+                    .map(|d| (d.name.clone(), Arc::new(d)))
+                    .collect(),
+                invoker,
+                config,
+                driving: Mutex::default(),
+                aborts: Mutex::default(),
+                watchers: Mutex::default(),
+                relay_wake: Notify::new(),
+                drivers,
+                last_id_us: Mutex::new(0),
+                node: random_u32(),
+            }),
+        }
+    }
+
+    pub fn log(&self) -> &EventLog {
+        &self.inner.log
+    }
+
+    fn definition(&self, name: &str) -> Result<Arc<SagaDefinition>, EngineError> {
+        self.inner
+            .definitions
+            .get(name)
+            .cloned()
+            .ok_or_else(|| EngineError::UnknownDefinition(name.to_owned()))
+    }
+
+    /// A new saga id: `<prefix>-<start time, µs, hex>-<process nonce>`. Sortable by start time
+    /// within a process; the nonce keeps ids of orchestrators started at the same moment apart
+    /// (and a collision would still be caught by the `NoStream` append).
+    fn new_id(&self, prefix: &str) -> String {
+        let mut last = self.inner.last_id_us.lock().expect("id lock");
+        let us = (now_us() as u64).max(*last + 1);
+        *last = us;
+        format!("{prefix}-{us:014x}-{:08x}", self.inner.node)
+    }
+
+    /// Loads a saga by folding its stream.
+    pub async fn load(&self, saga_id: &str) -> Result<Option<SagaState>, EngineError> {
+        let mut events = Vec::new();
+        loop {
+            let records = self
+                .inner
+                .log
+                .read_stream(saga_id, events.len() as u64 + 1, saga_storage::log::READ_LEN_MAX)
+                .await?;
+            let n = records.len();
+            for record in records {
+                events.push((record.decode::<SagaEvent>()?, record.timestamp_us()));
+            }
+            if n < saga_storage::log::READ_LEN_MAX {
+                break;
+            }
+        }
+        SagaState::fold(saga_id, events).map_err(|reason| EngineError::Corrupt {
+            saga: saga_id.to_owned(),
+            reason,
+        })
+    }
+
+    /// The saga started for `request_id`, if any.
+    pub async fn saga_of_request(&self, request_id: &str) -> Result<Option<String>, EngineError> {
+        Ok(self
+            .inner
+            .log
+            .projection_get(projector::request_key(request_id))
+            .await?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Appends `events` (and `outbox`) at exactly `version`; returns the new version. Durable
+    /// on return; watchers are told.
+    async fn append(
+        &self,
+        saga_id: &str,
+        version: u64,
+        events: &[SagaEvent],
+        outbox: Vec<OutboxMessage>,
+    ) -> Result<u64, StorageError> {
+        let expected = if version == 0 {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(version)
+        };
+        let mut request = AppendRequest::new(saga_id, expected);
+        for event in events {
+            request = request.event(NewEvent::encode(event.name(), event)?);
+        }
+        let has_outbox = !outbox.is_empty();
+        for message in outbox {
+            request = request.outbox(message);
+        }
+        let appended = self.inner.log.append(request).await?;
+        if has_outbox {
+            self.inner.relay_wake.notify_one();
+        }
+        if let Some(tx) = self.inner.watchers.lock().expect("watchers lock").get(saga_id) {
+            tx.send_replace(appended.stream_version);
+        }
+        Ok(appended.stream_version)
+    }
+
+    /// Starts a saga of `definition` for `request_id`. Idempotent by request id: a repeat
+    /// returns the existing saga and `false`. Returns once `SagaStarted` is durable; the saga
+    /// then runs in the background.
+    pub async fn start(
+        &self,
+        definition: &str,
+        request_id: &str,
+        payload: Vec<u8>,
+        skipped: Vec<String>,
+    ) -> Result<(SagaState, bool), EngineError> {
+        let def = self.definition(definition)?;
+        if let Some(existing) = self.existing(request_id).await? {
+            return Ok((existing, false));
+        }
+        let started = SagaEvent::SagaStarted {
+            definition: def.name.clone(),
+            request_id: request_id.to_owned(),
+            payload,
+            steps: def.steps.iter().map(|s| s.name.clone()).collect(),
+            skipped,
+        };
+        for _ in 0..CONFLICTS_MAX {
+            let saga_id = self.new_id(&def.id_prefix);
+            match self
+                .append(&saga_id, 0, std::slice::from_ref(&started), Vec::new())
+                .await
+            {
+                Ok(_) => {
+                    let state = SagaState::fold(&saga_id, [(started, now_us())])
+                        .map_err(|reason| EngineError::Corrupt {
+                            saga: saga_id.clone(),
+                            reason,
+                        })?
+                        .expect("one event folds to a state");
+                    self.drive(&saga_id);
+                    return Ok((state, true));
+                }
+                Err(StorageError::Projection { reason, .. })
+                    if reason.contains(projector::DUPLICATE_REQUEST) =>
+                {
+                    // A concurrent start with the same request id won.
+                    if let Some(existing) = self.existing(request_id).await? {
+                        return Ok((existing, false));
+                    }
+                }
+                Err(StorageError::VersionConflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(EngineError::Contended(format!("start of request {request_id}")))
+    }
+
+    async fn existing(&self, request_id: &str) -> Result<Option<SagaState>, EngineError> {
+        match self.saga_of_request(request_id).await? {
+            Some(saga_id) => self.load(&saga_id).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Makes sure a driver runs for the saga (another pass if one is running now).
+    pub fn drive(&self, saga_id: &str) {
+        {
+            let mut driving = self.inner.driving.lock().expect("driving lock");
+            if let Some(again) = driving.get_mut(saga_id) {
+                *again = true;
+                return;
+            }
+            driving.insert(saga_id.to_owned(), false);
+        }
+        let engine = self.clone();
+        let saga_id = saga_id.to_owned();
+        tokio::spawn(async move {
+            let _slot = engine.inner.drivers.acquire().await.expect("never closed");
+            loop {
+                if let Err(error) = engine.run_driver(&saga_id).await {
+                    tracing::error!(saga = %saga_id, %error, "saga driver stopped; the saga resumes on the next start");
+                }
+                let mut driving = engine.inner.driving.lock().expect("driving lock");
+                match driving.get_mut(&saga_id) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        driving.remove(&saga_id);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    fn compensation_messages(
+        &self,
+        state: &SagaState,
+        def: &SagaDefinition,
+        steps: &[String],
+    ) -> Vec<OutboxMessage> {
+        let requested_at_unix_ms = now_us() / 1000;
+        steps
+            .iter()
+            .filter_map(|name| def.steps.iter().find(|d| d.name == *name))
+            .map(|step| OutboxMessage {
+                topic: self.inner.config.compensation_topic.clone(),
+                tag: step.participant.clone(),
+                key: format!("{}:{}", state.saga_id, step.name),
+                body: pb::CompensationRequest {
+                    key: Some(pb::StepKey {
+                        saga_id: state.saga_id.clone(),
+                        step: step.name.clone(),
+                    }),
+                    role: step.participant.clone(),
+                    requested_at_unix_ms,
+                }
+                .encode_to_vec(),
+            })
+            .collect()
+    }
+
+    async fn call(
+        &self,
+        saga_id: &str,
+        step: &StepDef,
+        payload: &[u8],
+        attempt: u32,
+    ) -> Result<(), StepError> {
+        tokio::time::sleep(step.retry.backoff(attempt)).await;
+        let call = self.inner.invoker.invoke(saga_id, step, payload);
+        match tokio::time::timeout(Duration::from_millis(step.deadline_ms), call).await {
+            Ok(result) => result,
+            Err(_) => Err(StepError::Unknown(format!(
+                "no answer within the {} ms deadline",
+                step.deadline_ms
+            ))),
+        }
+    }
+
+    /// Drives one saga until it waits (for acknowledgements or an operator) or is final.
+    async fn run_driver(&self, saga_id: &str) -> Result<(), EngineError> {
+        let mut conflicts = 0;
+        'reload: loop {
+            let Some(mut state) = self.load(saga_id).await? else {
+                return Err(EngineError::NotFound(saga_id.to_owned()));
+            };
+            let def = self.definition(&state.definition)?;
+            let mut durable = state.version;
+            let mut pending: Vec<SagaEvent> = Vec::new();
+            let corrupt = |reason: String| EngineError::Corrupt {
+                saga: saga_id.to_owned(),
+                reason,
+            };
+            macro_rules! record {
+                ($event:expr) => {{
+                    let event = $event;
+                    state.apply(&event, now_us()).map_err(corrupt)?;
+                    pending.push(event);
+                }};
+            }
+            macro_rules! flush {
+                ($outbox:expr) => {{
+                    let events = std::mem::take(&mut pending);
+                    match self.append(saga_id, durable, &events, $outbox).await {
+                        Ok(version) => durable = version,
+                        Err(StorageError::VersionConflict { .. }) if conflicts < CONFLICTS_MAX => {
+                            conflicts += 1;
+                            continue 'reload;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }};
+            }
+            loop {
+                if state.status == Status::Running && !state.abort_requested {
+                    let abort = self.inner.aborts.lock().expect("aborts lock").remove(saga_id);
+                    if let Some(reason) = abort {
+                        if state.abortable(&def) {
+                            record!(SagaEvent::AbortRequested { reason });
+                        } else {
+                            tracing::warn!(saga = %saga_id, "abort ignored: past the pivot");
+                        }
+                    }
+                }
+                match state.next(&def) {
+                    Next::Call { step, attempt } => {
+                        let name = state.steps[step].name.clone();
+                        let step_def = def
+                            .steps
+                            .iter()
+                            .find(|d| d.name == name)
+                            .ok_or_else(|| corrupt(format!("definition has no step {name}")))?;
+                        record!(SagaEvent::StepStarted {
+                            step: name.clone(),
+                            attempt
+                        });
+                        // Record the previous outcome and this start while the call runs.
+                        let events = std::mem::take(&mut pending);
+                        let (appended, outcome) = tokio::join!(
+                            self.append(saga_id, durable, &events, Vec::new()),
+                            self.call(saga_id, step_def, &state.payload, attempt)
+                        );
+                        match appended {
+                            Ok(version) => durable = version,
+                            Err(StorageError::VersionConflict { .. }) if conflicts < CONFLICTS_MAX => {
+                                conflicts += 1;
+                                continue 'reload;
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                        let attempts_left = attempt < step_def.retry.attempts_max;
+                        record!(match outcome {
+                            Ok(()) => SagaEvent::StepSucceeded { step: name },
+                            Err(StepError::Business(error)) => SagaEvent::StepFailed {
+                                step: name,
+                                kind: FailureKind::Business,
+                                error,
+                                retrying: false,
+                            },
+                            Err(StepError::Transient(error)) => SagaEvent::StepFailed {
+                                step: name,
+                                kind: FailureKind::Transient,
+                                error,
+                                retrying: attempts_left,
+                            },
+                            // A step that cannot be undone is retried rather than compensated.
+                            Err(StepError::Unknown(error)) => SagaEvent::StepFailed {
+                                step: name,
+                                kind: FailureKind::Unknown,
+                                error,
+                                retrying: !step_def.compensable && attempts_left,
+                            },
+                        });
+                    }
+                    Next::GiveUp { step } => {
+                        record!(SagaEvent::StepFailed {
+                            step: state.steps[step].name.clone(),
+                            kind: FailureKind::Unknown,
+                            error: "attempts used up; the last attempt's outcome is unknown".into(),
+                            retrying: false,
+                        });
+                    }
+                    Next::Compensate { steps } => {
+                        let names: Vec<String> = steps.iter().map(|&i| state.steps[i].name.clone()).collect();
+                        let reason = if state.failure_reason.is_empty() {
+                            "compensating".to_owned()
+                        } else {
+                            state.failure_reason.clone()
+                        };
+                        let outbox = self.compensation_messages(&state, &def, &names);
+                        let nothing_to_undo = names.is_empty();
+                        record!(SagaEvent::CompensationRequested { steps: names, reason });
+                        if nothing_to_undo {
+                            record!(SagaEvent::SagaCompensated);
+                        }
+                        flush!(outbox);
+                    }
+                    Next::Complete => {
+                        record!(SagaEvent::SagaCompleted);
+                        flush!(Vec::new());
+                    }
+                    Next::FinishCompensated => {
+                        record!(SagaEvent::SagaCompensated);
+                        flush!(Vec::new());
+                    }
+                    Next::MarkStuck { reason } => {
+                        tracing::warn!(saga = %saga_id, %reason, "saga stuck");
+                        record!(SagaEvent::SagaStuck { reason });
+                        flush!(Vec::new());
+                    }
+                    Next::Wait | Next::Done => {
+                        if !pending.is_empty() {
+                            match self.append(saga_id, durable, &pending, Vec::new()).await {
+                                Ok(_) => {}
+                                Err(StorageError::VersionConflict { .. }) if conflicts < CONFLICTS_MAX => {
+                                    conflicts += 1;
+                                    continue 'reload;
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a participant's acknowledgement. Acks of unknown sagas (another orchestrator's)
+    /// and duplicates change nothing.
+    pub async fn on_ack(&self, ack: &pb::CompensationAck) -> Result<(), EngineError> {
+        let Some(key) = &ack.key else {
+            tracing::warn!(?ack, "ack without a step key ignored");
+            return Ok(());
+        };
+        let outcome =
+            pb::CompensationOutcome::try_from(ack.outcome).unwrap_or(pb::CompensationOutcome::Unspecified);
+        for _ in 0..CONFLICTS_MAX {
+            let Some(mut state) = self.load(&key.saga_id).await? else {
+                return Ok(());
+            };
+            let Some(step) = state.steps.iter().find(|s| s.name == key.step) else {
+                tracing::warn!(saga = %key.saga_id, step = %key.step, "ack for an unknown step ignored");
+                return Ok(());
+            };
+            let event = match (step.phase, outcome) {
+                (Phase::Compensating | Phase::CompensationParked, pb::CompensationOutcome::Applied) => {
+                    SagaEvent::CompensationApplied {
+                        step: key.step.clone(),
+                        outcome: CompensationOutcome::Applied,
+                    }
+                }
+                (Phase::Compensating | Phase::CompensationParked, pb::CompensationOutcome::Null) => {
+                    SagaEvent::CompensationApplied {
+                        step: key.step.clone(),
+                        outcome: CompensationOutcome::Null,
+                    }
+                }
+                (
+                    Phase::Compensating | Phase::CompensationParked,
+                    pb::CompensationOutcome::AlreadyApplied,
+                ) => SagaEvent::CompensationApplied {
+                    step: key.step.clone(),
+                    outcome: CompensationOutcome::AlreadyApplied,
+                },
+                (Phase::Compensating, pb::CompensationOutcome::Parked) => SagaEvent::CompensationParked {
+                    step: key.step.clone(),
+                    error: ack.detail.clone(),
+                },
+                _ => return Ok(()),
+            };
+            let version = state.version;
+            let corrupt = |reason| EngineError::Corrupt {
+                saga: key.saga_id.clone(),
+                reason,
+            };
+            state.apply(&event, now_us()).map_err(corrupt)?;
+            let mut events = vec![event];
+            let open = |p: Phase| matches!(p, Phase::Compensating | Phase::CompensationParked);
+            if !state.steps.iter().any(|s| open(s.phase)) {
+                events.push(SagaEvent::SagaCompensated);
+            } else if state.status == Status::Compensating
+                && state.steps.iter().any(|s| s.phase == Phase::CompensationParked)
+            {
+                events.push(SagaEvent::SagaStuck {
+                    reason: format!("compensation of {} parked: {}", key.step, ack.detail),
+                });
+            }
+            match self.append(&key.saga_id, version, &events, Vec::new()).await {
+                Ok(_) => return Ok(()),
+                Err(StorageError::VersionConflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(EngineError::Contended(key.saga_id.clone()))
+    }
+
+    /// RetrySaga: a stuck saga's parked compensations are sent again, or its failed forward
+    /// step is tried again from attempt 1.
+    pub async fn retry(&self, saga_id: &str, reason: &str) -> Result<SagaState, EngineError> {
+        for _ in 0..CONFLICTS_MAX {
+            let state = self
+                .load(saga_id)
+                .await?
+                .ok_or_else(|| EngineError::NotFound(saga_id.to_owned()))?;
+            if state.status != Status::Stuck {
+                return Err(EngineError::Precondition(format!(
+                    "saga {saga_id} is {}; only a stuck saga can be retried",
+                    state.status.name()
+                )));
+            }
+            let def = self.definition(&state.definition)?;
+            let parked: Vec<String> = state
+                .steps
+                .iter()
+                .filter(|s| s.phase == Phase::CompensationParked)
+                .map(|s| s.name.clone())
+                .collect();
+            let outbox = self.compensation_messages(&state, &def, &parked);
+            let event = SagaEvent::SagaRetried {
+                reason: reason.to_owned(),
+                compensations: parked,
+            };
+            match self.append(saga_id, state.version, &[event], outbox).await {
+                Ok(_) => {
+                    self.drive(saga_id);
+                    return self
+                        .load(saga_id)
+                        .await?
+                        .ok_or_else(|| EngineError::NotFound(saga_id.to_owned()));
+                }
+                Err(StorageError::VersionConflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(EngineError::Contended(saga_id.to_owned()))
+    }
+
+    /// AbortSaga: asks the saga's driver to stop going forward and compensate. Returns the
+    /// state once the abort is recorded (or the saga ended otherwise first).
+    pub async fn abort(&self, saga_id: &str, reason: &str) -> Result<SagaState, EngineError> {
+        let state = self
+            .load(saga_id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(saga_id.to_owned()))?;
+        let def = self.definition(&state.definition)?;
+        if state.status != Status::Running {
+            return Err(EngineError::Precondition(format!(
+                "saga {saga_id} is {}; only a running saga can be aborted",
+                state.status.name()
+            )));
+        }
+        if !state.abortable(&def) {
+            return Err(EngineError::Precondition(format!(
+                "saga {saga_id} is past its last compensable step; it can only go forward"
+            )));
+        }
+        let mut watch = self.watch(saga_id);
+        self.inner
+            .aborts
+            .lock()
+            .expect("aborts lock")
+            .insert(saga_id.to_owned(), reason.to_owned());
+        self.drive(saga_id);
+        let deadline = tokio::time::Instant::now() + ABORT_WAIT;
+        loop {
+            let state = self
+                .load(saga_id)
+                .await?
+                .ok_or_else(|| EngineError::NotFound(saga_id.to_owned()))?;
+            if state.abort_requested || state.status != Status::Running {
+                return Ok(state);
+            }
+            if tokio::time::timeout_at(deadline, watch.changed()).await.is_err() {
+                return Ok(state);
+            }
+        }
+    }
+
+    /// Notifications of the saga's stream version (for WatchSaga). Drop the [`SagaWatch`] when
+    /// done.
+    pub fn watch(&self, saga_id: &str) -> SagaWatch {
+        let mut watchers = self.inner.watchers.lock().expect("watchers lock");
+        let rx = watchers
+            .entry(saga_id.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe();
+        SagaWatch {
+            engine: self.clone(),
+            saga_id: saga_id.to_owned(),
+            rx,
+        }
+    }
+
+    /// Recovery: drives every saga that is not final (running ones go on; compensating ones
+    /// re-check their acknowledgements). Unpublished outbox entries are the relay's.
+    pub async fn recover(&self) -> Result<usize, EngineError> {
+        let mut count = 0;
+        for status in [Status::Running, Status::Compensating] {
+            let prefix = projector::index_prefix(Some(status));
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let page = self
+                    .inner
+                    .log
+                    .projection_scan_prefix(&prefix, after.as_deref(), 1000)
+                    .await?;
+                let Some((last, _)) = page.last() else { break };
+                after = Some(last.to_vec());
+                for (key, _) in &page {
+                    if let Some(saga_id) = projector::saga_of_index_key(key) {
+                        self.drive(saga_id);
+                        count += 1;
+                    }
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    /// Publishes outbox entries through `transport` in batches, deleting each batch only after
+    /// the transport acknowledged it; retries failures with a bounded backoff. Runs until the
+    /// task is dropped (entries survive in the log).
+    pub async fn run_relay(&self, transport: Arc<dyn Transport>) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let entries = match self.inner.log.outbox_pending(RELAY_BATCH_LEN_MAX) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    tracing::error!(%error, "outbox unreadable; retrying");
+                    tokio::time::sleep(RELAY_BACKOFF_MAX).await;
+                    continue;
+                }
+            };
+            if entries.is_empty() {
+                // A wake-up stored while we were publishing is not lost (`notify_one` keeps a
+                // permit); the timeout only covers entries that became durable without one.
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(500), self.inner.relay_wake.notified()).await;
+                continue;
+            }
+            let messages: Vec<Outgoing> = entries
+                .iter()
+                .map(|e| Outgoing {
+                    topic: e.message.topic.clone(),
+                    tag: e.message.tag.clone(),
+                    key: e.message.key.clone(),
+                    body: e.message.body.clone(),
+                })
+                .collect();
+            match transport.publish(&messages).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(50);
+                    let ids = entries.iter().map(|e| e.id).collect();
+                    if let Err(error) = self.inner.log.outbox_ack(ids).await {
+                        tracing::error!(%error, "published outbox entries not deleted; they will be sent again");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, len = messages.len(), "publishing compensations failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RELAY_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// A subscription to one saga's version changes.
+pub struct SagaWatch {
+    engine: Engine,
+    saga_id: String,
+    rx: watch::Receiver<u64>,
+}
+
+impl SagaWatch {
+    /// Waits for the next change.
+    pub async fn changed(&mut self) {
+        // The sender lives in the engine's map while any watch exists, so this never errors.
+        let _ = self.rx.changed().await;
+    }
+}
+
+impl Drop for SagaWatch {
+    fn drop(&mut self) {
+        let mut watchers = self.engine.inner.watchers.lock().expect("watchers lock");
+        if watchers
+            .get(&self.saga_id)
+            .is_some_and(|tx| tx.receiver_count() <= 1)
+        {
+            watchers.remove(&self.saga_id);
+        }
+    }
+}
+
+/// Applies acknowledgements from the acknowledgement topic.
+pub struct AckHandler {
+    pub engine: Engine,
+}
+
+impl Handler for AckHandler {
+    fn handle(&self, delivery: Delivery) -> BoxFuture<'static, Outcome> {
+        let engine = self.engine.clone();
+        Box::pin(async move {
+            let ack = match pb::CompensationAck::decode(delivery.body.as_slice()) {
+                Ok(ack) => ack,
+                Err(error) => {
+                    // Retrying cannot make it decode; it is logged and dropped from the topic
+                    // (the participant's consumer log still has the outcome).
+                    tracing::error!(key = %delivery.key, %error, "undecodable acknowledgement");
+                    return Outcome::Consumed;
+                }
+            };
+            match engine.on_ack(&ack).await {
+                Ok(()) => Outcome::Consumed,
+                Err(error) => {
+                    tracing::warn!(key = %delivery.key, %error, "acknowledgement not applied; retry later");
+                    Outcome::RetryLater
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,114 @@
+//! The orchestrator's read models, kept by the projector in each append's transaction:
+//!
+//! - `req/<request_id>` -> saga id: StartOrder's idempotency. A second `SagaStarted` with a
+//!   known request id is refused inside the transaction (`DUPLICATE_REQUEST: <saga id>`), so
+//!   two concurrent starts with one request id create one saga.
+//! - `idx/<status>/<inverted start time>/<saga id>` and `idx/all/...` (empty values): sagas by
+//!   status, newest first, for ListSagas and for recovery (running and compensating sagas).
+//! - `cur/<saga id>` -> status byte + inverted start time: where the saga's `idx` key is, so
+//!   that a status change moves it.
+
+use saga_storage::{EventView, ProjectError, ProjectionTx, Projector, codec};
+
+use crate::events::SagaEvent;
+use crate::state::Status;
+
+/// The refusal text prefix of a duplicate request id.
+pub const DUPLICATE_REQUEST: &str = "DUPLICATE_REQUEST: ";
+
+pub struct SagaProjector;
+
+pub fn request_key(request_id: &str) -> String {
+    format!("req/{request_id}")
+}
+
+/// The index prefix of one status, or of every saga (`None`).
+pub fn index_prefix(status: Option<Status>) -> String {
+    format!("idx/{}/", status.map_or("all", Status::name))
+}
+
+fn index_key(status: Option<Status>, inverted_us: u64, saga_id: &str) -> String {
+    format!("{}{inverted_us:016x}/{saga_id}", index_prefix(status))
+}
+
+/// The saga id at the end of an index key.
+pub fn saga_of_index_key(key: &[u8]) -> Option<&str> {
+    let key = std::str::from_utf8(key).ok()?;
+    key.rsplit('/').next()
+}
+
+fn status_code(status: Status) -> u8 {
+    Status::ALL.iter().position(|s| *s == status).expect("in ALL") as u8
+}
+
+fn set_status(
+    tx: &mut ProjectionTx<'_>,
+    saga_id: &str,
+    status: Status,
+    started_us: i64,
+) -> Result<(), ProjectError> {
+    let cur_key = format!("cur/{saga_id}");
+    let inverted = match tx.get(&cur_key)? {
+        Some(cur) if cur.len() == 9 => {
+            let old = Status::ALL
+                .get(cur[0] as usize)
+                .copied()
+                .ok_or_else(|| ProjectError::Refused(format!("{cur_key} holds status {}", cur[0])))?;
+            let inverted = u64::from_be_bytes(cur[1..9].try_into().expect("9 bytes"));
+            tx.remove(index_key(Some(old), inverted, saga_id))?;
+            inverted
+        }
+        Some(cur) => return Err(ProjectError::Refused(format!("{cur_key} is {} bytes", cur.len()))),
+        None => {
+            let inverted = u64::MAX - started_us.max(0) as u64;
+            tx.insert(index_key(None, inverted, saga_id), &[][..])?;
+            inverted
+        }
+    };
+    tx.insert(index_key(Some(status), inverted, saga_id), &[][..])?;
+    let mut cur = [0u8; 9];
+    cur[0] = status_code(status);
+    cur[1..].copy_from_slice(&inverted.to_be_bytes());
+    tx.insert(cur_key, &cur[..])?;
+    Ok(())
+}
+
+impl Projector for SagaProjector {
+    fn project(&self, event: &EventView<'_>, tx: &mut ProjectionTx<'_>) -> Result<(), ProjectError> {
+        // Only status changes touch the read models; other events are not even decoded.
+        let status = match event.event_type {
+            "SagaStarted" => {
+                let SagaEvent::SagaStarted { request_id, .. } = codec::decode::<SagaEvent>(event.payload)?
+                else {
+                    return Err(ProjectError::Refused(
+                        "SagaStarted payload is another event".into(),
+                    ));
+                };
+                let key = request_key(&request_id);
+                if let Some(existing) = tx.get(&key)? {
+                    return Err(ProjectError::Refused(format!(
+                        "{DUPLICATE_REQUEST}{}",
+                        String::from_utf8_lossy(&existing)
+                    )));
+                }
+                tx.insert(key, event.stream.as_bytes())?;
+                Status::Running
+            }
+            "CompensationRequested" => Status::Compensating,
+            "SagaCompleted" => Status::Completed,
+            "SagaCompensated" => Status::Compensated,
+            "SagaStuck" => Status::Stuck,
+            "SagaRetried" => match codec::decode::<SagaEvent>(event.payload)? {
+                SagaEvent::SagaRetried { compensations, .. } if compensations.is_empty() => Status::Running,
+                SagaEvent::SagaRetried { .. } => Status::Compensating,
+                _ => {
+                    return Err(ProjectError::Refused(
+                        "SagaRetried payload is another event".into(),
+                    ));
+                }
+            },
+            _ => return Ok(()),
+        };
+        set_status(tx, event.stream, status, event.timestamp_us)
+    }
+}
