@@ -23,40 +23,84 @@ pub const KEY_PART_LEN_MAX: usize = 64;
 /// practice; it bounds the loop).
 const CONFLICT_RETRIES_MAX: usize = 16;
 
-/// Fault injection for process tests and chaos runs, read by the `saga-participant` binary:
-/// `delay:<step>:<ms>` makes every action of `<step>` answer `<ms>` after it was applied (so the
-/// caller's deadline passes after the effect: "outcome unknown"); `refuse:<step>` refuses
-/// every action of `<step>` with INVALID_STATE without recording anything.
+/// Fault injection for process tests and chaos runs, read by the `saga-participant` binary: a
+/// comma-separated list of `delay:<step>:<ms>` (every action of `<step>` answers `<ms>` after it
+/// was applied, so the caller's deadline passes after the effect: "outcome unknown") and
+/// `refuse:<step>[:<times>]` (the first `<times>` actions of `<step>`, or all, are refused with
+/// INVALID_STATE without recording anything).
 pub const ACT_FAULT_ENV: &str = "SAGA_FAULT_ACT";
 
-/// A parsed [`ACT_FAULT_ENV`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One parsed fault of [`ACT_FAULT_ENV`].
+#[derive(Debug)]
 pub enum ActFault {
-    DelayAfterApply { step: String, delay_ms: u64 },
-    Refuse { step: String },
+    DelayAfterApply {
+        step: String,
+        delay_ms: u64,
+    },
+    Refuse {
+        step: String,
+        times_left: std::sync::atomic::AtomicU64,
+    },
 }
 
 impl ActFault {
-    pub fn parse(text: &str) -> Option<ActFault> {
+    /// Parses the whole variable.
+    pub fn parse_list(text: &str) -> Option<Vec<ActFault>> {
+        text.split(',')
+            .filter(|p| !p.is_empty())
+            .map(ActFault::parse)
+            .collect()
+    }
+
+    fn parse(text: &str) -> Option<ActFault> {
         let mut parts = text.split(':');
-        match (parts.next()?, parts.next()?, parts.next()) {
-            ("delay", step, Some(ms)) => Some(ActFault::DelayAfterApply {
+        match (parts.next()?, parts.next()?, parts.next(), parts.next()) {
+            ("delay", step, Some(ms), None) => Some(ActFault::DelayAfterApply {
                 step: step.to_owned(),
                 delay_ms: ms.parse().ok()?,
             }),
-            ("refuse", step, None) => Some(ActFault::Refuse {
+            ("refuse", step, times, None) => Some(ActFault::Refuse {
                 step: step.to_owned(),
+                times_left: std::sync::atomic::AtomicU64::new(match times {
+                    Some(n) => n.parse().ok()?,
+                    None => u64::MAX,
+                }),
             }),
             _ => None,
         }
     }
 }
 
-static ACT_FAULT: std::sync::OnceLock<ActFault> = std::sync::OnceLock::new();
+static ACT_FAULTS: std::sync::OnceLock<Vec<ActFault>> = std::sync::OnceLock::new();
 
-/// Installs a fault for this process (once; later calls are ignored).
-pub fn inject_act_fault(fault: ActFault) {
-    let _ = ACT_FAULT.set(fault);
+/// Installs faults for this process (once; later calls are ignored).
+pub fn inject_act_faults(faults: Vec<ActFault>) {
+    let _ = ACT_FAULTS.set(faults);
+}
+
+fn injected_refusal(step: &str) -> bool {
+    ACT_FAULTS.get().is_some_and(|faults| {
+        faults.iter().any(|f| match f {
+            ActFault::Refuse { step: s, times_left } => {
+                s == step
+                    && times_left
+                        .fetch_update(
+                            std::sync::atomic::Ordering::SeqCst,
+                            std::sync::atomic::Ordering::SeqCst,
+                            |n| n.checked_sub(1),
+                        )
+                        .is_ok()
+            }
+            ActFault::DelayAfterApply { .. } => false,
+        })
+    })
+}
+
+fn injected_delay(step: &str) -> Option<u64> {
+    ACT_FAULTS.get()?.iter().find_map(|f| match f {
+        ActFault::DelayAfterApply { step: s, delay_ms } if s == step => Some(*delay_ms),
+        _ => None,
+    })
 }
 
 /// The idempotency key of a step.
@@ -134,9 +178,7 @@ pub async fn act(
     key: &StepKey,
     action: ParticipantEvent,
 ) -> Result<(ParticipantEvent, bool), BarrierError> {
-    if let Some(ActFault::Refuse { step }) = ACT_FAULT.get()
-        && *step == key.step
-    {
+    if injected_refusal(&key.step) {
         return Err(BarrierError::Refused(
             Refusal::InvalidState,
             format!("injected refusal ({ACT_FAULT_ENV})"),
@@ -160,10 +202,8 @@ pub async fn act(
         let request = AppendRequest::new(key.stream(), ExpectedVersion::NoStream).event(new_event(&action)?);
         match log.append(request).await {
             Ok(_) => {
-                if let Some(ActFault::DelayAfterApply { step, delay_ms }) = ACT_FAULT.get()
-                    && *step == key.step
-                {
-                    tokio::time::sleep(std::time::Duration::from_millis(*delay_ms)).await;
+                if let Some(delay_ms) = injected_delay(&key.step) {
+                    tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
                 }
                 return Ok((action, false));
             }

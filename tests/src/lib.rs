@@ -1,4 +1,410 @@
 //! `saga-tests`: process-level end-to-end and chaos tests (real orchestrator and participant
-//! processes on loopback ports, real RocketMQ from scripts/dev-env). Empty until the
-//! orchestrator and participants exist; helpers for starting processes and stopping them by
-//! PID (also when a test fails) will live here, the tests in `tests/tests/`.
+//! processes on loopback ports, real RocketMQ from scripts/dev-env), in `tests/tests/`.
+//!
+//! This library holds what they share: starting a binary of the workspace and reading the
+//! `listening on ADDR` line it prints when ready ([`Proc`], stopped by PID when dropped, also
+//! when a test fails), a [`System`] of four participants and an orchestrator on their own
+//! topics and consumer groups, and gRPC helpers.
+//!
+//! The binaries are found next to the test executable (`target/<profile>/`): `cargo test
+//! --workspace` (scripts/test) builds them.
+
+#![recursion_limit = "512"]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use saga_messaging::rocketmq::{RocketMqConfig, RocketMqTransport};
+use saga_proto::v1 as pb;
+use tonic::transport::Channel;
+
+/// The path of a workspace binary, built alongside the tests.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (scripts/test runs cargo test --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// A unique id for one test run: topics, groups and request ids carry it.
+pub fn run_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    format!("{}x{}", std::process::id(), nanos % 1_000_000_000_000)
+}
+
+/// A loopback port that was free a moment ago (for a process that must come back on the
+/// same address after a restart).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("binds")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A child process, killed (SIGKILL) and reaped when dropped, also when a test fails.
+pub struct Proc {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Starts `bin` with `args` and `env`; returns once it printed `listening on ADDR`.
+    pub fn start(bin: &str, args: &[String], env: &[(String, String)]) -> Proc {
+        let mut child = Command::new(bin_path(bin))
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starts {bin}: {e}"));
+        let stdout = child.stdout.take().expect("piped");
+        let mut proc = Proc {
+            child,
+            addr: String::new(),
+        };
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("reads stdout");
+        proc.addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("{bin}: unexpected first line {line:?}"))
+            .to_owned();
+        proc
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+
+    pub async fn channel(&self) -> Channel {
+        channel(&self.addr).await
+    }
+}
+
+/// A connected channel with a deadline on every call.
+pub async fn channel(addr: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connects to {addr}: {e}"))
+}
+
+pub const ROLES: [&str; 4] = ["order", "stock", "coupon", "balance"];
+
+/// How to start a [`System`].
+#[derive(Default, Clone)]
+pub struct SystemConfig {
+    /// Extra environment per role (fault injection).
+    pub participant_env: Vec<(&'static str, String, String)>,
+    /// Extra orchestrator arguments.
+    pub orchestrator_args: Vec<String>,
+}
+
+/// Four participant processes and an orchestrator process, on the real broker, with topics and
+/// consumer groups of their own (tests run at once against one broker).
+pub struct System {
+    pub run: String,
+    pub namesrv: String,
+    pub dir: tempfile::TempDir,
+    pub participants: Vec<(String, Proc)>,
+    pub ports: Vec<u16>,
+    pub orchestrator: Option<Proc>,
+    config: SystemConfig,
+}
+
+impl System {
+    pub async fn start(namesrv: &str, config: SystemConfig) -> System {
+        let run = run_id();
+        let transport = RocketMqTransport::start(RocketMqConfig::new(namesrv), &format!("setup-{run}"))
+            .await
+            .expect("RocketMQ client");
+        transport
+            .ensure_topics(
+                &[&format!("comp-{run}"), &format!("ack-{run}")],
+                2,
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("creates the run's topics");
+        transport.shutdown().await;
+        let mut system = System {
+            run,
+            namesrv: namesrv.to_owned(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            participants: Vec::new(),
+            ports: Vec::new(),
+            orchestrator: None,
+            config,
+        };
+        for role in ROLES {
+            let port = free_port();
+            system.ports.push(port);
+            let proc = system.start_participant(role, port);
+            system.participants.push((role.to_owned(), proc));
+        }
+        system.start_orchestrator();
+        system
+    }
+
+    /// Starts (or restarts) `role` on `port` with its data directory.
+    pub fn start_participant(&self, role: &str, port: u16) -> Proc {
+        let run = &self.run;
+        let args: Vec<String> = [
+            "--role",
+            role,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            &self.dir.path().join(role).to_string_lossy(),
+            "--rocketmq",
+            &self.namesrv,
+            "--group",
+            &format!("{role}-{run}"),
+            "--compensation-topic",
+            &format!("comp-{run}"),
+            "--ack-topic",
+            &format!("ack-{run}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let env: Vec<(String, String)> = self
+            .config
+            .participant_env
+            .iter()
+            .filter(|(r, _, _)| *r == role)
+            .map(|(_, k, v)| (k.clone(), v.clone()))
+            .collect();
+        Proc::start("saga-participant", &args, &env)
+    }
+
+    fn participant_list(&self) -> String {
+        ROLES
+            .iter()
+            .zip(&self.ports)
+            .map(|(role, port)| format!("{role}=127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts (or restarts) the orchestrator on its data directory.
+    pub fn start_orchestrator(&mut self) {
+        let run = &self.run;
+        let mut args: Vec<String> = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &self.dir.path().join("orchestrator").to_string_lossy(),
+            "--participants",
+            &self.participant_list(),
+            "--rocketmq",
+            &self.namesrv,
+            "--compensation-topic",
+            &format!("comp-{run}"),
+            "--ack-topic",
+            &format!("ack-{run}"),
+            "--ack-group",
+            &format!("orch-{run}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(self.config.orchestrator_args.iter().cloned());
+        self.orchestrator = Some(Proc::start("saga-orchestrator", &args, &[]));
+    }
+
+    pub fn participant(&self, role: &str) -> &Proc {
+        &self
+            .participants
+            .iter()
+            .find(|(r, _)| r == role)
+            .expect("known role")
+            .1
+    }
+
+    pub async fn client(&self) -> pb::orchestrator_client::OrchestratorClient<Channel> {
+        pb::orchestrator_client::OrchestratorClient::new(
+            self.orchestrator
+                .as_ref()
+                .expect("orchestrator running")
+                .channel()
+                .await,
+        )
+    }
+
+    pub async fn seed_stock(&self, product: &str, available: i64) {
+        pb::stock_service_client::StockServiceClient::new(self.participant("stock").channel().await)
+            .seed_stock(pb::SeedStockRequest {
+                stock: vec![pb::ProductStock {
+                    product_id: product.into(),
+                    available,
+                    reserved: 0,
+                }],
+            })
+            .await
+            .expect("seeds stock");
+    }
+
+    pub async fn seed_balance(&self, user: &str, balance: i64) {
+        pb::balance_service_client::BalanceServiceClient::new(self.participant("balance").channel().await)
+            .seed_balances(pb::SeedBalancesRequest {
+                accounts: vec![pb::Account {
+                    user_id: user.into(),
+                    balance_minor: balance,
+                }],
+            })
+            .await
+            .expect("seeds balance");
+    }
+
+    pub async fn seed_coupon(&self, coupon: &str, owner: &str) {
+        pb::coupon_service_client::CouponServiceClient::new(self.participant("coupon").channel().await)
+            .seed_coupons(pb::SeedCouponsRequest {
+                coupons: vec![pb::Coupon {
+                    coupon_id: coupon.into(),
+                    owner_user_id: owner.into(),
+                    value_minor: 1,
+                    status: pb::CouponStatus::Free as i32,
+                    locked_by_order_id: String::new(),
+                }],
+            })
+            .await
+            .expect("seeds coupon");
+    }
+
+    /// (available, reserved) of a product.
+    pub async fn stock(&self, product: &str) -> (i64, i64) {
+        let s = pb::stock_service_client::StockServiceClient::new(self.participant("stock").channel().await)
+            .get_stock(pb::GetStockRequest {
+                product_ids: vec![product.into()],
+            })
+            .await
+            .expect("reads stock")
+            .into_inner()
+            .stock;
+        (s[0].available, s[0].reserved)
+    }
+
+    pub async fn balance(&self, user: &str) -> i64 {
+        pb::balance_service_client::BalanceServiceClient::new(self.participant("balance").channel().await)
+            .get_balances(pb::GetBalancesRequest {
+                user_ids: vec![user.into()],
+            })
+            .await
+            .expect("reads balance")
+            .into_inner()
+            .accounts[0]
+            .balance_minor
+    }
+
+    pub async fn coupon(&self, coupon: &str) -> pb::CouponStatus {
+        let c =
+            pb::coupon_service_client::CouponServiceClient::new(self.participant("coupon").channel().await)
+                .get_coupons(pb::GetCouponsRequest {
+                    coupon_ids: vec![coupon.into()],
+                })
+                .await
+                .expect("reads coupon")
+                .into_inner()
+                .coupons;
+        pb::CouponStatus::try_from(c[0].status).expect("known status")
+    }
+
+    /// The order's status; `None` if the order participant never saw it.
+    pub async fn order(&self, order_id: &str) -> Option<pb::OrderStatus> {
+        let o = pb::order_service_client::OrderServiceClient::new(self.participant("order").channel().await)
+            .get_orders(pb::GetOrdersRequest {
+                order_ids: vec![order_id.into()],
+            })
+            .await
+            .expect("reads order")
+            .into_inner()
+            .orders;
+        o.first()
+            .map(|o| pb::OrderStatus::try_from(o.status).expect("known status"))
+    }
+}
+
+/// A StartOrder request for one unit of `product`, amount 10.
+pub fn order(request_id: &str, user: &str, product: &str, coupon: &str) -> pb::StartOrderRequest {
+    pb::StartOrderRequest {
+        request_id: request_id.into(),
+        user_id: user.into(),
+        items: vec![pb::OrderItem {
+            product_id: product.into(),
+            quantity: 1,
+        }],
+        amount_minor: 10,
+        coupon_id: coupon.into(),
+    }
+}
+
+/// Follows the saga (WatchSaga) until it is final or stuck, at most `patience`; returns the
+/// saga as GetSaga then shows it.
+pub async fn wait_final(
+    client: &mut pb::orchestrator_client::OrchestratorClient<Channel>,
+    saga_id: &str,
+    patience: Duration,
+) -> pb::Saga {
+    let watched = async {
+        let mut events = client
+            .watch_saga(pb::WatchSagaRequest {
+                saga_id: saga_id.into(),
+                from_version: 1,
+            })
+            .await
+            .expect("watches")
+            .into_inner();
+        while let Some(event) = events.message().await.expect("event stream") {
+            if event.state == pb::SagaState::Stuck as i32 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(patience, watched)
+        .await
+        .unwrap_or_else(|_| panic!("saga {saga_id} not final within {patience:?}"));
+    client
+        .get_saga(pb::GetSagaRequest {
+            saga_id: saga_id.into(),
+        })
+        .await
+        .expect("gets")
+        .into_inner()
+        .saga
+        .expect("saga")
+}
+
+/// The state of step `name` of `saga`.
+pub fn step_state(saga: &pb::Saga, name: &str) -> pb::StepState {
+    let step = saga.steps.iter().find(|s| s.name == name).expect("step exists");
+    pb::StepState::try_from(step.state).expect("known state")
+}

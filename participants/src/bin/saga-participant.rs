@@ -10,7 +10,7 @@
 //! gRPC service runs. Prints `listening on ADDR` once it accepts calls. SIGTERM or Ctrl-C stops
 //! it gracefully. `SAGA_FAULT_COMPENSATION_FAILS_FOR=<saga id prefix>` injects compensation
 //! failures and `SAGA_FAULT_ABORT_AFTER_APPLY_FOR=<prefix>` a crash after applying a
-//! compensation, before acknowledging it; `SAGA_FAULT_ACT=delay:<step>:<ms>|refuse:<step>` slows
+//! compensation, before acknowledging it; `SAGA_FAULT_ACT=delay:<step>:<ms>,refuse:<step>[:<n>]` slows
 //! or refuses one step's actions (see `barrier::ACT_FAULT_ENV`). Tests and chaos runs only.
 
 #![recursion_limit = "512"]
@@ -63,13 +63,13 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     if let Ok(fault) = std::env::var(saga_participants::barrier::ACT_FAULT_ENV) {
-        let parsed = saga_participants::barrier::ActFault::parse(&fault).with_context(|| {
+        let parsed = saga_participants::barrier::ActFault::parse_list(&fault).with_context(|| {
             format!(
                 "{}: cannot parse {fault:?}",
                 saga_participants::barrier::ACT_FAULT_ENV
             )
         })?;
-        saga_participants::barrier::inject_act_fault(parsed);
+        saga_participants::barrier::inject_act_faults(parsed);
     }
     let role = Role::parse(&args.role).with_context(|| format!("--role: unknown role {:?}", args.role))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
