@@ -251,7 +251,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         if !request.page_token.is_empty() && !request.page_token.starts_with(&prefix) {
             return Err(invalid("page_token", "not a token of this listing"));
         }
-        let after = (!request.page_token.is_empty()).then(|| request.page_token.as_bytes());
+        let after = (!request.page_token.is_empty()).then_some(request.page_token.as_bytes());
         let page = self
             .engine
             .log()

@@ -41,7 +41,7 @@ pub fn coupon_id(n: u64) -> String {
     format!("c{n}")
 }
 pub fn initial_balance(user: u64) -> i64 {
-    if user % 5 == 0 { 0 } else { BALANCE_AMPLE }
+    if user.is_multiple_of(5) { 0 } else { BALANCE_AMPLE }
 }
 
 /// Order n of the benchmark workload.
@@ -56,6 +56,14 @@ pub fn order_request(run: &str, n: u64) -> pb::StartOrderRequest {
         amount_minor: ORDER_AMOUNT,
         coupon_id: coupon_id(n),
     }
+}
+
+/// Test and chaos knobs of a dev system.
+#[derive(Debug, Clone, Default)]
+pub struct DevOptions {
+    /// Compensations of sagas whose id starts with this fail in every participant's consumer
+    /// (see `saga_participants::consumer::FAULT_PREFIX_ENV`), so they are parked.
+    pub compensation_fault_prefix: Option<String>,
 }
 
 /// A running all-in-one system.
@@ -91,7 +99,12 @@ async fn serve_routes(
 impl Dev {
     /// Starts everything under `data_dir`, the API on `listen`. Seeds the benchmark data
     /// (with `coupons` coupons) when the data directory is new.
-    pub async fn start(data_dir: &Path, listen: &str, coupons: u64) -> anyhow::Result<Dev> {
+    pub async fn start(
+        data_dir: &Path,
+        listen: &str,
+        coupons: u64,
+        options: DevOptions,
+    ) -> anyhow::Result<Dev> {
         let fresh = !data_dir.join("orchestrator").exists();
         std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
         let transport: Arc<dyn Transport> = Arc::new(
@@ -111,7 +124,10 @@ impl Dev {
         for role in Role::ALL {
             let participant = Participant::open(role, &data_dir.join(role.name()))
                 .with_context(|| format!("cannot open the {} log", role.name()))?;
-            let consumer = Arc::new(CompensationConsumer::new(participant.clone(), transport.clone()));
+            let consumer = Arc::new(
+                CompensationConsumer::new(participant.clone(), transport.clone())
+                    .with_fault_prefix(options.compensation_fault_prefix.clone()),
+            );
             consumers.push(transport.subscribe(consumer.spec(), consumer.clone()).await?);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             addrs.push(listener.local_addr()?.to_string());
@@ -246,13 +262,13 @@ impl Dev {
 
 /// A connected channel to `addr` with a deadline on every call.
 pub async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .tcp_nodelay(true)
         .connect()
         .await
-        .with_context(|| format!("cannot connect to {addr}"))?)
+        .with_context(|| format!("cannot connect to {addr}"))
 }
 
 /// How one order ended.

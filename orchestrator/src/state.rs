@@ -385,3 +385,181 @@ pub enum Next {
     Wait,
     Done,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::CompensationOutcome;
+    use crate::order::{self, OrderTiming};
+
+    fn started(skipped: &[&str]) -> SagaState {
+        let def = order::definition(&OrderTiming::default());
+        let event = SagaEvent::SagaStarted {
+            definition: def.name.clone(),
+            request_id: "r".into(),
+            payload: Vec::new(),
+            steps: def.steps.iter().map(|s| s.name.clone()).collect(),
+            skipped: skipped.iter().map(|s| s.to_string()).collect(),
+        };
+        SagaState::fold("ord-1", [(event, 0)])
+            .expect("folds")
+            .expect("state")
+    }
+
+    fn apply(state: &mut SagaState, events: &[SagaEvent]) {
+        for e in events {
+            state.apply(e, 0).expect("applies");
+        }
+    }
+
+    fn ok(step: &str) -> SagaEvent {
+        SagaEvent::StepSucceeded { step: step.into() }
+    }
+
+    fn failed(step: &str, kind: FailureKind, retrying: bool) -> SagaEvent {
+        SagaEvent::StepFailed {
+            step: step.into(),
+            kind,
+            error: "e".into(),
+            retrying,
+        }
+    }
+
+    #[test]
+    fn the_frontier_step_is_compensated_even_when_it_looks_pending() {
+        let def = order::definition(&OrderTiming::default());
+        let mut state = started(&["lock_coupon"]);
+        apply(&mut state, &[ok("create_order"), ok("reserve_stock")]);
+        // The process died after calling deduct_balance, before recording StepStarted.
+        state.abort_requested = true;
+        assert_eq!(state.next(&def), Next::Compensate { steps: vec![3, 1, 0] });
+    }
+
+    #[test]
+    fn a_business_refusal_is_not_compensated_but_an_unknown_outcome_is() {
+        let def = order::definition(&OrderTiming::default());
+        let mut refused = started(&[]);
+        apply(
+            &mut refused,
+            &[
+                ok("create_order"),
+                failed("reserve_stock", FailureKind::Business, false),
+            ],
+        );
+        assert_eq!(refused.next(&def), Next::Compensate { steps: vec![0] });
+        let mut unknown = started(&[]);
+        apply(
+            &mut unknown,
+            &[
+                ok("create_order"),
+                failed("reserve_stock", FailureKind::Unknown, false),
+            ],
+        );
+        assert_eq!(unknown.next(&def), Next::Compensate { steps: vec![1, 0] });
+    }
+
+    #[test]
+    fn transient_failures_retry_then_a_crash_mid_last_attempt_gives_up() {
+        let def = order::definition(&OrderTiming::default());
+        let mut state = started(&[]);
+        apply(
+            &mut state,
+            &[failed("create_order", FailureKind::Transient, true)],
+        );
+        assert_eq!(state.next(&def), Next::Call { step: 0, attempt: 1 });
+        let max = def.steps[0].retry.attempts_max;
+        apply(
+            &mut state,
+            &[SagaEvent::StepStarted {
+                step: "create_order".into(),
+                attempt: max,
+            }],
+        );
+        assert_eq!(state.next(&def), Next::GiveUp { step: 0 });
+    }
+
+    #[test]
+    fn past_the_pivot_a_failure_is_stuck_not_compensated_and_abort_is_refused() {
+        let def = order::definition(&OrderTiming::default());
+        let mut state = started(&[]);
+        apply(
+            &mut state,
+            &[
+                ok("create_order"),
+                ok("reserve_stock"),
+                ok("lock_coupon"),
+                ok("deduct_balance"),
+            ],
+        );
+        assert!(!state.abortable(&def));
+        let mut unknown = state.clone();
+        apply(
+            &mut unknown,
+            &[failed("confirm_order", FailureKind::Unknown, false)],
+        );
+        assert!(matches!(unknown.next(&def), Next::MarkStuck { .. }));
+        // A refusal of the confirmation did nothing: undo the four earlier steps.
+        apply(
+            &mut state,
+            &[failed("confirm_order", FailureKind::Business, false)],
+        );
+        assert_eq!(
+            state.next(&def),
+            Next::Compensate {
+                steps: vec![3, 2, 1, 0]
+            }
+        );
+    }
+
+    #[test]
+    fn acknowledgements_and_parking_lead_to_compensated_or_stuck_and_retry_resends() {
+        let def = order::definition(&OrderTiming::default());
+        let mut state = started(&[]);
+        apply(
+            &mut state,
+            &[
+                ok("create_order"),
+                failed("reserve_stock", FailureKind::Business, false),
+                SagaEvent::CompensationRequested {
+                    steps: vec!["create_order".into()],
+                    reason: "r".into(),
+                },
+            ],
+        );
+        assert_eq!(state.next(&def), Next::Wait);
+        let mut parked = state.clone();
+        apply(
+            &mut parked,
+            &[SagaEvent::CompensationParked {
+                step: "create_order".into(),
+                error: "x".into(),
+            }],
+        );
+        assert!(matches!(parked.next(&def), Next::MarkStuck { .. }));
+        apply(
+            &mut parked,
+            &[
+                SagaEvent::SagaStuck { reason: "x".into() },
+                SagaEvent::SagaRetried {
+                    reason: "fixed".into(),
+                    compensations: vec!["create_order".into()],
+                },
+            ],
+        );
+        assert_eq!(parked.status, Status::Compensating);
+        assert_eq!(parked.next(&def), Next::Wait);
+        apply(
+            &mut state,
+            &[SagaEvent::CompensationApplied {
+                step: "create_order".into(),
+                outcome: CompensationOutcome::Applied,
+            }],
+        );
+        assert_eq!(state.next(&def), Next::FinishCompensated);
+        apply(&mut state, &[SagaEvent::SagaCompensated]);
+        assert!(
+            state.apply(&ok("create_order"), 0).is_err(),
+            "nothing follows a final event"
+        );
+    }
+}

@@ -286,7 +286,16 @@ impl CompensationConsumer {
                     Err(_) => Outcome::RetryLater,
                 };
             }
-            ConsumeStatus::Parked { .. } => return Outcome::Consumed,
+            ConsumeStatus::Parked { .. } => {
+                // A parked message was consumed, so a new delivery of its key is a resend: the
+                // orchestrator's RetrySaga after an operator fixed the cause (or, rarely, a
+                // duplicate, which costs at most another TRIES_MAX bounded tries). Requeue it.
+                if let Err(e) = self.append(&stream, ParticipantEvent::ParkedRequeued).await {
+                    tracing::warn!(key = %delivery.key, error = %e, "could not requeue; retry later");
+                    return Outcome::RetryLater;
+                }
+                0
+            }
             ConsumeStatus::New => 0,
             ConsumeStatus::Processing { tries } | ConsumeStatus::Failed { tries } => tries,
         };

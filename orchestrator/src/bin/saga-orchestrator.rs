@@ -229,7 +229,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<bool> {
     }
     let (data_dir, _temp) = dev::data_dir(args.data_dir.clone())?;
     let coupons = args.orders.unwrap_or(args.coupons);
-    let system = dev::Dev::start(&data_dir, &args.listen, coupons).await?;
+    let system = dev::Dev::start(&data_dir, &args.listen, coupons, dev::DevOptions::default()).await?;
     let api = system.api_addr.to_string();
     let Some(orders) = args.orders else {
         println!("listening on {api}");

@@ -1,0 +1,386 @@
+//! The orchestrator's gRPC API over loopback against the all-in-one system (participants
+//! in-process, embedded transport): validation, lookups, listing, replay, health checking,
+//! reflection, and a stuck saga retried after the cause is fixed (with a restart between).
+
+use std::time::Duration;
+
+use saga_orchestrator::dev::{self, Dev, DevOptions};
+use saga_proto::v1 as pb;
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn connect(system: &Dev) -> pb::orchestrator_client::OrchestratorClient<Channel> {
+    pb::orchestrator_client::OrchestratorClient::new(
+        dev::channel(&system.api_addr.to_string())
+            .await
+            .expect("connects"),
+    )
+}
+
+async fn wait_state(
+    client: &mut pb::orchestrator_client::OrchestratorClient<Channel>,
+    saga_id: &str,
+    wanted: pb::SagaState,
+) -> pb::Saga {
+    let mut events = client
+        .watch_saga(pb::WatchSagaRequest {
+            saga_id: saga_id.into(),
+            from_version: 1,
+        })
+        .await
+        .expect("watches")
+        .into_inner();
+    let watched = async {
+        while let Some(event) = events.message().await.expect("stream") {
+            if event.state == wanted as i32 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), watched)
+        .await
+        .unwrap_or_else(|_| panic!("saga {saga_id} never reached {wanted:?}"));
+    client
+        .get_saga(pb::GetSagaRequest {
+            saga_id: saga_id.into(),
+        })
+        .await
+        .expect("gets")
+        .into_inner()
+        .saga
+        .expect("saga")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let system = Dev::start(dir.path(), "127.0.0.1:0", 100, DevOptions::default())
+        .await
+        .expect("starts");
+    let mut client = connect(&system).await;
+    let before = system.engine.log().durable_position();
+
+    let valid = dev::order_request("t", 1);
+    let cases: Vec<(&str, pb::StartOrderRequest)> = vec![
+        (
+            "request_id",
+            pb::StartOrderRequest {
+                request_id: String::new(),
+                ..valid.clone()
+            },
+        ),
+        (
+            "user_id",
+            pb::StartOrderRequest {
+                user_id: "a/b".into(),
+                ..valid.clone()
+            },
+        ),
+        (
+            "items",
+            pb::StartOrderRequest {
+                items: vec![],
+                ..valid.clone()
+            },
+        ),
+        (
+            "items[0].quantity",
+            pb::StartOrderRequest {
+                items: vec![pb::OrderItem {
+                    product_id: "p1".into(),
+                    quantity: 0,
+                }],
+                ..valid.clone()
+            },
+        ),
+        (
+            "amount_minor",
+            pb::StartOrderRequest {
+                amount_minor: -5,
+                ..valid.clone()
+            },
+        ),
+        (
+            "coupon_id",
+            pb::StartOrderRequest {
+                coupon_id: "c".repeat(65),
+                ..valid.clone()
+            },
+        ),
+    ];
+    for (field, request) in cases {
+        let status = client.start_order(request).await.expect_err("invalid");
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(
+            status.message().starts_with(field),
+            "{field}: {}",
+            status.message()
+        );
+    }
+    assert_eq!(
+        system.engine.log().durable_position(),
+        before,
+        "invalid requests wrote nothing"
+    );
+
+    let missing = client
+        .get_saga(pb::GetSagaRequest {
+            saga_id: "ord-nope".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(missing.code(), Code::NotFound);
+    let retry = client
+        .retry_saga(pb::RetrySagaRequest {
+            saga_id: "ord-nope".into(),
+            reason: String::new(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(retry.code(), Code::NotFound);
+
+    // Three orders: n = 1, 2 complete, n = 5 (user u5, no balance) compensates.
+    let mut ids = Vec::new();
+    for n in [1, 2, 5] {
+        let saga = client
+            .start_order(dev::order_request("t", n))
+            .await
+            .expect("starts")
+            .into_inner()
+            .saga
+            .expect("saga");
+        ids.push(saga.saga_id);
+    }
+    wait_state(&mut client, &ids[0], pb::SagaState::Completed).await;
+    wait_state(&mut client, &ids[1], pb::SagaState::Completed).await;
+    let compensated = wait_state(&mut client, &ids[2], pb::SagaState::Compensated).await;
+    assert!(
+        compensated.failure_reason.contains("INSUFFICIENT_BALANCE"),
+        "{compensated:?}"
+    );
+
+    // A completed saga cannot be retried or aborted.
+    let status = client
+        .abort_saga(pb::AbortSagaRequest {
+            saga_id: ids[0].clone(),
+            reason: "late".into(),
+        })
+        .await
+        .expect_err("final");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+
+    // Listing: newest first, paged, filtered.
+    let page1 = client
+        .list_sagas(pb::ListSagasRequest {
+            state: 0,
+            page_size: 2,
+            page_token: String::new(),
+        })
+        .await
+        .expect("lists")
+        .into_inner();
+    let page2 = client
+        .list_sagas(pb::ListSagasRequest {
+            state: 0,
+            page_size: 2,
+            page_token: page1.next_page_token.clone(),
+        })
+        .await
+        .expect("lists")
+        .into_inner();
+    let listed: Vec<String> = page1
+        .sagas
+        .iter()
+        .chain(&page2.sagas)
+        .map(|s| s.saga_id.clone())
+        .collect();
+    assert_eq!(listed, vec![ids[2].clone(), ids[1].clone(), ids[0].clone()]);
+    assert!(page2.next_page_token.is_empty());
+    let only = client
+        .list_sagas(pb::ListSagasRequest {
+            state: pb::SagaState::Compensated as i32,
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .expect("lists")
+        .into_inner();
+    assert_eq!(
+        only.sagas.iter().map(|s| s.saga_id.clone()).collect::<Vec<_>>(),
+        vec![ids[2].clone()]
+    );
+    let bad = client
+        .list_sagas(pb::ListSagasRequest {
+            state: 0,
+            page_size: 5000,
+            page_token: String::new(),
+        })
+        .await
+        .expect_err("too big");
+    assert!(bad.message().starts_with("page_size"), "{bad:?}");
+
+    // Replay: the whole log in order, each record chained to its stream's previous one.
+    let mut replay = client
+        .replay_events(pb::ReplayEventsRequest {
+            from_position: 1,
+            follow: false,
+        })
+        .await
+        .expect("replays")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = replay.message().await.expect("stream") {
+        events.push(event);
+    }
+    assert_eq!(events.len() as u64, system.engine.log().durable_position());
+    assert!(events.iter().enumerate().all(|(i, e)| e.position == i as u64 + 1));
+    let mut last = std::collections::HashMap::new();
+    for e in &events {
+        assert_eq!(
+            last.insert(e.stream.clone(), e.checksum).unwrap_or(0),
+            e.prev_checksum,
+            "chain of {}",
+            e.stream
+        );
+        assert!(!e.payload_json.is_empty());
+    }
+    let per_saga = events.iter().filter(|e| e.stream == ids[0]).count() as u64;
+    let saga = client
+        .get_saga(pb::GetSagaRequest {
+            saga_id: ids[0].clone(),
+        })
+        .await
+        .expect("gets")
+        .into_inner()
+        .saga
+        .expect("saga");
+    assert_eq!(
+        per_saga, saga.version,
+        "GetSaga is the fold of the replayed stream"
+    );
+
+    // Health checking and reflection, as grpcurl uses them.
+    let channel = dev::channel(&system.api_addr.to_string())
+        .await
+        .expect("connects");
+    let health = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "saga.v1.Orchestrator".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    use tonic_reflection::pb::v1 as reflection;
+    let mut answers = reflection::server_reflection_client::ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([reflection::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                reflection::server_reflection_request::MessageRequest::ListServices(String::new()),
+            ),
+        }]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let answer = answers.message().await.expect("stream").expect("one answer");
+    let Some(reflection::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answer.message_response
+    else {
+        panic!("unexpected answer {answer:?}");
+    };
+    assert!(
+        list.service.iter().any(|s| s.name == "saga.v1.Orchestrator"),
+        "{list:?}"
+    );
+    system.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_compensation_makes_the_saga_stuck_and_retry_finishes_it_after_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Every compensation fails: the consumers park them after 3 tries.
+    let broken = DevOptions {
+        compensation_fault_prefix: Some("ord-".into()),
+    };
+    let system = Dev::start(dir.path(), "127.0.0.1:0", 100, broken)
+        .await
+        .expect("starts");
+    let mut client = connect(&system).await;
+    let saga = client
+        .start_order(dev::order_request("t", 5))
+        .await
+        .expect("starts")
+        .into_inner()
+        .saga
+        .expect("saga");
+    let stuck = wait_state(&mut client, &saga.saga_id, pb::SagaState::Stuck).await;
+    assert!(
+        stuck
+            .steps
+            .iter()
+            .any(|s| s.state == pb::StepState::CompensationParked as i32),
+        "{stuck:?}"
+    );
+    let status = client
+        .abort_saga(pb::AbortSagaRequest {
+            saga_id: saga.saga_id.clone(),
+            reason: "no".into(),
+        })
+        .await
+        .expect_err("stuck is not running");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    system.shutdown().await;
+
+    // The operator fixes the cause (here: restarts without the fault) and retries.
+    let system = Dev::start(dir.path(), "127.0.0.1:0", 100, DevOptions::default())
+        .await
+        .expect("restarts");
+    let mut client = connect(&system).await;
+    let still = client
+        .get_saga(pb::GetSagaRequest {
+            saga_id: saga.saga_id.clone(),
+        })
+        .await
+        .expect("gets")
+        .into_inner()
+        .saga
+        .expect("saga");
+    assert_eq!(
+        still.state,
+        pb::SagaState::Stuck as i32,
+        "a restart does not unstick by itself"
+    );
+    client
+        .retry_saga(pb::RetrySagaRequest {
+            saga_id: saga.saga_id.clone(),
+            reason: "fixed".into(),
+        })
+        .await
+        .expect("retries");
+    let done = wait_state(&mut client, &saga.saga_id, pb::SagaState::Compensated).await;
+    assert!(
+        done.steps
+            .iter()
+            .all(|s| s.state != pb::StepState::CompensationParked as i32),
+        "{done:?}"
+    );
+    let stock = pb::stock_service_client::StockServiceClient::new(
+        dev::channel(&system.participants.stock).await.expect("connects"),
+    )
+    .get_stock(pb::GetStockRequest {
+        product_ids: vec![dev::product_id(5)],
+    })
+    .await
+    .expect("reads")
+    .into_inner()
+    .stock;
+    assert_eq!(
+        (stock[0].available, stock[0].reserved),
+        (dev::STOCK_INITIAL, 0),
+        "released exactly once"
+    );
+    system.shutdown().await;
+}
