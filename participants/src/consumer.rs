@@ -12,7 +12,8 @@
 //! "applied" and "success recorded" harmless.
 //!
 //! After a compensation is applied (or found applied, or parked) the consumer publishes a
-//! `saga.v1.CompensationAck` to the acknowledgement topic (key `<saga_id>:<step>`). A duplicate
+//! `saga.v1.CompensationAck` to the acknowledgement topic (key `<saga_id>:<step>`), batched with
+//! the acks of concurrent handlers. A duplicate
 //! delivery of a successful message publishes the ack again, since the first one may have been
 //! lost with a crash.
 
@@ -31,6 +32,54 @@ use crate::{Participant, Role};
 
 /// Failed tries before a message is parked.
 pub const TRIES_MAX: u32 = 3;
+/// Most acknowledgements published in one request.
+pub const ACK_BATCH_LEN_MAX: usize = 64;
+/// Most acknowledgements waiting for the publisher; handlers wait beyond it (back-pressure).
+const ACK_QUEUE_LEN_MAX: usize = 1024;
+
+type AckJob = (Outgoing, tokio::sync::oneshot::Sender<Result<(), String>>);
+
+/// Publishes acknowledgements in batches: whatever queued up while the previous publish was in
+/// flight goes out as one request (no added wait when idle, fewer broker round trips under a
+/// burst). Each handler still learns whether its own ack was stored before it consumes.
+#[derive(Clone)]
+struct AckBatcher {
+    jobs: tokio::sync::mpsc::Sender<AckJob>,
+}
+
+impl AckBatcher {
+    /// Must be called inside a Tokio runtime (it spawns the publisher task, which ends when
+    /// the last handle is dropped).
+    fn spawn(transport: Arc<dyn Transport>) -> AckBatcher {
+        let (jobs, mut queue) = tokio::sync::mpsc::channel::<AckJob>(ACK_QUEUE_LEN_MAX);
+        tokio::spawn(async move {
+            while let Some(first) = queue.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < ACK_BATCH_LEN_MAX {
+                    match queue.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                let messages: Vec<Outgoing> = batch.iter().map(|(m, _)| m.clone()).collect();
+                let result = transport.publish(&messages).await.map_err(|e| e.to_string());
+                for (_, reply) in batch {
+                    let _ = reply.send(result.clone());
+                }
+            }
+        });
+        AckBatcher { jobs }
+    }
+
+    async fn publish(&self, message: Outgoing) -> Result<(), String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send((message, reply))
+            .await
+            .map_err(|_| "ack publisher stopped".to_owned())?;
+        answer.await.map_err(|_| "ack publisher stopped".to_owned())?
+    }
+}
 
 /// Where a message stands in the consumer log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +126,7 @@ pub const CRASH_PREFIX_ENV: &str = "SAGA_FAULT_ABORT_AFTER_APPLY_FOR";
 pub struct CompensationConsumer {
     participant: Participant,
     acks: Arc<dyn Transport>,
+    ack_batcher: AckBatcher,
     group: String,
     topic: String,
     ack_topic: String,
@@ -85,10 +135,12 @@ pub struct CompensationConsumer {
 }
 
 impl CompensationConsumer {
+    /// A consumer that acknowledges through `acks`. Must be called inside a Tokio runtime.
     pub fn new(participant: Participant, acks: Arc<dyn Transport>) -> Self {
         let group = topics::compensation_group(participant.role().name());
         CompensationConsumer {
             participant,
+            ack_batcher: AckBatcher::spawn(acks.clone()),
             acks,
             group,
             topic: topics::COMPENSATION_TOPIC.into(),
@@ -186,15 +238,14 @@ impl CompensationConsumer {
             detail,
         }
         .encode_to_vec();
-        self.acks
-            .publish(&[Outgoing {
+        self.ack_batcher
+            .publish(Outgoing {
                 topic: self.ack_topic.clone(),
                 tag: self.participant.role().name().into(),
                 key: format!("{}:{}", key.saga_id, key.step),
                 body,
-            }])
+            })
             .await
-            .map_err(|e| e.to_string())
     }
 
     async fn compensate(&self, key: &StepKey) -> Result<Compensated, BarrierError> {
@@ -426,6 +477,7 @@ impl Handler for CompensationConsumer {
         let this = CompensationConsumer {
             participant: self.participant.clone(),
             acks: Arc::clone(&self.acks),
+            ack_batcher: self.ack_batcher.clone(),
             group: self.group.clone(),
             topic: self.topic.clone(),
             ack_topic: self.ack_topic.clone(),
