@@ -3,10 +3,8 @@
 //! real RocketMQ broker (scripts/dev-env): a duplicate is applied once, and a crash between
 //! applying and acknowledging is healed by redelivery, the consumer log and the barrier.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use prost::Message as _;
 use saga_messaging::rocketmq::{RocketMqConfig, RocketMqTransport};
@@ -16,80 +14,38 @@ use saga_messaging::transport::{
 };
 use saga_participants::consumer::{CRASH_PREFIX_ENV, FAULT_PREFIX_ENV, TRIES_MAX};
 use saga_proto::v1 as pb;
+use saga_tests::{Proc, run_id};
 use tonic::transport::Channel;
 
-/// A child process, killed (SIGKILL) and reaped when dropped, also when a test fails.
-struct Proc {
-    child: Child,
-    addr: String,
+/// Starts `saga-participant` as the stock role. `rocketmq`: name server and the test's run id.
+/// Each test gets its own compensation topic and group: tests run at once, every group
+/// receives every message of its topic, and a participant that never saw a step would record
+/// a null compensation for it.
+fn start_stock(data_dir: &std::path::Path, rocketmq: Option<(&str, &str)>, env: &[(&str, &str)]) -> Proc {
+    let mut args: Vec<String> = vec![
+        "--role".into(),
+        "stock".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        data_dir.to_string_lossy().into_owned(),
+    ];
+    if let Some((namesrv, run)) = rocketmq {
+        args.extend([
+            "--rocketmq".into(),
+            namesrv.to_owned(),
+            "--group".into(),
+            format!("stock-{run}"),
+            "--compensation-topic".into(),
+            format!("comp-{run}"),
+        ]);
+    }
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    Proc::start("saga-participant", &args, &env)
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    /// `rocketmq`: name server and the test's run id. Each test gets its own compensation topic
-    /// and group: tests run at once, every group receives every message of its topic, and a
-    /// participant that never saw a step would record a null compensation for it.
-    fn start(data_dir: &std::path::Path, rocketmq: Option<(&str, &str)>, env: &[(&str, &str)]) -> Proc {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_saga-participant"));
-        command
-            .args(["--role", "stock", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if let Some((namesrv, run)) = rocketmq {
-            command.args(["--rocketmq", namesrv, "--group", &format!("stock-{run}")]);
-            command.args(["--compensation-topic", &format!("comp-{run}")]);
-        }
-        let mut child = command.spawn().expect("starts saga-participant");
-        let stdout = child.stdout.take().expect("piped");
-        let mut proc = Proc {
-            child,
-            addr: String::new(),
-        };
-        // The first line says where it listens; it is printed once calls are accepted.
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("reads stdout");
-        proc.addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        proc
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .expect("uri")
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .expect("connects")
-    }
-
-    async fn stock(&self) -> pb::stock_service_client::StockServiceClient<Channel> {
-        pb::stock_service_client::StockServiceClient::new(self.channel().await)
-    }
-
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
-    }
-}
-
-fn run_id() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos();
-    format!("{}x{}", std::process::id(), nanos % 1_000_000_000_000)
+async fn stock_client(p: &Proc) -> pb::stock_service_client::StockServiceClient<Channel> {
+    pb::stock_service_client::StockServiceClient::new(p.channel().await)
 }
 
 fn reserve(saga: &str, product: &str) -> pb::ReserveStockRequest {
@@ -137,8 +93,8 @@ async fn seed(client: &mut pb::stock_service_client::StockServiceClient<Channel>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_participant_restarts_with_every_acknowledged_change() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let p = Proc::start(dir.path(), None, &[]);
-    let mut client = p.stock().await;
+    let p = start_stock(dir.path(), None, &[]);
+    let mut client = stock_client(&p).await;
     seed(&mut client, "p1").await;
     for i in 0..20 {
         client
@@ -154,8 +110,8 @@ async fn sigkilled_participant_restarts_with_every_acknowledged_change() {
     assert_eq!(level(&mut client, "p1").await, (60, 40));
     p.kill();
 
-    let p = Proc::start(dir.path(), None, &[]);
-    let mut client = p.stock().await;
+    let p = start_stock(dir.path(), None, &[]);
+    let mut client = stock_client(&p).await;
     assert_eq!(
         level(&mut client, "p1").await,
         (60, 40),
@@ -261,8 +217,8 @@ async fn compensation_delivered_twice_by_rocketmq_is_applied_once() {
     let run = run_id();
     let dir = tempfile::tempdir().expect("tempdir");
     let (transport, consumer, acks) = ack_listener(&namesrv, &run).await;
-    let p = Proc::start(dir.path(), Some((&namesrv, &run)), &[]);
-    let mut client = p.stock().await;
+    let p = start_stock(dir.path(), Some((&namesrv, &run)), &[]);
+    let mut client = stock_client(&p).await;
     let product = format!("p{run}");
     seed(&mut client, &product).await;
     let saga = format!("{run}-dup");
@@ -307,12 +263,12 @@ async fn participant_killed_after_applying_before_acknowledging_applies_exactly_
     let dir = tempfile::tempdir().expect("tempdir");
     let crash_prefix = format!("{run}-crash");
     let (transport, consumer, acks) = ack_listener(&namesrv, &run).await;
-    let p = Proc::start(
+    let p = start_stock(
         dir.path(),
         Some((&namesrv, &run)),
         &[(CRASH_PREFIX_ENV, &crash_prefix)],
     );
-    let mut client = p.stock().await;
+    let mut client = stock_client(&p).await;
     let product = format!("p{run}");
     seed(&mut client, &product).await;
     let saga = format!("{run}-crash");
@@ -339,7 +295,7 @@ async fn participant_killed_after_applying_before_acknowledging_applies_exactly_
 
     // Restart without the fault: the broker redelivers, the consumer log says "processing",
     // the barrier says "already applied": nothing is released twice.
-    let p = Proc::start(dir.path(), Some((&namesrv, &run)), &[]);
+    let p = start_stock(dir.path(), Some((&namesrv, &run)), &[]);
     let seen = acks.wait_for(1, Duration::from_secs(90)).await;
     consumer.shutdown().await;
     transport.shutdown().await;
@@ -352,7 +308,7 @@ async fn participant_killed_after_applying_before_acknowledging_applies_exactly_
         pb::CompensationOutcome::AlreadyApplied as i32,
         "{seen:?}"
     );
-    let mut client = p.stock().await;
+    let mut client = stock_client(&p).await;
     assert_eq!(
         level(&mut client, &product).await,
         (100, 0),
@@ -369,12 +325,12 @@ async fn compensation_that_keeps_failing_is_parked_after_3_tries_and_listed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (transport, consumer, acks) = ack_listener(&namesrv, &run).await;
     let failing = format!("{run}-fails");
-    let p = Proc::start(
+    let p = start_stock(
         dir.path(),
         Some((&namesrv, &run)),
         &[(FAULT_PREFIX_ENV, &failing)],
     );
-    let mut client = p.stock().await;
+    let mut client = stock_client(&p).await;
     let product = format!("p{run}");
     seed(&mut client, &product).await;
     client
@@ -423,8 +379,8 @@ async fn barrier_rules_hold_in_a_separate_process_through_the_broker() {
     let run = run_id();
     let dir = tempfile::tempdir().expect("tempdir");
     let (transport, consumer, acks) = ack_listener(&namesrv, &run).await;
-    let p = Proc::start(dir.path(), Some((&namesrv, &run)), &[]);
-    let mut client = p.stock().await;
+    let p = start_stock(dir.path(), Some((&namesrv, &run)), &[]);
+    let mut client = stock_client(&p).await;
     let product = format!("p{run}");
     seed(&mut client, &product).await;
 
