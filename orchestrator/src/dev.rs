@@ -85,9 +85,12 @@ async fn serve_routes(
     let server = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .add_routes(routes)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                let _ = stopped.await;
-            })
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = stopped.await;
+                },
+            )
             .await;
         if let Err(error) = served {
             tracing::error!(%error, "gRPC server failed");

@@ -105,7 +105,9 @@ impl Participant {
     }
 
     /// Serves the role's gRPC service (and `ConsumerAdmin`) on `listener` until `shutdown`
-    /// completes.
+    /// completes. Accepted connections get TCP_NODELAY: without it Nagle's algorithm held small
+    /// responses back until the client's delayed ACK, ~40 ms per call (measured: a saga took
+    /// 44 ms at concurrency 1).
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
@@ -114,7 +116,10 @@ impl Participant {
     ) -> Result<(), tonic::transport::Error> {
         tonic::transport::Server::builder()
             .add_routes(self.router(consumer))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown,
+            )
             .await
     }
 
