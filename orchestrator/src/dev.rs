@@ -77,7 +77,7 @@ pub struct Dev {
     relay: tokio::task::JoinHandle<()>,
 }
 
-async fn serve_routes(
+fn serve_routes(
     routes: tonic::service::Routes,
     listener: tokio::net::TcpListener,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
@@ -134,7 +134,7 @@ impl Dev {
             consumers.push(transport.subscribe(consumer.spec(), consumer.clone()).await?);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             addrs.push(listener.local_addr()?.to_string());
-            let (s, server) = serve_routes(participant.router(Some(consumer)), listener).await;
+            let (s, server) = serve_routes(participant.router(Some(consumer)), listener);
             stop.push(s);
             servers.push(server);
         }
@@ -177,7 +177,7 @@ impl Dev {
             .await
             .with_context(|| format!("--listen: cannot bind {listen}"))?;
         let api_addr = listener.local_addr()?;
-        let (s, server) = serve_routes(crate::api::routes(engine.clone()).await?, listener).await;
+        let (s, server) = serve_routes(crate::api::routes(engine.clone()).await?, listener);
         stop.push(s);
         servers.push(server);
 

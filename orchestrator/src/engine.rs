@@ -408,17 +408,23 @@ impl Engine {
                     pending.push(event);
                 }};
             }
-            macro_rules! flush {
-                ($outbox:expr) => {{
-                    let events = std::mem::take(&mut pending);
-                    match self.append(saga_id, durable, &events, $outbox).await {
-                        Ok(version) => durable = version,
+            // The new version of an append; a conflict re-decides from the reloaded stream.
+            macro_rules! settle {
+                ($appended:expr) => {
+                    match $appended {
+                        Ok(version) => version,
                         Err(StorageError::VersionConflict { .. }) if conflicts < CONFLICTS_MAX => {
                             conflicts += 1;
                             continue 'reload;
                         }
                         Err(e) => return Err(e.into()),
                     }
+                };
+            }
+            macro_rules! flush {
+                ($outbox:expr) => {{
+                    let events = std::mem::take(&mut pending);
+                    durable = settle!(self.append(saga_id, durable, &events, $outbox).await);
                 }};
             }
             loop {
@@ -450,14 +456,7 @@ impl Engine {
                             self.append(saga_id, durable, &events, Vec::new()),
                             self.call(saga_id, step_def, &state.payload, attempt)
                         );
-                        match appended {
-                            Ok(version) => durable = version,
-                            Err(StorageError::VersionConflict { .. }) if conflicts < CONFLICTS_MAX => {
-                                conflicts += 1;
-                                continue 'reload;
-                            }
-                            Err(e) => return Err(e.into()),
-                        }
+                        durable = settle!(appended);
                         let attempts_left = attempt < step_def.retry.attempts_max;
                         record!(match outcome {
                             Ok(()) => SagaEvent::StepSucceeded { step: name },
@@ -520,14 +519,7 @@ impl Engine {
                     }
                     Next::Wait | Next::Done => {
                         if !pending.is_empty() {
-                            match self.append(saga_id, durable, &pending, Vec::new()).await {
-                                Ok(_) => {}
-                                Err(StorageError::VersionConflict { .. }) if conflicts < CONFLICTS_MAX => {
-                                    conflicts += 1;
-                                    continue 'reload;
-                                }
-                                Err(e) => return Err(e.into()),
-                            }
+                            settle!(self.append(saga_id, durable, &pending, Vec::new()).await);
                         }
                         return Ok(());
                     }

@@ -271,9 +271,8 @@ async fn run(args: Args) -> Result<(), String> {
                 .await
                 .map_err(status)?
                 .into_inner()
-                .saga
-                .unwrap_or_default();
-            print_saga(&saga, args.json);
+                .saga;
+            print_saga(&saga.unwrap_or_default(), args.json);
         }
         Command::List {
             state,
@@ -376,9 +375,8 @@ async fn run(args: Args) -> Result<(), String> {
                 .await
                 .map_err(status)?
                 .into_inner()
-                .saga
-                .unwrap_or_default();
-            print_saga(&saga, args.json);
+                .saga;
+            print_saga(&saga.unwrap_or_default(), args.json);
         }
         Command::Abort { saga_id, reason } => {
             let saga = client
@@ -386,9 +384,8 @@ async fn run(args: Args) -> Result<(), String> {
                 .await
                 .map_err(status)?
                 .into_inner()
-                .saga
-                .unwrap_or_default();
-            print_saga(&saga, args.json);
+                .saga;
+            print_saga(&saga.unwrap_or_default(), args.json);
         }
     }
     Ok(())
