@@ -117,10 +117,11 @@ fn fold(events: impl IntoIterator<Item = ParticipantEvent>) -> ConsumeStatus {
 /// exercised end to end. The `saga-participant` binary reads it at start-up.
 pub const FAULT_PREFIX_ENV: &str = "SAGA_FAULT_COMPENSATION_FAILS_FOR";
 
-/// Fault injection for crash tests: the process aborts right after applying a compensation of
-/// a saga whose id starts with this prefix, before recording success or acknowledging: the
-/// "killed between consuming and acknowledging" case, made deterministic.
-pub const CRASH_PREFIX_ENV: &str = "SAGA_FAULT_ABORT_AFTER_APPLY_FOR";
+/// Fault injection for crash tests: right after applying a compensation of a saga whose id
+/// starts with this prefix, the handler stops for good, before recording success or
+/// acknowledging, and says so on stderr. A test then kills the process with SIGKILL: the
+/// "killed between consuming and acknowledging" case, with the kill at a known point.
+pub const CRASH_PREFIX_ENV: &str = "SAGA_FAULT_FREEZE_AFTER_APPLY_FOR";
 
 /// Handles compensation messages for one participant.
 pub struct CompensationConsumer {
@@ -363,10 +364,10 @@ impl CompensationConsumer {
                     && key.saga_id.starts_with(prefix.as_str())
                 {
                     eprintln!(
-                        "injected crash ({CRASH_PREFIX_ENV}) after applying {}",
+                        "injected fault ({CRASH_PREFIX_ENV}): frozen after applying {}",
                         delivery.key
                     );
-                    std::process::abort();
+                    return std::future::pending().await;
                 }
                 let outcome = match compensated {
                     Compensated::Applied => pb::CompensationOutcome::Applied,

@@ -280,17 +280,28 @@ async fn participant_killed_after_applying_before_acknowledging_applies_exactly_
         .publish(&[compensation(&run, &saga)])
         .await
         .expect("publishes");
-    // The participant applies the compensation, then aborts before recording or acking it.
+    // The participant applies the compensation, then its handler freezes before recording
+    // success or acking. Once the release is visible, SIGKILL the process.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while level(&mut client, &product).await != (100, 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the compensation was not applied within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        acks.seen.lock().expect("not poisoned").is_empty(),
+        "nothing acknowledged before the kill"
+    );
     let mut p = p;
-    let status = tokio::task::spawn_blocking(move || {
-        let status = p.child.wait().expect("waits");
-        (p, status)
-    });
-    let (p, status) = tokio::time::timeout(Duration::from_secs(60), status)
-        .await
-        .expect("the participant crashed as injected")
-        .expect("join");
-    assert!(!status.success(), "aborted: {status:?}");
+    p.child.kill().expect("SIGKILL");
+    let status = p.child.wait().expect("reaped");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "killed by SIGKILL: {status:?}"
+    );
     drop(p);
 
     // Restart without the fault: the broker redelivers, the consumer log says "processing",

@@ -9,8 +9,8 @@
 //! `saga-compensation-<role>`, acknowledgements to `saga-compensation-ack`); without it only the
 //! gRPC service runs. Prints `listening on ADDR` once it accepts calls. SIGTERM or Ctrl-C stops
 //! it gracefully. `SAGA_FAULT_COMPENSATION_FAILS_FOR=<saga id prefix>` injects compensation
-//! failures and `SAGA_FAULT_ABORT_AFTER_APPLY_FOR=<prefix>` a crash after applying a
-//! compensation, before acknowledging it; `SAGA_FAULT_ACT=delay:<step>:<ms>,refuse:<step>[:<n>]` slows
+//! failures and `SAGA_FAULT_FREEZE_AFTER_APPLY_FOR=<prefix>` a handler that stops after
+//! applying a compensation, before acknowledging it (for a test's SIGKILL); `SAGA_FAULT_ACT=delay:<step>:<ms>,refuse:<step>[:<n>]` slows
 //! or refuses one step's actions (see `barrier::ACT_FAULT_ENV`). Tests and chaos runs only.
 
 #![recursion_limit = "512"]
