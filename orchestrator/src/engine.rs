@@ -30,6 +30,8 @@ use crate::events::{CompensationOutcome, FailureKind, SagaEvent};
 use crate::projector;
 use crate::state::{Next, Phase, SagaState, Status};
 
+/// The orchestrator's default consumer group on the acknowledgement topic.
+pub const ACK_GROUP: &str = "saga-orchestrator";
 /// Re-decisions of one operation after version conflicts before it gives up (each conflict
 /// means another writer made progress, so this bounds a loop that should never spin).
 const CONFLICTS_MAX: usize = 16;

@@ -10,6 +10,8 @@
 //!   idempotent starts, sagas by status for listing and recovery).
 //! - [`order`]: the order saga's definition and the invoker that calls the participants.
 //! - [`api`]: the `saga.v1.Orchestrator` gRPC service, with health checking and reflection.
+//! - [`workload`]: the benchmark workload of shared/BENCH.md (data, orders, conservation
+//!   checks), shared by `dev` and the multi-process benchmark.
 //! - `dev` (feature `dev`): the all-in-one process behind `saga-orchestrator dev`.
 //!
 //! The binaries: `saga-orchestrator` (`serve`, `dev`) and `sagactl` (the client CLI).
@@ -25,3 +27,4 @@ pub mod events;
 pub mod order;
 pub mod projector;
 pub mod state;
+pub mod workload;

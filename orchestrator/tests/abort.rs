@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use saga_orchestrator::dev::{self, Dev, DevOptions};
+use saga_orchestrator::dev::{Dev, DevOptions};
+use saga_orchestrator::workload;
 use saga_participants::barrier::{ActFault, inject_act_faults};
 use saga_proto::v1 as pb;
 
@@ -17,12 +18,12 @@ async fn an_aborted_running_saga_compensates_what_it_did() {
         .await
         .expect("starts");
     let mut client = pb::orchestrator_client::OrchestratorClient::new(
-        dev::channel(&system.api_addr.to_string())
+        workload::channel(&system.api_addr.to_string())
             .await
             .expect("connects"),
     );
     let saga = client
-        .start_order(dev::order_request("t", 1))
+        .start_order(workload::order_request("t", 1))
         .await
         .expect("starts")
         .into_inner()
@@ -66,23 +67,28 @@ async fn an_aborted_running_saga_compensates_what_it_did() {
     assert!(types.contains(&"AbortRequested".to_owned()));
     assert!(!types.contains(&"SagaCompleted".to_owned()));
     let stock = pb::stock_service_client::StockServiceClient::new(
-        dev::channel(&system.participants.stock).await.expect("connects"),
+        workload::channel(&system.participants.stock)
+            .await
+            .expect("connects"),
     )
     .get_stock(pb::GetStockRequest {
-        product_ids: vec![dev::product_id(1)],
+        product_ids: vec![workload::product_id(1)],
     })
     .await
     .expect("reads")
     .into_inner()
     .stock;
-    assert_eq!((stock[0].available, stock[0].reserved), (dev::STOCK_INITIAL, 0));
+    assert_eq!(
+        (stock[0].available, stock[0].reserved),
+        (workload::STOCK_INITIAL, 0)
+    );
     let balances = pb::balance_service_client::BalanceServiceClient::new(
-        dev::channel(&system.participants.balance)
+        workload::channel(&system.participants.balance)
             .await
             .expect("connects"),
     )
     .get_balances(pb::GetBalancesRequest {
-        user_ids: vec![dev::user_id(1)],
+        user_ids: vec![workload::user_id(1)],
     })
     .await
     .expect("reads")
@@ -90,7 +96,7 @@ async fn an_aborted_running_saga_compensates_what_it_did() {
     .accounts;
     assert_eq!(
         balances[0].balance_minor,
-        dev::initial_balance(1),
+        workload::initial_balance(1),
         "never charged"
     );
     system.shutdown().await;

@@ -4,14 +4,15 @@
 
 use std::time::Duration;
 
-use saga_orchestrator::dev::{self, Dev, DevOptions};
+use saga_orchestrator::dev::{Dev, DevOptions};
+use saga_orchestrator::workload;
 use saga_proto::v1 as pb;
 use tonic::Code;
 use tonic::transport::Channel;
 
 async fn connect(system: &Dev) -> pb::orchestrator_client::OrchestratorClient<Channel> {
     pb::orchestrator_client::OrchestratorClient::new(
-        dev::channel(&system.api_addr.to_string())
+        workload::channel(&system.api_addr.to_string())
             .await
             .expect("connects"),
     )
@@ -60,7 +61,7 @@ async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
     let mut client = connect(&system).await;
     let before = system.engine.log().durable_position();
 
-    let valid = dev::order_request("t", 1);
+    let valid = workload::order_request("t", 1);
     let cases: Vec<(&str, pb::StartOrderRequest)> = vec![
         (
             "request_id",
@@ -143,7 +144,7 @@ async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
     let mut ids = Vec::new();
     for n in [1, 2, 5] {
         let saga = client
-            .start_order(dev::order_request("t", n))
+            .start_order(workload::order_request("t", n))
             .await
             .expect("starts")
             .into_inner()
@@ -260,7 +261,7 @@ async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
     );
 
     // Health checking and reflection, as grpcurl uses them.
-    let channel = dev::channel(&system.api_addr.to_string())
+    let channel = workload::channel(&system.api_addr.to_string())
         .await
         .expect("connects");
     let health = tonic_health::pb::health_client::HealthClient::new(channel.clone())
@@ -310,7 +311,7 @@ async fn a_parked_compensation_makes_the_saga_stuck_and_retry_finishes_it_after_
         .expect("starts");
     let mut client = connect(&system).await;
     let saga = client
-        .start_order(dev::order_request("t", 5))
+        .start_order(workload::order_request("t", 5))
         .await
         .expect("starts")
         .into_inner()
@@ -368,10 +369,12 @@ async fn a_parked_compensation_makes_the_saga_stuck_and_retry_finishes_it_after_
         "{done:?}"
     );
     let stock = pb::stock_service_client::StockServiceClient::new(
-        dev::channel(&system.participants.stock).await.expect("connects"),
+        workload::channel(&system.participants.stock)
+            .await
+            .expect("connects"),
     )
     .get_stock(pb::GetStockRequest {
-        product_ids: vec![dev::product_id(5)],
+        product_ids: vec![workload::product_id(5)],
     })
     .await
     .expect("reads")
@@ -379,7 +382,7 @@ async fn a_parked_compensation_makes_the_saga_stuck_and_retry_finishes_it_after_
     .stock;
     assert_eq!(
         (stock[0].available, stock[0].reserved),
-        (dev::STOCK_INITIAL, 0),
+        (workload::STOCK_INITIAL, 0),
         "released exactly once"
     );
     system.shutdown().await;

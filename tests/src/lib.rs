@@ -205,7 +205,8 @@ impl System {
         Proc::start("saga-participant", &args, &env)
     }
 
-    fn participant_list(&self) -> String {
+    /// `order=127.0.0.1:PORT,stock=...`: the orchestrator's `--participants`.
+    pub fn participant_list(&self) -> String {
         ROLES
             .iter()
             .zip(&self.ports)

@@ -60,7 +60,7 @@ struct Serve {
     #[arg(long, default_value = topics::COMPENSATION_ACK_TOPIC)]
     ack_topic: String,
     /// Consumer group on the acknowledgement topic.
-    #[arg(long, default_value = saga_orchestrator::dev::ACK_GROUP)]
+    #[arg(long, default_value = saga_orchestrator::engine::ACK_GROUP)]
     ack_group: String,
     #[command(flatten)]
     timing: Timing,
@@ -218,7 +218,7 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
 }
 
 async fn run_dev(args: DevArgs) -> anyhow::Result<bool> {
-    use saga_orchestrator::dev;
+    use saga_orchestrator::{dev, workload};
     if let (Some(dir), Some(_)) = (&args.data_dir, args.orders)
         && std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
     {
@@ -254,10 +254,18 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<bool> {
     );
     let began = Instant::now();
     let ticker = bar.clone();
-    let results = dev::run_orders(&api, "dev", orders, args.concurrency, move || ticker.inc(1)).await?;
+    let results = workload::run_orders(
+        &api,
+        workload::Scenario::Fail20,
+        "dev",
+        0..orders,
+        args.concurrency,
+        move || ticker.inc(1),
+    )
+    .await?;
     let elapsed = began.elapsed();
     bar.finish_and_clear();
-    let problems = dev::check_conservation(&system.participants, &results).await?;
+    let problems = workload::check_conservation(&system.participants, &results).await?;
     system.shutdown().await;
 
     let mut latencies: Vec<Duration> = results.iter().map(|r| r.latency).collect();
@@ -274,8 +282,8 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<bool> {
         elapsed.as_secs_f64(),
         results.len() as f64 / elapsed.as_secs_f64(),
         args.concurrency,
-        dev::percentile_ms(&latencies, 50.0),
-        dev::percentile_ms(&latencies, 99.0),
+        workload::percentile_ms(&latencies, 50.0),
+        workload::percentile_ms(&latencies, 99.0),
     );
     let correct = problems.is_empty() && results.len() as u64 == orders;
     println!(
