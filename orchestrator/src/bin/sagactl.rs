@@ -392,6 +392,12 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so `sagactl replay | head -1` would panic on the closed pipe. Like
+    // any filter, end quietly instead: the default action ends the process.
+    // SAFETY: called first thing in main, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
