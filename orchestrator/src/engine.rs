@@ -378,7 +378,12 @@ impl Engine {
         payload: &[u8],
         attempt: u32,
     ) -> Result<(), StepError> {
-        tokio::time::sleep(step.retry.backoff(attempt)).await;
+        let backoff = step.retry.backoff(attempt);
+        // Not even a zero sleep on a first attempt: a timer rounds up to the next millisecond
+        // tick, a whole millisecond added to every step.
+        if !backoff.is_zero() {
+            tokio::time::sleep(backoff).await;
+        }
         let call = self.inner.invoker.invoke(saga_id, step, payload);
         match tokio::time::timeout(Duration::from_millis(step.deadline_ms), call).await {
             Ok(result) => result,
