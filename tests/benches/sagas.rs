@@ -77,12 +77,19 @@ async fn run(namesrv: &str, scenario: Scenario, conc: usize, n: u64, warmup: u64
         eprintln!("check failed: {problem}");
     }
     let correct = problems.is_empty() && results.len() as u64 == warmup + n;
-    let pids = system
+    let processes: Vec<(&str, f64)> = system
         .participants
         .iter()
-        .map(|(_, p)| p.child.id())
-        .chain(system.orchestrator.as_ref().map(|p| p.child.id()));
-    let rss_mb: f64 = pids.map(peak_rss_mb).sum();
+        .map(|(role, p)| (role.as_str(), peak_rss_mb(p.child.id())))
+        .chain(
+            system
+                .orchestrator
+                .as_ref()
+                .map(|p| ("orchestrator", peak_rss_mb(p.child.id()))),
+        )
+        .collect();
+    let rss_mb: f64 = processes.iter().map(|(_, mb)| mb).sum();
+    eprintln!("peak RSS (MiB): {processes:?}");
     let completed = results
         .iter()
         .filter(|r| r.state == pb::SagaState::Completed)
