@@ -357,3 +357,24 @@ pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_ok_orders_only_users_with_balance_and_fail20_has_one_in_five_without() {
+        for n in 0..5 * USERS {
+            let user = Scenario::AllOk.user(n);
+            assert!(user < USERS, "order {n}: user {user} does not exist");
+            assert!(initial_balance(user) > 0, "order {n}: user {user} cannot pay");
+        }
+        let broke = (0..5 * USERS)
+            .filter(|&n| initial_balance(Scenario::Fail20.user(n)) == 0)
+            .count() as u64;
+        assert_eq!(broke, USERS, "20% of 5,000 orders");
+        assert_eq!(Scenario::parse("all_ok"), Some(Scenario::AllOk));
+        assert_eq!(Scenario::parse("fail20"), Some(Scenario::Fail20));
+        assert_eq!(Scenario::parse("fail30"), None);
+    }
+}
