@@ -15,6 +15,8 @@ use saga_messaging::topics;
 use saga_messaging::transport::{Consumer, SubscriptionSpec, Transport};
 use saga_participants::consumer::CompensationConsumer;
 use saga_participants::{Participant, Role};
+use saga_proto::v1 as pb;
+use tonic::transport::Channel;
 
 use crate::engine::{ACK_GROUP, AckHandler, Engine, EngineConfig};
 use crate::order::{self, OrderInvoker, OrderTiming, ParticipantAddrs};
@@ -162,6 +164,13 @@ impl Dev {
             tracing::info!(resumed, "resumed unfinished sagas");
         }
         Ok(dev)
+    }
+
+    /// A client of the system's orchestrator API (a deadline on every call).
+    pub async fn client(&self) -> anyhow::Result<pb::orchestrator_client::OrchestratorClient<Channel>> {
+        Ok(pb::orchestrator_client::OrchestratorClient::new(
+            crate::workload::channel(&self.api_addr.to_string()).await?,
+        ))
     }
 
     /// Stops the servers, consumers and the relay.

@@ -17,11 +17,7 @@ async fn an_aborted_running_saga_compensates_what_it_did() {
     let system = Dev::start(dir.path(), "127.0.0.1:0", 100, DevOptions::default())
         .await
         .expect("starts");
-    let mut client = pb::orchestrator_client::OrchestratorClient::new(
-        workload::channel(&system.api_addr.to_string())
-            .await
-            .expect("connects"),
-    );
+    let mut client = system.client().await.expect("connects");
     let saga = client
         .start_order(workload::order_request("t", 1))
         .await

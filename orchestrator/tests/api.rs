@@ -10,14 +10,6 @@ use saga_proto::v1 as pb;
 use tonic::Code;
 use tonic::transport::Channel;
 
-async fn connect(system: &Dev) -> pb::orchestrator_client::OrchestratorClient<Channel> {
-    pb::orchestrator_client::OrchestratorClient::new(
-        workload::channel(&system.api_addr.to_string())
-            .await
-            .expect("connects"),
-    )
-}
-
 async fn wait_state(
     client: &mut pb::orchestrator_client::OrchestratorClient<Channel>,
     saga_id: &str,
@@ -58,7 +50,7 @@ async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
     let system = Dev::start(dir.path(), "127.0.0.1:0", 100, DevOptions::default())
         .await
         .expect("starts");
-    let mut client = connect(&system).await;
+    let mut client = system.client().await.expect("connects");
     let before = system.engine.log().durable_position();
 
     let valid = workload::order_request("t", 1);
@@ -309,7 +301,7 @@ async fn a_parked_compensation_makes_the_saga_stuck_and_retry_finishes_it_after_
     let system = Dev::start(dir.path(), "127.0.0.1:0", 100, broken)
         .await
         .expect("starts");
-    let mut client = connect(&system).await;
+    let mut client = system.client().await.expect("connects");
     let saga = client
         .start_order(workload::order_request("t", 5))
         .await
@@ -339,7 +331,7 @@ async fn a_parked_compensation_makes_the_saga_stuck_and_retry_finishes_it_after_
     let system = Dev::start(dir.path(), "127.0.0.1:0", 100, DevOptions::default())
         .await
         .expect("restarts");
-    let mut client = connect(&system).await;
+    let mut client = system.client().await.expect("connects");
     let still = client
         .get_saga(pb::GetSagaRequest {
             saga_id: saga.saga_id.clone(),

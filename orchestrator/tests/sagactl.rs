@@ -6,7 +6,6 @@ use std::process::{Command, Stdio};
 
 use saga_orchestrator::dev::{Dev, DevOptions};
 use saga_orchestrator::workload;
-use saga_proto::v1 as pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_into_a_closed_pipe_ends_quietly() {
@@ -14,11 +13,7 @@ async fn replay_into_a_closed_pipe_ends_quietly() {
     let system = Dev::start(dir.path(), "127.0.0.1:0", 100, DevOptions::default())
         .await
         .expect("starts");
-    let mut client = pb::orchestrator_client::OrchestratorClient::new(
-        workload::channel(&system.api_addr.to_string())
-            .await
-            .expect("connects"),
-    );
+    let mut client = system.client().await.expect("connects");
     client
         .start_order(workload::order_request("pipe", 1))
         .await
