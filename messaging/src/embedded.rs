@@ -328,3 +328,39 @@ impl Worker {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod golden {
+    use super::*;
+
+    /// The queue's events are stored by variant index: add variants only at the end.
+    #[test]
+    fn stored_queue_events_keep_their_encoding() {
+        let cases = [
+            (
+                QueueEvent::Published {
+                    tag: "g".into(),
+                    key: "k".into(),
+                    body: vec![1],
+                },
+                "000167016b0101",
+            ),
+            (QueueEvent::Acked { position: 7 }, "0107"),
+            (
+                QueueEvent::RetryScheduled {
+                    position: 7,
+                    attempt: 2,
+                },
+                "020702",
+            ),
+        ];
+        for (event, stored) in cases {
+            let hex: String = saga_storage::codec::encode(&event)
+                .expect("encodes")
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(hex, stored, "{event:?}");
+        }
+    }
+}

@@ -8,6 +8,8 @@
 //!   client runtime per process ([`rocketmq::RocketMqClient`]), producers, clustering push
 //!   consumers with a [`rocketmq::MessageHandler`], and topic creation that waits for routes.
 //!   This is the only crate that links the RocketMQ client (heavy to build: keep it stable).
+//! - [`relay`]: the outbox relay (publish a log's outbox, delete after the transport stored
+//!   it), used by the orchestrator for compensations and by participants for acknowledgements.
 //! - [`topics`]: topic and consumer-group names shared by every process and by scripts/dev-env.
 //! - [`error`]: the error type, [`MessagingError`].
 //!
@@ -15,6 +17,7 @@
 
 pub mod embedded;
 pub mod error;
+pub mod relay;
 pub mod rocketmq;
 pub mod topics;
 pub mod transport;

@@ -98,6 +98,7 @@ fn engine_status(error: EngineError) -> Status {
         EngineError::NotFound(saga) => Status::not_found(format!("saga {saga} not found")),
         EngineError::Precondition(text) => Status::failed_precondition(text),
         EngineError::Contended(text) => Status::unavailable(format!("contended: {text}")),
+        error @ EngineError::AlreadyExists { .. } => Status::already_exists(error.to_string()),
         EngineError::Storage(StorageError::Closed) => Status::unavailable("the orchestrator is stopping"),
         other => Status::internal(other.to_string()),
     }

@@ -11,14 +11,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use saga_messaging::embedded::{EmbeddedConfig, EmbeddedTransport};
-use saga_messaging::topics;
 use saga_messaging::transport::{Consumer, SubscriptionSpec, Transport};
 use saga_participants::consumer::CompensationConsumer;
 use saga_participants::{Participant, Role};
 use saga_proto::v1 as pb;
 use tonic::transport::Channel;
 
-use crate::engine::{ACK_GROUP, AckHandler, Engine, EngineConfig};
+use crate::engine::{AckHandler, Engine, EngineConfig, ack_group};
 use crate::order::{self, OrderInvoker, OrderTiming, ParticipantAddrs};
 use crate::workload::Scenario;
 
@@ -112,11 +111,17 @@ impl Dev {
         let log = crate::engine::open_log(saga_storage::LogConfig::new(data_dir.join("orchestrator")))
             .context("cannot open the orchestrator log")?;
         let timing = OrderTiming::default();
+        let config = EngineConfig::default();
+        let ack_spec = SubscriptionSpec {
+            group: ack_group(&config.node_id),
+            topic: config.ack_topic.clone(),
+            tags: vec![config.node_id.clone()],
+        };
         let engine = Engine::new(
             log,
             vec![order::definition(&timing)],
             OrderInvoker::new(&participants)?,
-            EngineConfig::default(),
+            config,
         );
         let relay = {
             let engine = engine.clone();
@@ -126,11 +131,7 @@ impl Dev {
         consumers.push(
             transport
                 .subscribe(
-                    SubscriptionSpec {
-                        group: ACK_GROUP.into(),
-                        topic: topics::COMPENSATION_ACK_TOPIC.into(),
-                        tags: Vec::new(),
-                    },
+                    ack_spec,
                     Arc::new(AckHandler {
                         engine: engine.clone(),
                     }),

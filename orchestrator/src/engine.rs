@@ -10,35 +10,52 @@
 //!
 //! Latency: the append that records a step's outcome (and the next `StepStarted`) runs at the
 //! same time as the next step's call, not before it. That is safe because the next call is
-//! idempotent by key, and because compensation always includes the frontier step (see
-//! `state`): a step called before its `StepStarted` was durable is compensated after a crash
-//! all the same. Each append is still durable before anything depends on it (the outbox, the
-//! final event a client waits for).
+//! idempotent by key, and because compensation covers the step after the last durably started
+//! one (invariant 1 in `state`): a step called before its `StepStarted` was durable is
+//! compensated after a crash all the same. Two rules keep that true here: a step is called
+//! only after every earlier append was awaited (so at most one step runs ahead of the log),
+//! and a step without compensation is never called before its first `StepStarted` is durable
+//! (invariant 3: past the pivot a saga may only go forward, so the log must know). Each append
+//! is still durable before anything depends on it (the outbox, the final event a client waits
+//! for).
+//!
+//! Acknowledgements (invariant 4): every compensation has a deadline. A compensating saga
+//! whose acks did not all come is re-published when it passes (the participants' barrier makes
+//! a duplicate harmless), with a growing deadline, and marked Stuck with the reason after
+//! [`EngineConfig::compensation_republishes_max`] re-publishes. The deadlines live in one
+//! timer task (not in sleeping drivers), rebuilt by recovery from the saga states.
+//!
+//! Routing: each compensation request names the acknowledgement topic and the tag of the
+//! orchestrator that owns the saga ([`EngineConfig::node_id`]); participants acknowledge there,
+//! so an ack reaches its owner even when several orchestrators share a broker. An ack for a
+//! saga this orchestrator does not know is logged as an error, never silently dropped.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message as _;
-use saga_messaging::transport::{BoxFuture, Delivery, Handler, Outcome, Outgoing, Transport};
+use saga_messaging::transport::{BoxFuture, Delivery, Handler, Outcome, Transport};
 use saga_proto::v1 as pb;
 use saga_storage::{AppendRequest, EventLog, ExpectedVersion, NewEvent, OutboxMessage, StorageError};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 
 use crate::definition::{SagaDefinition, StepDef};
 use crate::events::{CompensationOutcome, FailureKind, SagaEvent};
 use crate::projector;
 use crate::state::{Next, Phase, SagaState, Status};
 
-/// The orchestrator's default consumer group on the acknowledgement topic.
-pub const ACK_GROUP: &str = "saga-orchestrator";
+/// The orchestrator's default node id: the tag its acknowledgements carry.
+pub const NODE_ID_DEFAULT: &str = "main";
+
+/// The consumer group of an orchestrator node on the acknowledgement topic (each node its own
+/// group, filtering its own tag: every node sees exactly its acknowledgements).
+pub fn ack_group(node_id: &str) -> String {
+    format!("saga-orchestrator-{node_id}")
+}
 /// Re-decisions of one operation after version conflicts before it gives up (each conflict
 /// means another writer made progress, so this bounds a loop that should never spin).
 const CONFLICTS_MAX: usize = 16;
-/// Outbox entries published in one request.
-pub const RELAY_BATCH_LEN_MAX: usize = 128;
-/// Longest wait of the relay between publish failures.
-const RELAY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long AbortSaga waits for the driver to record the abort (a step call in flight finishes
 /// first, bounded by its deadline).
 const ABORT_WAIT: Duration = Duration::from_secs(30);
@@ -67,16 +84,43 @@ pub trait StepInvoker: Send + Sync + 'static {
 pub struct EngineConfig {
     /// Where compensation requests are published (tag = participant role).
     pub compensation_topic: String,
-    /// Most sagas driven at once; further ones wait for a slot.
+    /// Where participants must acknowledge compensations (named in every request).
+    pub ack_topic: String,
+    /// This orchestrator's id: the tag of its acknowledgements (named in every request).
+    pub node_id: String,
+    /// Most sagas driven at once; further ones queue (one queue entry per saga, no task).
     pub drivers_max: usize,
+    /// How long the first acknowledgement of a compensation may take before it is re-published;
+    /// doubled after each re-publish, up to 8 times this.
+    pub compensation_ack_deadline_ms: u64,
+    /// Re-publishes of unacknowledged compensations before the saga is marked Stuck.
+    pub compensation_republishes_max: u32,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
+        // 30 s, then 60, 120, 240, 240, 240: ~15 min of silence before Stuck. Well above the
+        // broker's own redelivery schedule (10 s, 40 s, 100 s) and a broker restart (~30-60 s
+        // of failing sends, ROCKETMQ.md), so only a participant that is really gone gets here.
         EngineConfig {
             compensation_topic: saga_messaging::topics::COMPENSATION_TOPIC.into(),
+            ack_topic: saga_messaging::topics::COMPENSATION_ACK_TOPIC.into(),
+            node_id: NODE_ID_DEFAULT.into(),
             drivers_max: 4096,
+            compensation_ack_deadline_ms: 30_000,
+            compensation_republishes_max: 6,
         }
+    }
+}
+
+impl EngineConfig {
+    /// When a compensation sent at `sent_at_unix_us` and re-published `republishes` times is
+    /// overdue.
+    pub fn ack_deadline_unix_us(&self, sent_at_unix_us: i64, republishes: u32) -> i64 {
+        let deadline_ms = self
+            .compensation_ack_deadline_ms
+            .saturating_mul(1 << republishes.min(3));
+        sent_at_unix_us.saturating_add(deadline_ms.saturating_mul(1000) as i64)
     }
 }
 
@@ -94,6 +138,9 @@ pub enum EngineError {
     Corrupt { saga: String, reason: String },
     #[error("saga {0}: too many concurrent writers")]
     Contended(String),
+    /// The request id names a saga started with another input.
+    #[error("request_id {request_id:?} was used for saga {saga_id} with another order")]
+    AlreadyExists { request_id: String, saga_id: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -109,14 +156,33 @@ struct Inner {
     definitions: HashMap<String, Arc<SagaDefinition>>,
     invoker: Arc<dyn StepInvoker>,
     config: EngineConfig,
-    /// Sagas with a driver; `true` when something asked for another pass while it ran.
-    driving: Mutex<HashMap<String, bool>>,
+    drivers: Mutex<Drivers>,
     aborts: Mutex<HashMap<String, String>>,
     watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
-    relay_wake: Notify,
-    drivers: Semaphore,
+    relay_wake: Arc<Notify>,
+    timers: Mutex<Timers>,
+    timers_wake: Arc<Notify>,
     last_id_us: Mutex<u64>,
     node: u32,
+}
+
+/// Which sagas are driven: at most `drivers_max` worker tasks take saga ids from one queue
+/// (admission bound: a burst or a recovery of many sagas queues ids, not tasks).
+#[derive(Default)]
+struct Drivers {
+    /// Sagas queued or being driven; `true` when something asked for another pass while one
+    /// runs.
+    scheduled: HashMap<String, bool>,
+    queue: std::collections::VecDeque<String>,
+    workers: usize,
+}
+
+/// Deadlines of compensating sagas (one entry per saga, the latest wins).
+#[derive(Default)]
+struct Timers {
+    by_saga: HashMap<String, tokio::time::Instant>,
+    by_time: std::collections::BTreeSet<(tokio::time::Instant, String)>,
+    running: bool,
 }
 
 pub fn now_us() -> i64 {
@@ -147,7 +213,6 @@ impl Engine {
         invoker: Arc<dyn StepInvoker>,
         config: EngineConfig,
     ) -> Engine {
-        let drivers = Semaphore::new(config.drivers_max);
         Engine {
             inner: Arc::new(Inner {
                 log,
@@ -157,11 +222,12 @@ impl Engine {
                     .collect(),
                 invoker,
                 config,
-                driving: Mutex::default(),
+                drivers: Mutex::default(),
                 aborts: Mutex::default(),
                 watchers: Mutex::default(),
-                relay_wake: Notify::new(),
-                drivers,
+                relay_wake: Arc::new(Notify::new()),
+                timers: Mutex::default(),
+                timers_wake: Arc::new(Notify::new()),
                 last_id_us: Mutex::new(0),
                 node: random_u32(),
             }),
@@ -266,8 +332,16 @@ impl Engine {
         skipped: Vec<String>,
     ) -> Result<(SagaState, bool), EngineError> {
         let def = self.definition(definition)?;
+        let (wanted_payload, mut wanted_skipped) = (payload.clone(), skipped.clone());
+        wanted_skipped.sort();
+        let def_name = def.name.clone();
+        let same = move |existing: &SagaState| {
+            let mut skipped = existing.skipped();
+            skipped.sort();
+            existing.definition == def_name && existing.payload == wanted_payload && skipped == wanted_skipped
+        };
         if let Some(existing) = self.existing(request_id).await? {
-            return Ok((existing, false));
+            return same_or_refused(existing, request_id, &same);
         }
         let started = SagaEvent::SagaStarted {
             definition: def.name.clone(),
@@ -297,7 +371,7 @@ impl Engine {
                 {
                     // A concurrent start with the same request id won.
                     if let Some(existing) = self.existing(request_id).await? {
-                        return Ok((existing, false));
+                        return same_or_refused(existing, request_id, &same);
                     }
                 }
                 Err(StorageError::VersionConflict { .. }) => continue,
@@ -314,34 +388,74 @@ impl Engine {
         }
     }
 
-    /// Makes sure a driver runs for the saga (another pass if one is running now).
+    /// Makes sure a driver runs for the saga (another pass if one is running now). At most
+    /// `drivers_max` sagas are driven at once; the others wait in a queue of ids.
     pub fn drive(&self, saga_id: &str) {
-        {
-            let mut driving = self.inner.driving.lock().expect("driving lock");
-            if let Some(again) = driving.get_mut(saga_id) {
+        let spawn = {
+            let mut drivers = self.inner.drivers.lock().expect("drivers lock");
+            if let Some(again) = drivers.scheduled.get_mut(saga_id) {
                 *again = true;
                 return;
             }
-            driving.insert(saga_id.to_owned(), false);
+            drivers.scheduled.insert(saga_id.to_owned(), false);
+            drivers.queue.push_back(saga_id.to_owned());
+            let spawn = drivers.workers < self.inner.config.drivers_max.max(1);
+            if spawn {
+                drivers.workers += 1;
+            }
+            spawn
+        };
+        if spawn {
+            let engine = self.clone();
+            tokio::spawn(async move { engine.drive_queue().await });
         }
-        let engine = self.clone();
-        let saga_id = saga_id.to_owned();
-        tokio::spawn(async move {
-            let _slot = engine.inner.drivers.acquire().await.expect("never closed");
-            loop {
-                if let Err(error) = engine.run_driver(&saga_id).await {
-                    tracing::error!(saga = %saga_id, %error, "saga driver stopped; the saga resumes on the next start");
-                }
-                let mut driving = engine.inner.driving.lock().expect("driving lock");
-                match driving.get_mut(&saga_id) {
-                    Some(again) if *again => *again = false,
-                    _ => {
-                        driving.remove(&saga_id);
+    }
+
+    /// A driver worker: drives queued sagas until the queue is empty.
+    async fn drive_queue(self) {
+        loop {
+            let saga_id = {
+                let mut drivers = self.inner.drivers.lock().expect("drivers lock");
+                match drivers.queue.pop_front() {
+                    Some(saga_id) => saga_id,
+                    None => {
+                        drivers.workers -= 1;
                         return;
                     }
                 }
+            };
+            loop {
+                if let Err(error) = self.run_driver(&saga_id).await {
+                    tracing::error!(saga = %saga_id, %error, "saga driver stopped; the saga resumes on the next start");
+                }
+                let mut drivers = self.inner.drivers.lock().expect("drivers lock");
+                match drivers.scheduled.get_mut(&saga_id) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        drivers.scheduled.remove(&saga_id);
+                        break;
+                    }
+                }
             }
-        });
+        }
+    }
+
+    /// Drives `saga_id` again at `at` (its acknowledgement deadline). The timer task holds
+    /// only a weak reference: it ends with the engine.
+    fn schedule(&self, saga_id: &str, at: tokio::time::Instant) {
+        let spawn = {
+            let mut timers = self.inner.timers.lock().expect("timers lock");
+            if let Some(old) = timers.by_saga.insert(saga_id.to_owned(), at) {
+                timers.by_time.remove(&(old, saga_id.to_owned()));
+            }
+            timers.by_time.insert((at, saga_id.to_owned()));
+            !std::mem::replace(&mut timers.running, true)
+        };
+        self.inner.timers_wake.notify_one();
+        if spawn {
+            let weak = Arc::downgrade(&self.inner);
+            tokio::spawn(run_timers(weak, Arc::clone(&self.inner.timers_wake)));
+        }
     }
 
     fn compensation_messages(
@@ -365,6 +479,8 @@ impl Engine {
                     }),
                     role: step.participant.clone(),
                     requested_at_unix_ms,
+                    ack_topic: self.inner.config.ack_topic.clone(),
+                    ack_tag: self.inner.config.node_id.clone(),
                 }
                 .encode_to_vec(),
             })
@@ -435,14 +551,14 @@ impl Engine {
                 }};
             }
             loop {
-                if state.status == Status::Running && !state.abort_requested {
-                    let abort = self.inner.aborts.lock().expect("aborts lock").remove(saga_id);
-                    if let Some(reason) = abort {
-                        if state.abortable(&def) {
-                            record!(SagaEvent::AbortRequested { reason });
-                        } else {
-                            tracing::warn!(saga = %saga_id, "abort ignored: past the pivot");
-                        }
+                // Taken on every pass, so that a request for a saga that left Running meanwhile
+                // does not stay in the map.
+                let abort = self.inner.aborts.lock().expect("aborts lock").remove(saga_id);
+                if let Some(reason) = abort {
+                    if state.status == Status::Running && !state.abort_requested && state.abortable(&def) {
+                        record!(SagaEvent::AbortRequested { reason });
+                    } else {
+                        tracing::warn!(saga = %saga_id, status = state.status.name(), "abort ignored: the saga is past its last compensable step or no longer running");
                     }
                 }
                 match state.next(&def) {
@@ -453,17 +569,27 @@ impl Engine {
                             .iter()
                             .find(|d| d.name == name)
                             .ok_or_else(|| corrupt(format!("definition has no step {name}")))?;
+                        // Invariant 3: a step without compensation is called for the first time
+                        // only once its start is durable; any other call overlaps the append
+                        // (invariant 1 covers it). Earlier starts are durable either way.
+                        let overlap = step_def.compensable || state.steps[step].attempts > 0;
                         record!(SagaEvent::StepStarted {
                             step: name.clone(),
                             attempt
                         });
-                        // Record the previous outcome and this start while the call runs.
-                        let events = std::mem::take(&mut pending);
-                        let (appended, outcome) = tokio::join!(
-                            self.append(saga_id, durable, &events, Vec::new()),
-                            self.call(saga_id, step_def, &state.payload, attempt)
-                        );
-                        durable = settle!(appended);
+                        let outcome = if overlap {
+                            // Record the previous outcome and this start while the call runs.
+                            let events = std::mem::take(&mut pending);
+                            let (appended, outcome) = tokio::join!(
+                                self.append(saga_id, durable, &events, Vec::new()),
+                                self.call(saga_id, step_def, &state.payload, attempt)
+                            );
+                            durable = settle!(appended);
+                            outcome
+                        } else {
+                            flush!(Vec::new());
+                            self.call(saga_id, step_def, &state.payload, attempt).await
+                        };
                         let attempts_left = attempt < step_def.retry.attempts_max;
                         record!(match outcome {
                             Ok(()) => SagaEvent::StepSucceeded { step: name },
@@ -524,6 +650,40 @@ impl Engine {
                         record!(SagaEvent::SagaStuck { reason });
                         flush!(Vec::new());
                     }
+                    Next::AwaitAcks {
+                        open,
+                        sent_at_unix_us,
+                        republishes,
+                    } => {
+                        let config = &self.inner.config;
+                        let deadline_us = config.ack_deadline_unix_us(sent_at_unix_us, republishes);
+                        let now = now_us();
+                        if now < deadline_us {
+                            if !pending.is_empty() {
+                                settle!(self.append(saga_id, durable, &pending, Vec::new()).await);
+                            }
+                            let wait = Duration::from_micros((deadline_us - now) as u64);
+                            self.schedule(saga_id, tokio::time::Instant::now() + wait);
+                            return Ok(());
+                        }
+                        let names: Vec<String> = open.iter().map(|&i| state.steps[i].name.clone()).collect();
+                        if republishes >= config.compensation_republishes_max {
+                            let reason = format!(
+                                "no acknowledgement of the compensation of {names:?} after {republishes} re-publishes"
+                            );
+                            tracing::warn!(saga = %saga_id, %reason, "saga stuck");
+                            record!(SagaEvent::SagaStuck { reason });
+                            flush!(Vec::new());
+                        } else {
+                            tracing::info!(saga = %saga_id, steps = ?names, republish = republishes + 1, "compensation not acknowledged in time; re-publishing");
+                            let outbox = self.compensation_messages(&state, &def, &names);
+                            record!(SagaEvent::CompensationRepublished {
+                                steps: names,
+                                republish: republishes + 1,
+                            });
+                            flush!(outbox);
+                        }
+                    }
                     Next::Wait | Next::Done => {
                         if !pending.is_empty() {
                             settle!(self.append(saga_id, durable, &pending, Vec::new()).await);
@@ -546,6 +706,9 @@ impl Engine {
             pb::CompensationOutcome::try_from(ack.outcome).unwrap_or(pb::CompensationOutcome::Unspecified);
         for _ in 0..CONFLICTS_MAX {
             let Some(mut state) = self.load(&key.saga_id).await? else {
+                // Acks are routed by the owner's node id, so this is a misrouted ack (a wrong
+                // node id, or a log that lost the saga): loud, never silent.
+                tracing::error!(saga = %key.saga_id, step = %key.step, node = %self.inner.config.node_id, "acknowledgement for a saga this orchestrator does not have");
                 return Ok(());
             };
             let Some(step) = state.steps.iter().find(|s| s.name == key.step) else {
@@ -586,17 +749,33 @@ impl Engine {
             state.apply(&event, now_us()).map_err(corrupt)?;
             let mut events = vec![event];
             let open = |p: Phase| matches!(p, Phase::Compensating | Phase::CompensationParked);
+            let parked = state.steps.iter().any(|s| s.phase == Phase::CompensationParked);
             if !state.steps.iter().any(|s| open(s.phase)) {
                 events.push(SagaEvent::SagaCompensated);
-            } else if state.status == Status::Compensating
-                && state.steps.iter().any(|s| s.phase == Phase::CompensationParked)
-            {
+            } else if state.status == Status::Compensating && parked {
                 events.push(SagaEvent::SagaStuck {
                     reason: format!("compensation of {} parked: {}", key.step, ack.detail),
                 });
+            } else if state.status == Status::Stuck && state.compensation_requested && !parked {
+                // The compensation made progress (a parked step was acknowledged, or a late
+                // ack came): nothing needs an operator any more.
+                events.push(SagaEvent::CompensationResumed {
+                    reason: format!(
+                        "compensation of {} acknowledged ({})",
+                        key.step,
+                        outcome.as_str_name()
+                    ),
+                });
             }
+            let resumed = matches!(events.last(), Some(SagaEvent::CompensationResumed { .. }));
             match self.append(&key.saga_id, version, &events, Vec::new()).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    if resumed {
+                        // Its acknowledgement deadline runs again.
+                        self.drive(&key.saga_id);
+                    }
+                    return Ok(());
+                }
                 Err(StorageError::VersionConflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -619,16 +798,29 @@ impl Engine {
                 )));
             }
             let def = self.definition(&state.definition)?;
-            let parked: Vec<String> = state
+            // Invariant 2: a saga that requested compensation is retried by sending every
+            // compensation still open again (parked or unacknowledged), never forward.
+            let resend: Vec<String> = state
                 .steps
                 .iter()
-                .filter(|s| s.phase == Phase::CompensationParked)
+                .rev()
+                .filter(|s| {
+                    state.compensation_requested
+                        && matches!(s.phase, Phase::CompensationParked | Phase::Compensating)
+                })
                 .map(|s| s.name.clone())
                 .collect();
-            let outbox = self.compensation_messages(&state, &def, &parked);
-            let event = SagaEvent::SagaRetried {
-                reason: reason.to_owned(),
-                compensations: parked,
+            let outbox = self.compensation_messages(&state, &def, &resend);
+            let event = if state.compensation_requested && resend.is_empty() {
+                // Nothing open (not reached: such a saga is Compensated); resume to finish.
+                SagaEvent::CompensationResumed {
+                    reason: reason.to_owned(),
+                }
+            } else {
+                SagaEvent::SagaRetried {
+                    reason: reason.to_owned(),
+                    compensations: resend,
+                }
             };
             match self.append(saga_id, state.version, &[event], outbox).await {
                 Ok(_) => {
@@ -727,53 +919,73 @@ impl Engine {
         Ok(count)
     }
 
-    /// Publishes outbox entries through `transport` in batches, deleting each batch only after
-    /// the transport acknowledged it; retries failures with a bounded backoff. Runs until the
+    /// Publishes the outbox through `transport` (see `saga_messaging::relay`). Runs until the
     /// task is dropped (entries survive in the log).
     pub async fn run_relay(&self, transport: Arc<dyn Transport>) {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let entries = match self.inner.log.outbox_pending(RELAY_BATCH_LEN_MAX) {
-                Ok(entries) => entries,
-                Err(error) => {
-                    tracing::error!(%error, "outbox unreadable; retrying");
-                    tokio::time::sleep(RELAY_BACKOFF_MAX).await;
-                    continue;
-                }
-            };
-            if entries.is_empty() {
-                // A wake-up stored while we were publishing is not lost (`notify_one` keeps a
-                // permit); the timeout only covers entries that became durable without one.
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(500), self.inner.relay_wake.notified()).await;
-                continue;
-            }
-            let messages: Vec<Outgoing> = entries
-                .iter()
-                .map(|e| Outgoing {
-                    topic: e.message.topic.clone(),
-                    tag: e.message.tag.clone(),
-                    key: e.message.key.clone(),
-                    body: e.message.body.clone(),
-                })
-                .collect();
-            match transport.publish(&messages).await {
-                Ok(()) => {
-                    backoff = Duration::from_millis(50);
-                    let ids = entries.iter().map(|e| e.id).collect();
-                    if let Err(error) = self.inner.log.outbox_ack(ids).await {
-                        tracing::error!(%error, "published outbox entries not deleted; they will be sent again");
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, len = messages.len(), "publishing compensations failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RELAY_BACKOFF_MAX);
-                }
-            }
-        }
+        saga_messaging::relay::run(
+            self.inner.log.clone(),
+            transport,
+            Arc::clone(&self.inner.relay_wake),
+        )
+        .await
+    }
+
+    /// Sagas whose abort request waits for their driver (for tests: the map must not leak).
+    pub fn aborts_pending(&self) -> usize {
+        self.inner.aborts.lock().expect("aborts lock").len()
     }
 }
+
+/// The answer to a start whose request id is known: the existing saga when it was started with
+/// the same input, otherwise ALREADY_EXISTS.
+fn same_or_refused(
+    existing: SagaState,
+    request_id: &str,
+    same: &impl Fn(&SagaState) -> bool,
+) -> Result<(SagaState, bool), EngineError> {
+    if same(&existing) {
+        Ok((existing, false))
+    } else {
+        Err(EngineError::AlreadyExists {
+            request_id: request_id.to_owned(),
+            saga_id: existing.saga_id,
+        })
+    }
+}
+
+/// Drives each compensating saga when its acknowledgement deadline passes. Ends when the
+/// engine is gone.
+async fn run_timers(inner: std::sync::Weak<Inner>, wake: Arc<Notify>) {
+    loop {
+        let Some(strong) = inner.upgrade() else { return };
+        let engine = Engine { inner: strong };
+        let now = tokio::time::Instant::now();
+        let (due, next) = {
+            let mut timers = engine.inner.timers.lock().expect("timers lock");
+            let mut due = Vec::new();
+            while let Some((at, saga)) = timers.by_time.first().cloned() {
+                if at > now {
+                    break;
+                }
+                timers.by_time.pop_first();
+                timers.by_saga.remove(&saga);
+                due.push(saga);
+            }
+            (due, timers.by_time.first().map(|(at, _)| *at))
+        };
+        for saga in &due {
+            engine.drive(saga);
+        }
+        // Wait for the next deadline or a new entry; hold no strong reference meanwhile, and
+        // look again at least every second so that a dropped engine ends this task.
+        let wake_at = next.unwrap_or(now + TIMER_IDLE_MAX).min(now + TIMER_IDLE_MAX);
+        drop(engine);
+        let _ = tokio::time::timeout_at(wake_at, wake.notified()).await;
+    }
+}
+
+/// Longest sleep of the timer task.
+const TIMER_IDLE_MAX: Duration = Duration::from_secs(1);
 
 /// A subscription to one saga's version changes.
 pub struct SagaWatch {

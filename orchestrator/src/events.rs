@@ -1,6 +1,11 @@
 //! The saga events: past-tense facts appended to the saga's own stream (the stream name is the
 //! saga id). A saga's state is their fold (`state`). Stored with the codec of saga-storage
 //! (bincode 2); never change the meaning of a stored field, add variants instead.
+//!
+//! **Append only at the end.** bincode writes an enum's *variant index*: a variant inserted
+//! or moved anywhere but at the end of [`SagaEvent`] (or of the enums it holds) silently
+//! misreads every stored log. The golden-bytes tests below fail when an existing variant's
+//! encoding changes.
 
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +101,17 @@ pub enum SagaEvent {
         reason: String,
         compensations: Vec<String>,
     },
+    /// A stuck saga's compensation made progress (its parked step was acknowledged, or a late
+    /// acknowledgement arrived): it goes on compensating.
+    CompensationResumed {
+        reason: String,
+    },
+    /// No acknowledgement came for `steps` within the deadline: their compensation messages
+    /// were written to the outbox again in the same append (re-publish number `republish`).
+    CompensationRepublished {
+        steps: Vec<String>,
+        republish: u32,
+    },
 }
 
 impl SagaEvent {
@@ -114,6 +130,8 @@ impl SagaEvent {
             SagaEvent::SagaCompensated => "SagaCompensated",
             SagaEvent::SagaStuck { .. } => "SagaStuck",
             SagaEvent::SagaRetried { .. } => "SagaRetried",
+            SagaEvent::CompensationResumed { .. } => "CompensationResumed",
+            SagaEvent::CompensationRepublished { .. } => "CompensationRepublished",
         }
     }
 
@@ -160,6 +178,106 @@ impl SagaEvent {
                 reason,
                 compensations,
             } => format!("{reason}; resend {compensations:?}"),
+            SagaEvent::CompensationResumed { reason } => reason.clone(),
+            SagaEvent::CompensationRepublished { steps, republish } => {
+                format!("re-publish {republish}: no acknowledgement of {steps:?}")
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saga_storage::codec;
+
+    /// One value of every variant, in declaration order, with the bytes it was first stored
+    /// as. A failure here means stored logs would be misread: add new variants at the end
+    /// instead, and never change an existing one.
+    fn golden() -> Vec<(SagaEvent, &'static str)> {
+        let s = |x: &str| x.to_owned();
+        vec![
+            (
+                SagaEvent::SagaStarted {
+                    definition: s("order"),
+                    request_id: s("r"),
+                    payload: vec![7],
+                    steps: vec![s("a")],
+                    skipped: vec![],
+                },
+                "00056f726465720172010701016100",
+            ),
+            (
+                SagaEvent::StepStarted {
+                    step: s("a"),
+                    attempt: 2,
+                },
+                "01016102",
+            ),
+            (SagaEvent::StepSucceeded { step: s("a") }, "020161"),
+            (
+                SagaEvent::StepFailed {
+                    step: s("a"),
+                    kind: FailureKind::Unknown,
+                    error: s("e"),
+                    retrying: true,
+                },
+                "03016102016501",
+            ),
+            (SagaEvent::AbortRequested { reason: s("x") }, "040178"),
+            (
+                SagaEvent::CompensationRequested {
+                    steps: vec![s("a")],
+                    reason: s("x"),
+                },
+                "050101610178",
+            ),
+            (
+                SagaEvent::CompensationApplied {
+                    step: s("a"),
+                    outcome: CompensationOutcome::AlreadyApplied,
+                },
+                "06016102",
+            ),
+            (
+                SagaEvent::CompensationParked {
+                    step: s("a"),
+                    error: s("e"),
+                },
+                "0701610165",
+            ),
+            (SagaEvent::SagaCompleted, "08"),
+            (SagaEvent::SagaCompensated, "09"),
+            (SagaEvent::SagaStuck { reason: s("x") }, "0a0178"),
+            (
+                SagaEvent::SagaRetried {
+                    reason: s("x"),
+                    compensations: vec![s("a")],
+                },
+                "0b0178010161",
+            ),
+            (SagaEvent::CompensationResumed { reason: s("x") }, "0c0178"),
+            (
+                SagaEvent::CompensationRepublished {
+                    steps: vec![s("a")],
+                    republish: 3,
+                },
+                "0d01016103",
+            ),
+        ]
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn stored_saga_events_keep_their_encoding() {
+        let (events, stored): (Vec<SagaEvent>, Vec<&str>) = golden().into_iter().unzip();
+        let actual: Vec<String> = events
+            .iter()
+            .map(|e| hex(&codec::encode(e).expect("encodes")))
+            .collect();
+        assert_eq!(actual, stored);
     }
 }

@@ -94,7 +94,7 @@ impl Projector for SagaProjector {
                 tx.insert(key, event.stream.as_bytes())?;
                 Status::Running
             }
-            "CompensationRequested" => Status::Compensating,
+            "CompensationRequested" | "CompensationResumed" => Status::Compensating,
             "SagaCompleted" => Status::Completed,
             "SagaCompensated" => Status::Compensated,
             "SagaStuck" => Status::Stuck,

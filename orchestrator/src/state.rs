@@ -1,12 +1,34 @@
 //! A saga's state as the fold of its events, and the engine's decision of what to do next,
 //! computed from that state alone (so recovery after a crash is: replay, then decide).
 //!
-//! Which steps are compensated: every compensable step that may have taken effect. That is
-//! each succeeded step, and the *frontier* step (the first one neither succeeded nor skipped)
-//! unless a participant refused it for good. The frontier is included whatever its recorded
-//! phase: the engine may call a step before its `StepStarted` is durable, so after a crash a
-//! step that shows as pending may have been applied. Its compensation is then a null
-//! compensation at worst.
+//! # Crash-safety invariants (kept here and by `engine`)
+//!
+//! 1. **Every step that may have been called is either durably recorded as succeeded or is
+//!    compensated.** The engine overlaps the append that records step k's outcome (and k+1's
+//!    `StepStarted`) with the call of k+1, so after a crash the log can show k as the last
+//!    started step while k+1 was applied. Which steps may have been called is therefore
+//!    computed from the log, not from the phases alone ([`SagaState::called_horizon`]): every
+//!    started step, and the first step after the last started one. The engine keeps the other
+//!    half: it calls a step only once the `StepStarted` of every earlier step is durable (each
+//!    overlapped append is awaited before the next call), so nothing beyond the horizon can
+//!    have been called. A step refused for good (a business refusal) did nothing, and nothing
+//!    after it was called. Compensating a step that was never applied is a null compensation
+//!    at the participant's barrier: over-approximating costs a message, never money.
+//! 2. **Once compensation is requested, no forward step is called again**:
+//!    `compensation_requested` is set by `CompensationRequested` and nothing clears it; a
+//!    retried or resumed saga with it set goes on compensating ([`SagaState::next`] never
+//!    answers `Call` for it).
+//! 3. **A step past the pivot (no compensation) that may have been called is never followed by
+//!    compensation.** The engine never overlaps the call of a step without compensation with
+//!    the append of its first `StepStarted` (it waits for that append first), so such a step
+//!    is inside the horizon only when its start is durable; from then on failures are retried,
+//!    then the saga is Stuck for an operator, and abort is refused ([`SagaState::abortable`]).
+//! 4. **Every compensation is acknowledged or re-published.** The state remembers when the
+//!    open compensations were last sent and how often they were re-published; the engine
+//!    re-publishes them when the acknowledgement deadline passes and, past a bounded number of
+//!    re-publishes, marks the saga Stuck with the reason ([`Next::AwaitAcks`]). Participants
+//!    write acknowledgements to their own outbox with the consumer-log event, so an ack is lost
+//!    only with the participant's log itself.
 
 use crate::definition::SagaDefinition;
 use crate::events::{FailureKind, SagaEvent};
@@ -85,6 +107,12 @@ pub struct SagaState {
     pub updated_at_unix_us: i64,
     pub failure_reason: String,
     pub abort_requested: bool,
+    /// Set by `CompensationRequested`, never cleared (invariant 2).
+    pub compensation_requested: bool,
+    /// When the open compensations were last sent (requested, re-published, retried).
+    pub compensations_sent_at_unix_us: i64,
+    /// Re-publishes since they were last sent by a decision or an operator.
+    pub republishes: u32,
 }
 
 impl SagaState {
@@ -125,6 +153,9 @@ impl SagaState {
             updated_at_unix_us: timestamp_us,
             failure_reason: String::new(),
             abort_requested: false,
+            compensation_requested: false,
+            compensations_sent_at_unix_us: 0,
+            republishes: 0,
         })
     }
 
@@ -202,6 +233,9 @@ impl SagaState {
                     self.step_mut(name)?.phase = Phase::Compensating;
                 }
                 self.status = Status::Compensating;
+                self.compensation_requested = true;
+                self.compensations_sent_at_unix_us = timestamp_us;
+                self.republishes = 0;
                 if self.failure_reason.is_empty() {
                     self.failure_reason = reason.clone();
                 }
@@ -221,7 +255,16 @@ impl SagaState {
                 self.failure_reason = reason.clone();
             }
             SagaEvent::SagaRetried { compensations, .. } => {
-                if compensations.is_empty() {
+                if self.compensation_requested {
+                    // Invariant 2: a saga that requested compensation only compensates, even
+                    // when an (older) event lists nothing to send again.
+                    for name in compensations {
+                        self.step_mut(name)?.phase = Phase::Compensating;
+                    }
+                    self.status = Status::Compensating;
+                    self.compensations_sent_at_unix_us = timestamp_us;
+                    self.republishes = 0;
+                } else {
                     // A forward step ran out of attempts: it starts again from attempt 1.
                     for s in &mut self.steps {
                         if matches!(s.phase, Phase::Failed(_)) {
@@ -230,17 +273,39 @@ impl SagaState {
                         }
                     }
                     self.status = Status::Running;
-                } else {
-                    for name in compensations {
-                        self.step_mut(name)?.phase = Phase::Compensating;
-                    }
-                    self.status = Status::Compensating;
                 }
+            }
+            SagaEvent::CompensationResumed { .. } => {
+                if !self.compensation_requested {
+                    return Err(format!(
+                        "CompensationResumed of saga {} that never requested compensation",
+                        self.saga_id
+                    ));
+                }
+                self.status = Status::Compensating;
+                self.compensations_sent_at_unix_us = timestamp_us;
+                self.republishes = 0;
+            }
+            SagaEvent::CompensationRepublished { steps, republish } => {
+                for name in steps {
+                    self.step_mut(name)?;
+                }
+                self.compensations_sent_at_unix_us = timestamp_us;
+                self.republishes = *republish;
             }
         }
         self.version += 1;
         self.updated_at_unix_us = timestamp_us;
         Ok(())
+    }
+
+    /// The names of the steps that do not apply to this saga (as given at start).
+    pub fn skipped(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .filter(|s| s.phase == Phase::Skipped)
+            .map(|s| s.name.clone())
+            .collect()
     }
 
     /// The first step neither succeeded nor skipped.
@@ -250,17 +315,44 @@ impl SagaState {
             .position(|s| !matches!(s.phase, Phase::Succeeded | Phase::Skipped))
     }
 
-    /// The steps to compensate, in reverse order (see the module doc).
+    fn compensable(&self, definition: &SagaDefinition, index: usize) -> bool {
+        definition
+            .steps
+            .iter()
+            .find(|d| d.name == self.steps[index].name)
+            .is_some_and(|d| d.compensable)
+    }
+
+    /// Whether a `StepStarted` of the step is in the log (so its call may have been made).
+    fn is_started(step: &StepState) -> bool {
+        step.attempts > 0 || !matches!(step.phase, Phase::Pending | Phase::Skipped)
+    }
+
+    /// The furthest step that may have been called (invariant 1), or `None` before any. It is
+    /// the first step (not skipped) after the last started one, because that step's call
+    /// overlaps the append of its start; but the last started step itself when it was refused
+    /// for good (nothing after it was called) or when the next step has no compensation (the
+    /// engine makes such a step's start durable before calling it, invariant 3).
+    pub fn called_horizon(&self, definition: &SagaDefinition) -> Option<usize> {
+        let last_started = self.steps.iter().rposition(Self::is_started);
+        let after = last_started.map_or(0, |i| i + 1);
+        let next = (after..self.steps.len()).find(|&i| self.steps[i].phase != Phase::Skipped);
+        match (last_started, next) {
+            (Some(i), _) if self.steps[i].phase == Phase::Failed(FailureKind::Business) => Some(i),
+            (_, Some(j)) if self.compensable(definition, j) => Some(j),
+            (last, _) => last,
+        }
+    }
+
+    /// The steps to compensate, in reverse order: every compensable step up to the horizon
+    /// that may have taken effect (not skipped, not refused for good).
     pub fn to_compensate(&self, definition: &SagaDefinition) -> Vec<usize> {
-        let frontier = self.frontier().unwrap_or(self.steps.len());
-        let mut steps: Vec<usize> = (0..self.steps.len().min(frontier + 1))
+        let Some(horizon) = self.called_horizon(definition) else {
+            return Vec::new();
+        };
+        let mut steps: Vec<usize> = (0..=horizon)
             .filter(|&i| {
-                let compensable = definition
-                    .steps
-                    .iter()
-                    .find(|d| d.name == self.steps[i].name)
-                    .is_some_and(|d| d.compensable);
-                compensable
+                self.compensable(definition, i)
                     && !matches!(
                         self.steps[i].phase,
                         Phase::Skipped | Phase::Failed(FailureKind::Business)
@@ -272,22 +364,24 @@ impl SagaState {
     }
 
     /// Whether an abort is still possible: not once a step without compensation may have
-    /// started (past the pivot, the saga can only go forward).
+    /// been called (past the pivot, the saga can only go forward).
     pub fn abortable(&self, definition: &SagaDefinition) -> bool {
-        if self.status != Status::Running {
+        if self.status != Status::Running || self.frontier().is_none() {
             return false;
         }
-        let Some(frontier) = self.frontier() else {
-            return false;
+        let Some(horizon) = self.called_horizon(definition) else {
+            return true;
         };
-        self.steps[..=frontier].iter().all(|s| {
-            s.phase == Phase::Skipped
-                || definition
-                    .steps
-                    .iter()
-                    .find(|d| d.name == s.name)
-                    .is_some_and(|d| d.compensable)
-        })
+        (0..=horizon).all(|i| self.steps[i].phase == Phase::Skipped || self.compensable(definition, i))
+    }
+
+    /// Compensations sent and not acknowledged (parked ones excluded), in reverse step order
+    /// (the order compensations are sent in).
+    pub fn open_compensations(&self) -> Vec<usize> {
+        (0..self.steps.len())
+            .rev()
+            .filter(|&i| self.steps[i].phase == Phase::Compensating)
+            .collect()
     }
 
     /// What to do next, from the state alone.
@@ -296,14 +390,25 @@ impl SagaState {
             Status::Completed | Status::Compensated => Next::Done,
             Status::Stuck => Next::Wait,
             Status::Compensating => {
+                let open = self.open_compensations();
                 if self.steps.iter().any(|s| s.phase == Phase::CompensationParked) {
                     Next::MarkStuck {
                         reason: "a compensation was parked by its participant".into(),
                     }
-                } else if self.steps.iter().any(|s| s.phase == Phase::Compensating) {
-                    Next::Wait
+                } else if !open.is_empty() {
+                    Next::AwaitAcks {
+                        open,
+                        sent_at_unix_us: self.compensations_sent_at_unix_us,
+                        republishes: self.republishes,
+                    }
                 } else {
                     Next::FinishCompensated
+                }
+            }
+            Status::Running if self.compensation_requested => {
+                // Invariant 2 (unreachable through the engine's events): never forward again.
+                Next::MarkStuck {
+                    reason: "running after compensation was requested".into(),
                 }
             }
             Status::Running => {
@@ -381,7 +486,15 @@ pub enum Next {
     MarkStuck {
         reason: String,
     },
-    /// Nothing to do until an acknowledgement or an operator arrives.
+    /// Compensations `open` (indices) were sent at `sent_at_unix_us` and re-published
+    /// `republishes` times: wait for their acknowledgements until the deadline, then re-publish
+    /// or, past the bound, mark the saga Stuck (the engine's configuration has both).
+    AwaitAcks {
+        open: Vec<usize>,
+        sent_at_unix_us: i64,
+        republishes: u32,
+    },
+    /// Nothing to do until an operator arrives.
     Wait,
     Done,
 }
@@ -392,7 +505,7 @@ mod tests {
     use crate::events::CompensationOutcome;
     use crate::order::{self, OrderTiming};
 
-    fn started(skipped: &[&str]) -> SagaState {
+    fn started_saga(skipped: &[&str]) -> SagaState {
         let def = order::definition(&OrderTiming::default());
         let event = SagaEvent::SagaStarted {
             definition: def.name.clone(),
@@ -428,7 +541,7 @@ mod tests {
     #[test]
     fn the_frontier_step_is_compensated_even_when_it_looks_pending() {
         let def = order::definition(&OrderTiming::default());
-        let mut state = started(&["lock_coupon"]);
+        let mut state = started_saga(&["lock_coupon"]);
         apply(&mut state, &[ok("create_order"), ok("reserve_stock")]);
         // The process died after calling deduct_balance, before recording StepStarted.
         state.abort_requested = true;
@@ -438,7 +551,7 @@ mod tests {
     #[test]
     fn a_business_refusal_is_not_compensated_but_an_unknown_outcome_is() {
         let def = order::definition(&OrderTiming::default());
-        let mut refused = started(&[]);
+        let mut refused = started_saga(&[]);
         apply(
             &mut refused,
             &[
@@ -447,7 +560,7 @@ mod tests {
             ],
         );
         assert_eq!(refused.next(&def), Next::Compensate { steps: vec![0] });
-        let mut unknown = started(&[]);
+        let mut unknown = started_saga(&[]);
         apply(
             &mut unknown,
             &[
@@ -455,13 +568,89 @@ mod tests {
                 failed("reserve_stock", FailureKind::Unknown, false),
             ],
         );
-        assert_eq!(unknown.next(&def), Next::Compensate { steps: vec![1, 0] });
+        // lock_coupon too: reserve_stock may have succeeded in a life whose record was lost,
+        // and lock_coupon been called (invariant 1); at worst a null compensation.
+        assert_eq!(unknown.next(&def), Next::Compensate { steps: vec![2, 1, 0] });
+    }
+
+    #[test]
+    fn the_step_after_the_last_started_one_is_compensated_unless_it_has_no_compensation() {
+        let def = order::definition(&OrderTiming::default());
+        let started = |step: &str| SagaEvent::StepStarted {
+            step: step.into(),
+            attempt: 1,
+        };
+        // Crash after reserve_stock's call returned and lock_coupon was called, before the
+        // append recording both was durable: the log ends at reserve_stock's start.
+        let mut state = started_saga(&[]);
+        apply(
+            &mut state,
+            &[
+                started("create_order"),
+                ok("create_order"),
+                started("reserve_stock"),
+            ],
+        );
+        assert_eq!(state.called_horizon(&def), Some(2));
+        apply(
+            &mut state,
+            &[failed("reserve_stock", FailureKind::Unknown, false)],
+        );
+        assert_eq!(state.next(&def), Next::Compensate { steps: vec![2, 1, 0] });
+        // Before the pivot's successor: confirm_order is called only once its start is
+        // durable, so a log ending at deduct_balance's start never compensates it (it has no
+        // compensation) and the saga can still be aborted.
+        let mut state = started_saga(&[]);
+        for step in ["create_order", "reserve_stock", "lock_coupon"] {
+            apply(&mut state, &[started(step), ok(step)]);
+        }
+        apply(&mut state, &[started("deduct_balance")]);
+        assert_eq!(state.called_horizon(&def), Some(3));
+        assert!(state.abortable(&def));
+        apply(&mut state, &[ok("deduct_balance"), started("confirm_order")]);
+        assert_eq!(state.called_horizon(&def), Some(4));
+        assert!(!state.abortable(&def), "confirm_order may have been called");
+    }
+
+    #[test]
+    fn a_saga_that_requested_compensation_never_runs_forward_again() {
+        let def = order::definition(&OrderTiming::default());
+        let mut state = started_saga(&[]);
+        apply(
+            &mut state,
+            &[
+                ok("create_order"),
+                failed("reserve_stock", FailureKind::Unknown, false),
+                SagaEvent::CompensationRequested {
+                    steps: vec![
+                        "lock_coupon".into(),
+                        "reserve_stock".into(),
+                        "create_order".into(),
+                    ],
+                    reason: "r".into(),
+                },
+                SagaEvent::CompensationApplied {
+                    step: "reserve_stock".into(),
+                    outcome: CompensationOutcome::Applied,
+                },
+                SagaEvent::SagaStuck {
+                    reason: "no ack".into(),
+                },
+                // An older engine wrote this for a stuck compensating saga.
+                SagaEvent::SagaRetried {
+                    reason: "operator".into(),
+                    compensations: vec![],
+                },
+            ],
+        );
+        assert_eq!(state.status, Status::Compensating);
+        assert!(matches!(state.next(&def), Next::AwaitAcks { .. }));
     }
 
     #[test]
     fn transient_failures_retry_then_a_crash_mid_last_attempt_gives_up() {
         let def = order::definition(&OrderTiming::default());
-        let mut state = started(&[]);
+        let mut state = started_saga(&[]);
         apply(
             &mut state,
             &[failed("create_order", FailureKind::Transient, true)],
@@ -481,7 +670,7 @@ mod tests {
     #[test]
     fn past_the_pivot_a_failure_is_stuck_not_compensated_and_abort_is_refused() {
         let def = order::definition(&OrderTiming::default());
-        let mut state = started(&[]);
+        let mut state = started_saga(&[]);
         apply(
             &mut state,
             &[
@@ -490,6 +679,16 @@ mod tests {
                 ok("lock_coupon"),
                 ok("deduct_balance"),
             ],
+        );
+        // Nothing irreversible was called yet (confirm_order's start is durable before its
+        // call): an abort is still possible.
+        assert!(state.abortable(&def));
+        apply(
+            &mut state,
+            &[SagaEvent::StepStarted {
+                step: "confirm_order".into(),
+                attempt: 1,
+            }],
         );
         assert!(!state.abortable(&def));
         let mut unknown = state.clone();
@@ -514,7 +713,7 @@ mod tests {
     #[test]
     fn acknowledgements_and_parking_lead_to_compensated_or_stuck_and_retry_resends() {
         let def = order::definition(&OrderTiming::default());
-        let mut state = started(&[]);
+        let mut state = started_saga(&[]);
         apply(
             &mut state,
             &[
@@ -526,7 +725,7 @@ mod tests {
                 },
             ],
         );
-        assert_eq!(state.next(&def), Next::Wait);
+        assert!(matches!(state.next(&def), Next::AwaitAcks { .. }));
         let mut parked = state.clone();
         apply(
             &mut parked,
@@ -547,7 +746,7 @@ mod tests {
             ],
         );
         assert_eq!(parked.status, Status::Compensating);
-        assert_eq!(parked.next(&def), Next::Wait);
+        assert!(matches!(parked.next(&def), Next::AwaitAcks { .. }));
         apply(
             &mut state,
             &[SagaEvent::CompensationApplied {

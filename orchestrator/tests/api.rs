@@ -379,3 +379,39 @@ async fn a_parked_compensation_makes_the_saga_stuck_and_retry_finishes_it_after_
     );
     system.shutdown().await;
 }
+
+/// Item 6 of the crash-safety review: a known request id with another order is refused with
+/// ALREADY_EXISTS naming `request_id` (it used to return the first saga silently); the same
+/// request repeated returns the first saga.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_reused_for_another_order_is_already_exists() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let system = Dev::start(dir.path(), "127.0.0.1:0", 100, DevOptions::default())
+        .await
+        .expect("starts");
+    let mut client = system.client().await.expect("connects");
+    let first = workload::order_request("reuse", 1);
+    let created = client
+        .start_order(first.clone())
+        .await
+        .expect("starts")
+        .into_inner();
+    assert!(created.created);
+    let again = client
+        .start_order(first.clone())
+        .await
+        .expect("repeat")
+        .into_inner();
+    assert!(!again.created);
+    assert_eq!(
+        again.saga.expect("saga").saga_id,
+        created.saga.expect("saga").saga_id
+    );
+    let other = pb::StartOrderRequest {
+        amount_minor: first.amount_minor + 1,
+        ..first
+    };
+    let status = client.start_order(other).await.expect_err("refused");
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert!(status.message().contains("request_id"), "{}", status.message());
+}

@@ -178,12 +178,6 @@ pub async fn act(
     key: &StepKey,
     action: ParticipantEvent,
 ) -> Result<(ParticipantEvent, bool), BarrierError> {
-    if injected_refusal(&key.step) {
-        return Err(BarrierError::Refused(
-            Refusal::InvalidState,
-            format!("injected refusal ({ACT_FAULT_ENV})"),
-        ));
-    }
     for _ in 0..CONFLICT_RETRIES_MAX {
         match read(log, key).await? {
             (StepState::Acted(done), _) => return Ok((done, true)),
@@ -198,6 +192,14 @@ pub async fn act(
                 ));
             }
             (StepState::Empty, _) => {}
+        }
+        // Only an action that has not taken effect can be refused: a refusal promises the
+        // caller that nothing happened (the engine does not compensate a refused step).
+        if injected_refusal(&key.step) {
+            return Err(BarrierError::Refused(
+                Refusal::InvalidState,
+                format!("injected refusal ({ACT_FAULT_ENV})"),
+            ));
         }
         let request = AppendRequest::new(key.stream(), ExpectedVersion::NoStream).event(new_event(&action)?);
         match log.append(request).await {
@@ -268,6 +270,14 @@ pub async fn compensate(log: &EventLog, key: &StepKey) -> Result<Compensated, Ba
         match log.append(request).await {
             Ok(_) => return Ok(outcome),
             Err(StorageError::VersionConflict { .. }) => continue,
+            // The undo would break an invariant (e.g. cancel a confirmed order): a refusal the
+            // consumer parks, with nothing written.
+            Err(StorageError::Projection { reason, .. }) => {
+                return Err(match Refusal::parse(&reason) {
+                    Some((refusal, detail)) => BarrierError::Refused(refusal, detail),
+                    None => BarrierError::Refused(Refusal::InvalidState, reason),
+                });
+            }
             Err(e) => return Err(e.into()),
         }
     }

@@ -2,20 +2,32 @@
 //!
 //! As in the classic design, each message is tracked per (group, tag, key) with a status:
 //! processing -> success | fail (with the number of tries); a duplicate of a successful
-//! message is skipped; after [`TRIES_MAX`] failed tries the message is parked (an event, and
-//! an entry in the parked list served by `ConsumerAdmin`), never dropped. Here the log is a
-//! stream of events per message, `consumer/<group>/<tag>/<key>`, in the participant's own
-//! event log, so it replays with everything else.
+//! message is skipped; after [`TRIES_MAX`] tries the message is parked (an event, and an entry
+//! in the parked list served by `ConsumerAdmin`), never dropped. Here the log is a stream of
+//! events per message, `consumer/<group>/<tag>/<saga_id>:<step>` (named from the body's step
+//! key, the one the barrier acts on), in the participant's own event log, so it replays with
+//! everything else. A try that started and never finished (the process died in it) counts as a
+//! try, so a message that kills the process is parked after [`TRIES_MAX`] such deaths.
+//!
+//! A message that is not a valid compensation for this role (undecodable, no step key, another
+//! role, a transport key that disagrees with the body) is parked at once in its own stream
+//! `poison/<group>/<tag>/<transport key>`, so it never disturbs the consumer log of a valid
+//! message with the same key. Parked bodies are kept up to
+//! [`crate::events::PARKED_BODY_LEN_MAX`] bytes with their length and digest, and the parked
+//! list is keyed by the digest: every parked message stays listed.
 //!
 //! Exactly once: the transport delivers at least once, the consumer log skips what succeeded,
 //! and the barrier (`barrier::compensate`) makes even a redelivery after a crash between
 //! "applied" and "success recorded" harmless.
 //!
-//! After a compensation is applied (or found applied, or parked) the consumer publishes a
-//! `saga.v1.CompensationAck` to the acknowledgement topic (key `<saga_id>:<step>`), batched with
-//! the acks of concurrent handlers. A duplicate
-//! delivery of a successful message publishes the ack again, since the first one may have been
-//! lost with a crash.
+//! Acknowledgements are as durable as compensations: each `saga.v1.CompensationAck` (APPLIED,
+//! NULL, ALREADY_APPLIED or PARKED) is written to the participant's outbox **in the same
+//! append** as the consumer-log event that decides it, and a relay (`saga_messaging::relay`,
+//! the orchestrator's mechanism) publishes it. So a delivery is consumed only once its ack is
+//! durable here; a crash before the append redelivers the message, a crash after it relays the
+//! ack on restart. Acks go to the topic and tag the request names (the owning orchestrator's),
+//! with the key `<saga_id>:<step>`. A duplicate delivery of a successful message writes the
+//! ack again (the first may have gone to an orchestrator that lost it).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -24,88 +36,65 @@ use prost::Message as _;
 use saga_messaging::topics;
 use saga_messaging::transport::{BoxFuture, Delivery, Handler, Outcome, Outgoing, Transport};
 use saga_proto::v1 as pb;
-use saga_storage::{AppendRequest, ExpectedVersion, NewEvent};
+use saga_storage::{AppendRequest, ExpectedVersion, NewEvent, OutboxMessage};
+use tokio::sync::Notify;
 
 use crate::barrier::{BarrierError, Compensated, StepKey};
-use crate::events::ParticipantEvent;
+use crate::events::{PARKED_BODY_LEN_MAX, ParticipantEvent, body_digest};
 use crate::{Participant, Role};
 
-/// Failed tries before a message is parked.
+/// Tries before a message is parked (a try that never finished counts).
 pub const TRIES_MAX: u32 = 3;
-/// Most acknowledgements published in one request.
-pub const ACK_BATCH_LEN_MAX: usize = 64;
-/// Most acknowledgements waiting for the publisher; handlers wait beyond it (back-pressure).
-const ACK_QUEUE_LEN_MAX: usize = 1024;
-
-type AckJob = (Outgoing, tokio::sync::oneshot::Sender<Result<(), String>>);
-
-/// Publishes acknowledgements in batches: whatever queued up while the previous publish was in
-/// flight goes out as one request (no added wait when idle, fewer broker round trips under a
-/// burst). Each handler still learns whether its own ack was stored before it consumes.
-#[derive(Clone)]
-struct AckBatcher {
-    jobs: tokio::sync::mpsc::Sender<AckJob>,
-}
-
-impl AckBatcher {
-    /// Must be called inside a Tokio runtime (it spawns the publisher task, which ends when
-    /// the last handle is dropped).
-    fn spawn(transport: Arc<dyn Transport>) -> AckBatcher {
-        let (jobs, mut queue) = tokio::sync::mpsc::channel::<AckJob>(ACK_QUEUE_LEN_MAX);
-        tokio::spawn(async move {
-            while let Some(first) = queue.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < ACK_BATCH_LEN_MAX {
-                    match queue.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
-                let messages: Vec<Outgoing> = batch.iter().map(|(m, _)| m.clone()).collect();
-                let result = transport.publish(&messages).await.map_err(|e| e.to_string());
-                for (_, reply) in batch {
-                    let _ = reply.send(result.clone());
-                }
-            }
-        });
-        AckBatcher { jobs }
-    }
-
-    async fn publish(&self, message: Outgoing) -> Result<(), String> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.jobs
-            .send((message, reply))
-            .await
-            .map_err(|_| "ack publisher stopped".to_owned())?;
-        answer.await.map_err(|_| "ack publisher stopped".to_owned())?
-    }
-}
+/// Longest transport key or tag used in a poison stream's name; longer ones are replaced by
+/// the body's digest (stream names are bounded by the log).
+const POISON_NAME_LEN_MAX: usize = 64;
 
 /// Where a message stands in the consumer log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsumeStatus {
     New,
-    Processing { tries: u32 },
-    Failed { tries: u32 },
-    Succeeded,
-    Parked { tries: u32 },
+    /// `tries` started, the last one not finished.
+    Processing {
+        tries: u32,
+    },
+    Failed {
+        tries: u32,
+    },
+    Succeeded {
+        outcome: String,
+    },
+    /// `digest`: of the parked body (`None` for entries of older logs).
+    Parked {
+        tries: u32,
+        digest: Option<u64>,
+    },
 }
 
-fn fold(events: impl IntoIterator<Item = ParticipantEvent>) -> ConsumeStatus {
+/// Folds a consumer-log stream. An event of another kind is a bug (streams are ours).
+pub fn fold(events: impl IntoIterator<Item = ParticipantEvent>) -> ConsumeStatus {
     let mut status = ConsumeStatus::New;
     for event in events {
         let tries = match status {
             ConsumeStatus::Processing { tries }
             | ConsumeStatus::Failed { tries }
-            | ConsumeStatus::Parked { tries } => tries,
-            ConsumeStatus::New | ConsumeStatus::Succeeded => 0,
+            | ConsumeStatus::Parked { tries, .. } => tries,
+            ConsumeStatus::New | ConsumeStatus::Succeeded { .. } => 0,
         };
         status = match event {
-            ParticipantEvent::ConsumeStarted { .. } => ConsumeStatus::Processing { tries },
-            ParticipantEvent::ConsumeSucceeded { .. } => ConsumeStatus::Succeeded,
+            ParticipantEvent::ConsumeStarted { .. } => ConsumeStatus::Processing { tries: tries + 1 },
+            ParticipantEvent::ConsumeSucceeded { outcome } => ConsumeStatus::Succeeded { outcome },
             ParticipantEvent::ConsumeFailed { tries, .. } => ConsumeStatus::Failed { tries },
-            ParticipantEvent::MessageParked { tries, .. } => ConsumeStatus::Parked { tries },
-            ParticipantEvent::ParkedRequeued => ConsumeStatus::Failed { tries: 0 },
+            ParticipantEvent::MessageParked { tries, .. } => ConsumeStatus::Parked { tries, digest: None },
+            ParticipantEvent::MessageParkedDigest {
+                tries, body_digest, ..
+            } => ConsumeStatus::Parked {
+                tries,
+                digest: Some(body_digest),
+            },
+            ParticipantEvent::ParkedRequeued | ParticipantEvent::ParkedMessageRequeued { .. } => {
+                ConsumeStatus::Failed { tries: 0 }
+            }
+            ParticipantEvent::DuplicateAcknowledged { .. } => status,
             other => panic!("consumer log holds a non-consumer event: {other:?}"),
         };
     }
@@ -123,11 +112,32 @@ pub const FAULT_PREFIX_ENV: &str = "SAGA_FAULT_COMPENSATION_FAILS_FOR";
 /// "killed between consuming and acknowledging" case, with the kill at a known point.
 pub const CRASH_PREFIX_ENV: &str = "SAGA_FAULT_FREEZE_AFTER_APPLY_FOR";
 
+/// Aborts the participant's relay task when the last consumer handle goes away, so that the
+/// log is released (and can be reopened) after a shutdown.
+struct RelayTask {
+    wake: Arc<Notify>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for RelayTask {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Where an acknowledgement goes: the topic and tag the request named.
+struct AckRoute {
+    topic: String,
+    tag: String,
+}
+
 /// Handles compensation messages for one participant.
+#[derive(Clone)]
 pub struct CompensationConsumer {
     participant: Participant,
-    acks: Arc<dyn Transport>,
-    ack_batcher: AckBatcher,
+    /// Publishes acknowledgements (through the relay) and requeued messages.
+    transport: Arc<dyn Transport>,
+    relay: Arc<RelayTask>,
     group: String,
     topic: String,
     ack_topic: String,
@@ -136,13 +146,22 @@ pub struct CompensationConsumer {
 }
 
 impl CompensationConsumer {
-    /// A consumer that acknowledges through `acks`. Must be called inside a Tokio runtime.
-    pub fn new(participant: Participant, acks: Arc<dyn Transport>) -> Self {
+    /// A consumer that acknowledges through `transport`, and starts the relay of the
+    /// participant's outbox (stopped when the last handle is dropped). Must be called inside
+    /// a Tokio runtime.
+    pub fn new(participant: Participant, transport: Arc<dyn Transport>) -> Self {
         let group = topics::compensation_group(participant.role().name());
+        let wake = Arc::new(Notify::new());
+        let task = tokio::spawn(saga_messaging::relay::run(
+            participant.log().clone(),
+            Arc::clone(&transport),
+            Arc::clone(&wake),
+        ))
+        .abort_handle();
         CompensationConsumer {
             participant,
-            ack_batcher: AckBatcher::spawn(acks.clone()),
-            acks,
+            transport,
+            relay: Arc::new(RelayTask { wake, task }),
             group,
             topic: topics::COMPENSATION_TOPIC.into(),
             ack_topic: topics::COMPENSATION_ACK_TOPIC.into(),
@@ -166,7 +185,8 @@ impl CompensationConsumer {
         self
     }
 
-    /// Acknowledges to `topic` instead of `saga-compensation-ack` (isolated test runs).
+    /// Acknowledges to `topic` instead of `saga-compensation-ack` when a request names no
+    /// acknowledgement topic (requests of older orchestrators).
     pub fn with_ack_topic(mut self, topic: String) -> Self {
         self.ack_topic = topic;
         self
@@ -198,14 +218,30 @@ impl CompensationConsumer {
         format!("consumer/{}/{tag}/{key}", self.group)
     }
 
-    async fn append(&self, stream: &str, event: ParticipantEvent) -> Result<(), String> {
-        let new = NewEvent::encode(event.name(), &event).map_err(|e| e.to_string())?;
+    /// Appends `events` (and `outbox`) to `stream`; wakes the relay for the outbox.
+    async fn append(
+        &self,
+        stream: &str,
+        events: &[ParticipantEvent],
+        outbox: Option<OutboxMessage>,
+    ) -> Result<(), String> {
+        let mut request = AppendRequest::new(stream, ExpectedVersion::Any);
+        for event in events {
+            request = request.event(NewEvent::encode(event.name(), event).map_err(|e| e.to_string())?);
+        }
+        let has_outbox = outbox.is_some();
+        if let Some(message) = outbox {
+            request = request.outbox(message);
+        }
         self.participant
             .log()
-            .append(AppendRequest::new(stream, ExpectedVersion::Any).event(new))
+            .append(request)
             .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if has_outbox {
+            self.relay.wake.notify_one();
+        }
+        Ok(())
     }
 
     async fn status(&self, stream: &str) -> Result<ConsumeStatus, String> {
@@ -223,12 +259,14 @@ impl CompensationConsumer {
         Ok(fold(events))
     }
 
-    async fn ack(
+    /// The acknowledgement of `key` as an outbox message.
+    fn ack(
         &self,
         key: &StepKey,
+        route: &AckRoute,
         outcome: pb::CompensationOutcome,
         detail: String,
-    ) -> Result<(), String> {
+    ) -> OutboxMessage {
         let body = pb::CompensationAck {
             key: Some(pb::StepKey {
                 saga_id: key.saga_id.clone(),
@@ -239,14 +277,25 @@ impl CompensationConsumer {
             detail,
         }
         .encode_to_vec();
-        self.ack_batcher
-            .publish(Outgoing {
-                topic: self.ack_topic.clone(),
-                tag: self.participant.role().name().into(),
-                key: format!("{}:{}", key.saga_id, key.step),
-                body,
-            })
-            .await
+        OutboxMessage {
+            topic: route.topic.clone(),
+            tag: route.tag.clone(),
+            key: format!("{}:{}", key.saga_id, key.step),
+            body,
+        }
+    }
+
+    fn route(&self, request: Option<&pb::CompensationRequest>) -> AckRoute {
+        let named = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        AckRoute {
+            topic: request
+                .and_then(|r| named(&r.ack_topic))
+                .unwrap_or_else(|| self.ack_topic.clone()),
+            // Requests of older orchestrators name no tag: their acks carried the role.
+            tag: request
+                .and_then(|r| named(&r.ack_tag))
+                .unwrap_or_else(|| self.participant.role().name().into()),
+        }
     }
 
     async fn compensate(&self, key: &StepKey) -> Result<Compensated, BarrierError> {
@@ -260,64 +309,100 @@ impl CompensationConsumer {
         self.participant.compensate(key).await
     }
 
+    /// Parks `delivery` in `stream` with the PARKED acknowledgement of `ack` (if the step is
+    /// known) in the same append.
     async fn park(
         &self,
         stream: &str,
         delivery: &Delivery,
         tries: u32,
         error: String,
-        key: Option<&StepKey>,
+        ack: Option<(&StepKey, &AckRoute)>,
     ) -> Outcome {
-        let parked = ParticipantEvent::MessageParked {
+        let kept = delivery.body.len().min(PARKED_BODY_LEN_MAX);
+        let parked = ParticipantEvent::MessageParkedDigest {
             group: self.group.clone(),
-            tag: delivery.tag.clone(),
-            key: delivery.key.clone(),
+            tag: bounded(&delivery.tag),
+            key: bounded(&delivery.key),
             tries,
             error: error.clone(),
-            body: delivery.body.clone(),
+            body_prefix: delivery.body[..kept].to_vec(),
+            body_len: delivery.body.len() as u64,
+            body_digest: body_digest(&delivery.body),
             parked_at_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64),
         };
-        if let Err(e) = self.append(stream, parked).await {
+        let ack =
+            ack.map(|(key, route)| self.ack(key, route, pb::CompensationOutcome::Parked, error.clone()));
+        if let Err(e) = self.append(stream, &[parked], ack).await {
             tracing::warn!(key = %delivery.key, error = %e, "could not record parking; retry later");
             return Outcome::RetryLater;
         }
         tracing::error!(key = %delivery.key, tries, %error, "compensation parked");
-        if let Some(key) = key
-            && let Err(e) = self.ack(key, pb::CompensationOutcome::Parked, error).await
-        {
-            tracing::warn!(error = %e, "parked ack not published; the parked list still shows it");
-        }
         Outcome::Consumed
     }
 
-    async fn handle_delivery(&self, delivery: Delivery) -> Outcome {
-        let stream = self.log_stream(&delivery.tag, &delivery.key);
-        let status = match self.status(&stream).await {
-            Ok(status) => status,
-            Err(e) => {
-                tracing::warn!(key = %delivery.key, error = %e, "consumer log unreadable; retry later");
-                return Outcome::RetryLater;
+    /// Parks a message that is not a valid compensation for this role, in its own stream.
+    async fn park_poison(
+        &self,
+        delivery: &Delivery,
+        error: String,
+        ack: Option<(&StepKey, &AckRoute)>,
+    ) -> Outcome {
+        let digest = format!("{:016x}", body_digest(&delivery.body));
+        let name = |s: &str| {
+            if s.is_empty() || s.len() > POISON_NAME_LEN_MAX || s.contains(['\0', '@']) {
+                digest.clone()
+            } else {
+                s.to_owned()
             }
         };
-        // A message that can never succeed is parked at once: retrying cannot help.
+        let stream = format!(
+            "poison/{}/{}/{}",
+            self.group,
+            name(&delivery.tag),
+            name(&delivery.key)
+        );
+        self.park(&stream, delivery, 1, error, ack).await
+    }
+
+    async fn handle_delivery(&self, delivery: Delivery) -> Outcome {
+        // What the message is: anything but a valid compensation for this role is parked at
+        // once (retrying cannot help), with a PARKED ack when the step can be named.
         let request = match pb::CompensationRequest::decode(delivery.body.as_slice()) {
             Ok(r) => r,
             Err(e) => {
+                let key = parse_transport_key(&delivery.key);
+                let route = self.route(None);
+                let error = format!("undecodable body: {e}");
                 return self
-                    .park(&stream, &delivery, 1, format!("undecodable body: {e}"), None)
+                    .park_poison(&delivery, error, key.as_ref().map(|k| (k, &route)))
                     .await;
             }
         };
-        let Some(key) = request.key.map(|k| StepKey {
-            saga_id: k.saga_id,
-            step: k.step,
+        let route = self.route(Some(&request));
+        let Some(key) = request.key.as_ref().map(|k| StepKey {
+            saga_id: k.saga_id.clone(),
+            step: k.step.clone(),
         }) else {
+            let key = parse_transport_key(&delivery.key);
             return self
-                .park(&stream, &delivery, 1, "body has no step key".into(), None)
+                .park_poison(
+                    &delivery,
+                    "body has no step key".into(),
+                    key.as_ref().map(|k| (k, &route)),
+                )
                 .await;
         };
+        let body_key = format!("{}:{}", key.saga_id, key.step);
+        if delivery.key != body_key {
+            let error = format!(
+                "transport key {:?} disagrees with the body's step key {body_key:?}",
+                delivery.key
+            );
+            return self.park_poison(&delivery, error, Some((&key, &route))).await;
+        }
         if Role::parse(&request.role) != Some(self.participant.role()) || delivery.tag != request.role {
             let error = format!(
                 "message for role {:?} (tag {:?}) reached {}",
@@ -325,24 +410,47 @@ impl CompensationConsumer {
                 delivery.tag,
                 self.participant.role().name()
             );
-            return self.park(&stream, &delivery, 1, error, Some(&key)).await;
+            return self.park_poison(&delivery, error, Some((&key, &route))).await;
         }
+
+        let stream = self.log_stream(&delivery.tag, &body_key);
+        let status = match self.status(&stream).await {
+            Ok(status) => status,
+            Err(e) => {
+                tracing::warn!(key = %delivery.key, error = %e, "consumer log unreadable; retry later");
+                return Outcome::RetryLater;
+            }
+        };
         let tries = match status {
-            ConsumeStatus::Succeeded => {
-                // Duplicate: skip the work, re-send the ack (the first may have been lost).
+            ConsumeStatus::Succeeded { outcome } => {
+                // Duplicate: skip the work, acknowledge again (the first may have been lost).
+                let ack = self.ack(
+                    &key,
+                    &route,
+                    pb::CompensationOutcome::AlreadyApplied,
+                    String::new(),
+                );
                 return match self
-                    .ack(&key, pb::CompensationOutcome::AlreadyApplied, String::new())
+                    .append(
+                        &stream,
+                        &[ParticipantEvent::DuplicateAcknowledged { outcome }],
+                        Some(ack),
+                    )
                     .await
                 {
                     Ok(()) => Outcome::Consumed,
                     Err(_) => Outcome::RetryLater,
                 };
             }
-            ConsumeStatus::Parked { .. } => {
+            ConsumeStatus::Parked { digest, .. } => {
                 // A parked message was consumed, so a new delivery of its key is a resend: the
-                // orchestrator's RetrySaga after an operator fixed the cause (or, rarely, a
-                // duplicate, which costs at most another TRIES_MAX bounded tries). Requeue it.
-                if let Err(e) = self.append(&stream, ParticipantEvent::ParkedRequeued).await {
+                // orchestrator's RetrySaga or re-publish after an operator fixed the cause (or,
+                // rarely, a duplicate, which costs at most another TRIES_MAX bounded tries).
+                let requeued = match digest {
+                    Some(body_digest) => ParticipantEvent::ParkedMessageRequeued { body_digest },
+                    None => ParticipantEvent::ParkedRequeued,
+                };
+                if let Err(e) = self.append(&stream, &[requeued], None).await {
                     tracing::warn!(key = %delivery.key, error = %e, "could not requeue; retry later");
                     return Outcome::RetryLater;
                 }
@@ -351,8 +459,19 @@ impl CompensationConsumer {
             ConsumeStatus::New => 0,
             ConsumeStatus::Processing { tries } | ConsumeStatus::Failed { tries } => tries,
         };
+        if tries >= TRIES_MAX {
+            // Only reached through tries that never finished: each one took the process down.
+            let error = format!("{tries} tries started and never finished (the process died in each)");
+            return self
+                .park(&stream, &delivery, tries, error, Some((&key, &route)))
+                .await;
+        }
         if let Err(e) = self
-            .append(&stream, ParticipantEvent::ConsumeStarted { attempt: tries + 1 })
+            .append(
+                &stream,
+                &[ParticipantEvent::ConsumeStarted { attempt: tries + 1 }],
+                None,
+            )
             .await
         {
             tracing::warn!(key = %delivery.key, error = %e, "could not record processing; retry later");
@@ -377,33 +496,39 @@ impl CompensationConsumer {
                 let recorded = ParticipantEvent::ConsumeSucceeded {
                     outcome: outcome.as_str_name().into(),
                 };
-                if self.append(&stream, recorded).await.is_err() {
-                    // The barrier makes the redelivery harmless.
-                    return Outcome::RetryLater;
-                }
-                match self.ack(&key, outcome, String::new()).await {
+                let ack = self.ack(&key, &route, outcome, String::new());
+                match self.append(&stream, &[recorded], Some(ack)).await {
                     Ok(()) => Outcome::Consumed,
+                    // The barrier makes the redelivery harmless.
                     Err(_) => Outcome::RetryLater,
                 }
+            }
+            Err(BarrierError::Refused(refusal, detail)) => {
+                // The undo would break an invariant: retrying cannot help.
+                let error = format!("refused ({}): {detail}", refusal.code());
+                self.park(&stream, &delivery, tries + 1, error, Some((&key, &route)))
+                    .await
             }
             Err(error) => {
                 let tries = tries + 1;
                 let error = error.to_string();
                 if tries >= TRIES_MAX {
-                    return self.park(&stream, &delivery, tries, error, Some(&key)).await;
+                    return self
+                        .park(&stream, &delivery, tries, error, Some((&key, &route)))
+                        .await;
                 }
                 tracing::warn!(key = %delivery.key, tries, %error, "compensation failed; retry later");
                 let _ = self
-                    .append(&stream, ParticipantEvent::ConsumeFailed { tries, error })
+                    .append(&stream, &[ParticipantEvent::ConsumeFailed { tries, error }], None)
                     .await;
                 Outcome::RetryLater
             }
         }
     }
 
-    /// Parked messages, oldest key first, after `after` (a log key) when given.
+    /// Parked messages in key order, after the `log_key` `after` when given.
     pub async fn parked(&self, after: Option<&str>, max: usize) -> Result<Vec<pb::ParkedMessage>, String> {
-        let after_key = after.map(|a| format!("parked/consumer/{a}"));
+        let after_key = after.map(|a| format!("parked/{a}"));
         let entries = self
             .participant
             .log()
@@ -411,30 +536,36 @@ impl CompensationConsumer {
             .await
             .map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity(entries.len());
-        for (_, value) in entries {
-            out.push(parked_message(&value)?);
+        for (key, value) in entries {
+            let log_key = String::from_utf8_lossy(&key["parked/".len()..]).into_owned();
+            out.push(parked_message(log_key, &value)?);
         }
         Ok(out)
     }
-}
 
-impl CompensationConsumer {
-    /// Puts a parked message back: records `ParkedRequeued` (its tries start again from 0)
-    /// and publishes the original message again. `log_key` is `<group>/<tag>/<key>`.
+    /// Puts a parked message back: publishes the original message again, then records the
+    /// requeue (its tries start again from 0). In that order: a failed publish leaves it parked
+    /// and listed; a crash between the two leaves it listed although sent, and the new
+    /// delivery requeues it anyway. `log_key` is a [`pb::ParkedMessage::log_key`].
     pub async fn requeue(&self, log_key: &str) -> Result<Option<pb::ParkedMessage>, String> {
-        let stream = format!("consumer/{log_key}");
         let Some(value) = self
             .participant
             .log()
-            .projection_get(format!("parked/{stream}"))
+            .projection_get(format!("parked/{log_key}"))
             .await
             .map_err(|e| e.to_string())?
         else {
             return Ok(None);
         };
-        let message = parked_message(&value)?;
-        self.append(&stream, ParticipantEvent::ParkedRequeued).await?;
-        self.acks
+        let message = parked_message(log_key.to_owned(), &value)?;
+        if message.body.len() as u64 != message.body_len {
+            return Err(format!(
+                "{log_key}: only {} of its {} bytes were kept; it cannot be sent again",
+                message.body.len(),
+                message.body_len
+            ));
+        }
+        self.transport
             .publish(&[Outgoing {
                 topic: self.topic.clone(),
                 tag: message.tag.clone(),
@@ -443,12 +574,42 @@ impl CompensationConsumer {
             }])
             .await
             .map_err(|e| e.to_string())?;
+        let (stream, requeued) = match log_key.rsplit_once('@') {
+            Some((stream, _)) => (
+                stream,
+                ParticipantEvent::ParkedMessageRequeued {
+                    body_digest: message.body_digest,
+                },
+            ),
+            // Entries of older logs: `consumer/<group>/<tag>/<key>`.
+            None => (log_key, ParticipantEvent::ParkedRequeued),
+        };
+        self.append(stream, &[requeued], None).await?;
         Ok(Some(message))
     }
 }
 
-/// A parked-list entry (the stored `MessageParked` event) as the API shows it.
-fn parked_message(stored: &[u8]) -> Result<pb::ParkedMessage, String> {
+/// `<saga_id>:<step>`, if the transport key has that shape.
+fn parse_transport_key(key: &str) -> Option<StepKey> {
+    let (saga_id, step) = key.rsplit_once(':')?;
+    (!saga_id.is_empty() && !step.is_empty()).then(|| StepKey {
+        saga_id: saga_id.to_owned(),
+        step: step.to_owned(),
+    })
+}
+
+/// A transport-supplied name cut to a length the log can store.
+fn bounded(text: &str) -> String {
+    const LEN_MAX: usize = 256;
+    let mut end = text.len().min(LEN_MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// A parked-list entry (the stored parking event) as the API shows it.
+fn parked_message(log_key: String, stored: &[u8]) -> Result<pb::ParkedMessage, String> {
     match saga_storage::codec::decode::<ParticipantEvent>(stored).map_err(|e| e.to_string())? {
         ParticipantEvent::MessageParked {
             group,
@@ -459,14 +620,38 @@ fn parked_message(stored: &[u8]) -> Result<pb::ParkedMessage, String> {
             body,
             parked_at_unix_ms,
         } => Ok(pb::ParkedMessage {
-            log_key: format!("{group}/{tag}/{key}"),
+            log_key,
             group,
             tag,
             key,
             tries,
             last_error: error,
             parked_at_unix_ms,
+            body_len: body.len() as u64,
+            body_digest: body_digest(&body),
             body,
+        }),
+        ParticipantEvent::MessageParkedDigest {
+            group,
+            tag,
+            key,
+            tries,
+            error,
+            body_prefix,
+            body_len,
+            body_digest,
+            parked_at_unix_ms,
+        } => Ok(pb::ParkedMessage {
+            log_key,
+            group,
+            tag,
+            key,
+            tries,
+            last_error: error,
+            parked_at_unix_ms,
+            body: body_prefix,
+            body_len,
+            body_digest,
         }),
         other => Err(format!("parked list holds a {} event", other.name())),
     }
@@ -474,17 +659,8 @@ fn parked_message(stored: &[u8]) -> Result<pb::ParkedMessage, String> {
 
 impl Handler for CompensationConsumer {
     fn handle(&self, delivery: Delivery) -> BoxFuture<'static, Outcome> {
-        // The handler owns clones of what it needs so that the future is 'static.
-        let this = CompensationConsumer {
-            participant: self.participant.clone(),
-            acks: Arc::clone(&self.acks),
-            ack_batcher: self.ack_batcher.clone(),
-            group: self.group.clone(),
-            topic: self.topic.clone(),
-            ack_topic: self.ack_topic.clone(),
-            fault_prefix: self.fault_prefix.clone(),
-            crash_prefix: self.crash_prefix.clone(),
-        };
+        // The handler owns a clone so that the future is 'static.
+        let this = self.clone();
         Box::pin(async move { this.handle_delivery(delivery).await })
     }
 }

@@ -14,6 +14,15 @@
 //! sagas (available stock, balance and coupon state), inside the writer's transaction, so
 //! that two sagas can never both take the last unit: an action that would break one is
 //! refused atomically (`StorageError::Projection` carrying a [`Refusal`]).
+//!
+//! A compensation can break an invariant too (cancelling an order that was confirmed, say):
+//! that is a message's doing, so it is a refusal as well (the consumer parks the message and
+//! reports it), never a panic of the log's only writer. Panics are kept for states no input
+//! can produce.
+//!
+//! **Stored enums: append only at the end.** bincode writes an enum's variant index, so a
+//! variant inserted or moved anywhere but at the end of [`ParticipantEvent`] (or of the enums
+//! it holds) silently misreads every stored log. The golden-bytes test below guards it.
 
 use saga_storage::{EventView, ProjectError, ProjectionTx, Projector, codec};
 use serde::{Deserialize, Serialize};
@@ -165,6 +174,46 @@ pub enum ParticipantEvent {
         parked_at_unix_ms: i64,
     },
     ParkedRequeued,
+    /// A message parked by the consumer (stream `consumer/...`, or `poison/...` for a message
+    /// that is not a valid compensation). Replaces `MessageParked` (kept for old logs): the
+    /// body is kept up to [`PARKED_BODY_LEN_MAX`] bytes with its length and digest, so a body
+    /// too large for the log parks all the same, and the parked list is keyed by the digest,
+    /// so two different messages parked under one key both stay listed.
+    MessageParkedDigest {
+        group: String,
+        tag: String,
+        key: String,
+        tries: u32,
+        error: String,
+        body_prefix: Vec<u8>,
+        body_len: u64,
+        body_digest: u64,
+        parked_at_unix_ms: i64,
+    },
+    /// The parked message with this digest was published again (RequeueParked, or a new
+    /// delivery of its key after a RetrySaga): its tries start again. Replaces
+    /// `ParkedRequeued` for `MessageParkedDigest` entries.
+    ParkedMessageRequeued {
+        body_digest: u64,
+    },
+    /// A duplicate delivery of a compensation that had succeeded: its acknowledgement was
+    /// written to the outbox again in the same append (the first may have been lost).
+    DuplicateAcknowledged {
+        outcome: String,
+    },
+}
+
+/// Most bytes of a parked message's body kept in its parking event.
+pub const PARKED_BODY_LEN_MAX: usize = 64 * 1024;
+
+/// The digest that names a parked body (xxh3-64).
+pub fn body_digest(body: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(body)
+}
+
+/// The parked-list key of a parked message: `parked/<stream>@<digest, 16 hex digits>`.
+pub fn parked_key(stream: &str, body_digest: u64) -> String {
+    format!("parked/{stream}@{body_digest:016x}")
 }
 
 impl ParticipantEvent {
@@ -189,6 +238,9 @@ impl ParticipantEvent {
             ParticipantEvent::ConsumeFailed { .. } => "ConsumeFailed",
             ParticipantEvent::MessageParked { .. } => "MessageParked",
             ParticipantEvent::ParkedRequeued => "ParkedRequeued",
+            ParticipantEvent::MessageParkedDigest { .. } => "MessageParkedDigest",
+            ParticipantEvent::ParkedMessageRequeued { .. } => "ParkedMessageRequeued",
+            ParticipantEvent::DuplicateAcknowledged { .. } => "DuplicateAcknowledged",
         }
     }
 
@@ -351,17 +403,26 @@ impl Projector for ParticipantProjector {
                 Ok(())
             }
             ParticipantEvent::StockReleased { items, .. } => {
+                // A release follows its reservation, so the units are reserved; a log where
+                // they are not is refused (parked), not trusted.
+                let mut levels = Vec::with_capacity(items.len());
                 for item in &items {
                     let key = stock_key(&item.product_id);
                     let mut level = get::<StockLevel>(tx, &key)?.unwrap_or_default();
-                    // Invariant: a release follows its reservation, so the units are reserved.
-                    assert!(
-                        level.reserved >= item.quantity,
-                        "release of {} beyond its reservation",
-                        item.product_id
-                    );
+                    if level.reserved < item.quantity {
+                        return Err(refuse(
+                            Refusal::InvalidState,
+                            format!(
+                                "release of {} units of {} beyond its {} reserved",
+                                item.quantity, item.product_id, level.reserved
+                            ),
+                        ));
+                    }
                     level.available += item.quantity;
                     level.reserved -= item.quantity;
+                    levels.push((key, level));
+                }
+                for (key, level) in levels {
                     put(tx, &key, &level)?;
                 }
                 Ok(())
@@ -393,12 +454,18 @@ impl Projector for ParticipantProjector {
             }
             ParticipantEvent::CouponUnlocked { coupon_id, order_id } => {
                 let key = coupon_key(&coupon_id);
-                let mut coupon =
-                    get::<CouponState>(tx, &key)?.expect("an unlocked coupon was locked, so it exists");
-                assert_eq!(
-                    coupon.locked_by_order_id, order_id,
-                    "unlock by the order that locked it"
-                );
+                let Some(mut coupon) = get::<CouponState>(tx, &key)? else {
+                    return Err(refuse(Refusal::UnknownEntity, format!("coupon {coupon_id}")));
+                };
+                if coupon.status != CouponStatus::Locked || coupon.locked_by_order_id != order_id {
+                    return Err(refuse(
+                        Refusal::InvalidState,
+                        format!(
+                            "coupon {coupon_id} is {:?} by {:?}, not locked by order {order_id}",
+                            coupon.status, coupon.locked_by_order_id
+                        ),
+                    ));
+                }
                 coupon.status = CouponStatus::Free;
                 coupon.locked_by_order_id.clear();
                 put(tx, &key, &coupon)
@@ -426,7 +493,9 @@ impl Projector for ParticipantProjector {
                 ..
             } => {
                 let key = balance_key(&user_id);
-                let balance = get::<i64>(tx, &key)?.expect("a refunded account was deducted, so it exists");
+                let Some(balance) = get::<i64>(tx, &key)? else {
+                    return Err(refuse(Refusal::UnknownEntity, format!("user {user_id}")));
+                };
                 put(tx, &key, &(balance + amount_minor))
             }
             ParticipantEvent::OrderCreated {
@@ -471,13 +540,20 @@ impl Projector for ParticipantProjector {
             }
             ParticipantEvent::OrderCancelled { order_id } => {
                 let key = order_key(&order_id);
-                let mut order =
-                    get::<OrderState>(tx, &key)?.expect("a cancelled order was created, so it exists");
-                assert_ne!(
-                    order.status,
-                    OrderStatus::Confirmed,
-                    "a confirmed order is never compensated"
-                );
+                let Some(mut order) = get::<OrderState>(tx, &key)? else {
+                    return Err(refuse(Refusal::UnknownEntity, format!("order {order_id}")));
+                };
+                // The saga never compensates past its pivot; a message that asks for it is
+                // refused (and parked), the order stays confirmed.
+                if order.status != OrderStatus::Pending {
+                    return Err(refuse(
+                        Refusal::InvalidState,
+                        format!(
+                            "order {order_id} is {:?}; only a pending order is cancelled",
+                            order.status
+                        ),
+                    ));
+                }
                 order.status = OrderStatus::Cancelled;
                 put(tx, &key, &order)
             }
@@ -486,11 +562,179 @@ impl Projector for ParticipantProjector {
                 tx.insert(format!("parked/{}", view.stream), view.payload.to_vec())
             }
             ParticipantEvent::ParkedRequeued => tx.remove(format!("parked/{}", view.stream)),
+            ParticipantEvent::MessageParkedDigest { body_digest, .. } => {
+                tx.insert(parked_key(view.stream, body_digest), view.payload.to_vec())
+            }
+            ParticipantEvent::ParkedMessageRequeued { body_digest } => {
+                tx.remove(parked_key(view.stream, body_digest))
+            }
             ParticipantEvent::ActionRefused { .. }
             | ParticipantEvent::NullCompensated
             | ParticipantEvent::ConsumeStarted { .. }
             | ParticipantEvent::ConsumeSucceeded { .. }
-            | ParticipantEvent::ConsumeFailed { .. } => Ok(()),
+            | ParticipantEvent::ConsumeFailed { .. }
+            | ParticipantEvent::DuplicateAcknowledged { .. } => Ok(()),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// One value of every variant, in declaration order, with the bytes it was first stored
+    /// as. A failure here means stored logs would be misread: add new variants at the end
+    /// instead, and never change an existing one.
+    #[test]
+    fn stored_participant_events_keep_their_encoding() {
+        let s = |x: &str| x.to_owned();
+        let item = || Item {
+            product_id: s("p"),
+            quantity: 2,
+        };
+        let cases = vec![
+            ParticipantEvent::StockSeeded {
+                product_id: s("p"),
+                available: 3,
+            },
+            ParticipantEvent::CouponIssued {
+                coupon_id: s("c"),
+                owner_user_id: s("u"),
+                value_minor: 5,
+            },
+            ParticipantEvent::AccountOpened {
+                user_id: s("u"),
+                balance_minor: 9,
+            },
+            ParticipantEvent::StockReserved {
+                order_id: s("o"),
+                items: vec![item()],
+            },
+            ParticipantEvent::CouponLocked {
+                coupon_id: s("c"),
+                user_id: s("u"),
+                order_id: s("o"),
+            },
+            ParticipantEvent::BalanceDeducted {
+                user_id: s("u"),
+                amount_minor: 4,
+                order_id: s("o"),
+            },
+            ParticipantEvent::OrderCreated {
+                order_id: s("o"),
+                user_id: s("u"),
+                items: vec![item()],
+                amount_minor: 4,
+                coupon_id: s("c"),
+            },
+            ParticipantEvent::OrderConfirmed { order_id: s("o") },
+            ParticipantEvent::ActionRefused {
+                refusal: Refusal::InvalidState,
+                detail: s("d"),
+            },
+            ParticipantEvent::StockReleased {
+                order_id: s("o"),
+                items: vec![item()],
+            },
+            ParticipantEvent::CouponUnlocked {
+                coupon_id: s("c"),
+                order_id: s("o"),
+            },
+            ParticipantEvent::BalanceRefunded {
+                user_id: s("u"),
+                amount_minor: 4,
+                order_id: s("o"),
+            },
+            ParticipantEvent::OrderCancelled { order_id: s("o") },
+            ParticipantEvent::NullCompensated,
+            ParticipantEvent::ConsumeStarted { attempt: 1 },
+            ParticipantEvent::ConsumeSucceeded { outcome: s("x") },
+            ParticipantEvent::ConsumeFailed {
+                tries: 2,
+                error: s("e"),
+            },
+            ParticipantEvent::MessageParked {
+                group: s("g"),
+                tag: s("t"),
+                key: s("k"),
+                tries: 3,
+                error: s("e"),
+                body: vec![1],
+                parked_at_unix_ms: 6,
+            },
+            ParticipantEvent::ParkedRequeued,
+            ParticipantEvent::MessageParkedDigest {
+                group: s("g"),
+                tag: s("t"),
+                key: s("k"),
+                tries: 3,
+                error: s("e"),
+                body_prefix: vec![1],
+                body_len: 1,
+                body_digest: 8,
+                parked_at_unix_ms: 6,
+            },
+            ParticipantEvent::ParkedMessageRequeued { body_digest: 8 },
+            ParticipantEvent::DuplicateAcknowledged { outcome: s("x") },
+        ];
+        let actual: Vec<String> = cases
+            .iter()
+            .map(|e| hex(&codec::encode(e).expect("encodes")))
+            .collect();
+        assert_eq!(actual, GOLDEN);
+        // The read models are stored with the codec too.
+        let level = StockLevel {
+            available: 1,
+            reserved: 2,
+        };
+        let coupon = CouponState {
+            owner_user_id: s("u"),
+            value_minor: 5,
+            status: CouponStatus::Locked,
+            locked_by_order_id: s("o"),
+        };
+        let order = OrderState {
+            user_id: s("u"),
+            items: vec![item()],
+            amount_minor: 4,
+            coupon_id: s("c"),
+            status: OrderStatus::Cancelled,
+        };
+        let models = [
+            hex(&codec::encode(&level).expect("encodes")),
+            hex(&codec::encode(&coupon).expect("encodes")),
+            hex(&codec::encode(&order).expect("encodes")),
+        ];
+        assert_eq!(models, GOLDEN_MODELS);
+    }
+
+    const GOLDEN: &[&str] = &[
+        "00017006",
+        "01016301750a",
+        "02017512",
+        "03016f01017004",
+        "0401630175016f",
+        "05017508016f",
+        "06016f017501017004080163",
+        "07016f",
+        "08050164",
+        "09016f01017004",
+        "0a0163016f",
+        "0b017508016f",
+        "0c016f",
+        "0d",
+        "0e01",
+        "0f0178",
+        "10020165",
+        "1101670174016b03016501010c",
+        "12",
+        "1301670174016b030165010101080c",
+        "1408",
+        "150178",
+    ];
+    const GOLDEN_MODELS: [&str; 3] = ["0204", "01750a01016f", "01750101700408016302"];
 }

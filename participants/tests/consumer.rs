@@ -143,6 +143,7 @@ fn compensation(key: &StepKey) -> Outgoing {
             }),
             role: "stock".into(),
             requested_at_unix_ms: 0,
+            ..Default::default()
         }
         .encode_to_vec(),
     }
@@ -210,8 +211,8 @@ async fn compensation_delivered_twice_is_applied_once_and_acked_twice() {
     );
     assert_eq!(
         consumer_log(&s.participant, &key).await,
-        vec!["ConsumeStarted", "ConsumeSucceeded"],
-        "the duplicate was skipped by the consumer log"
+        vec!["ConsumeStarted", "ConsumeSucceeded", "DuplicateAcknowledged"],
+        "the duplicate was skipped (only its ack was written again)"
     );
 }
 
@@ -243,7 +244,7 @@ async fn compensation_that_keeps_failing_is_parked_after_3_tries_never_dropped()
             "ConsumeStarted",
             "ConsumeFailed",
             "ConsumeStarted",
-            "MessageParked"
+            "MessageParkedDigest"
         ]
     );
     assert_eq!(
@@ -282,5 +283,349 @@ async fn undecodable_compensation_is_parked_at_once() {
         parked[0].last_error.contains("undecodable"),
         "{}",
         parked[0].last_error
+    );
+}
+
+/// A transport whose publishes fail while `down` is set (a broker outage seen by the
+/// publisher); deliveries are the inner transport's.
+struct Flaky {
+    inner: Arc<EmbeddedTransport>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Transport for Flaky {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [Outgoing],
+    ) -> BoxFuture<'a, Result<(), saga_messaging::MessagingError>> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(saga_messaging::MessagingError::Unavailable(
+                    "broker down (test)".into(),
+                ))
+            });
+        }
+        self.inner.publish(messages)
+    }
+
+    fn subscribe(
+        &self,
+        spec: SubscriptionSpec,
+        handler: Arc<dyn Handler>,
+    ) -> BoxFuture<'_, Result<Box<dyn saga_messaging::transport::Consumer>, saga_messaging::MessagingError>>
+    {
+        self.inner.subscribe(spec, handler)
+    }
+}
+
+/// A consumer of `role` whose publishes go through a [`Flaky`] transport; deliveries are
+/// handed to the consumer directly by the tests (no subscription), acks are collected from
+/// the embedded queue.
+struct Direct {
+    participant: Participant,
+    flaky: Arc<Flaky>,
+    consumer: Arc<CompensationConsumer>,
+    acks: Arc<Acks>,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+async fn direct(role: Role, fault_prefix: Option<&str>) -> Direct {
+    let (pdir, qdir) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let participant = Participant::open(role, pdir.path()).expect("opens");
+    let inner = Arc::new(
+        EmbeddedTransport::open(
+            qdir.path(),
+            EmbeddedConfig {
+                retry_delay_base: Duration::from_millis(20),
+                retry_delay_max: Duration::from_millis(100),
+            },
+        )
+        .expect("queue"),
+    );
+    let flaky = Arc::new(Flaky {
+        inner: inner.clone(),
+        down: std::sync::atomic::AtomicBool::new(false),
+    });
+    let consumer = Arc::new(
+        CompensationConsumer::new(participant.clone(), flaky.clone())
+            .with_fault_prefix(fault_prefix.map(String::from)),
+    );
+    let acks = Arc::new(Acks::default());
+    let spec = SubscriptionSpec {
+        group: "test-orchestrator".into(),
+        topic: topics::COMPENSATION_ACK_TOPIC.into(),
+        tags: vec![],
+    };
+    std::mem::forget(inner.subscribe(spec, acks.clone()).await.expect("subscribes"));
+    let seed = ParticipantEvent::StockSeeded {
+        product_id: "p1".into(),
+        available: 10,
+    };
+    participant
+        .log()
+        .append(
+            AppendRequest::new("seed/product/p1", ExpectedVersion::NoStream)
+                .event(NewEvent::encode(seed.name(), &seed).expect("enc")),
+        )
+        .await
+        .expect("seeds");
+    Direct {
+        participant,
+        flaky,
+        consumer,
+        acks,
+        _dirs: (pdir, qdir),
+    }
+}
+
+fn delivery(message: Outgoing) -> Delivery {
+    Delivery {
+        topic: message.topic,
+        tag: message.tag,
+        key: message.key,
+        body: message.body,
+        attempt: 0,
+    }
+}
+
+fn compensation_for(role: &str, key: &StepKey) -> Outgoing {
+    let mut message = compensation(key);
+    message.tag = role.into();
+    message.body = pb::CompensationRequest {
+        key: Some(pb::StepKey {
+            saga_id: key.saga_id.clone(),
+            step: key.step.clone(),
+        }),
+        role: role.into(),
+        requested_at_unix_ms: 0,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    message
+}
+
+/// Delivers until the consumer stops asking for a redelivery (as a transport would), at most
+/// `times` deliveries.
+async fn deliver_until_consumed(consumer: &CompensationConsumer, message: &Outgoing, times: u32) -> u32 {
+    for attempt in 0..times {
+        let mut d = delivery(message.clone());
+        d.attempt = attempt;
+        if consumer.handle(d).await == Outcome::Consumed {
+            return attempt + 1;
+        }
+    }
+    panic!("not consumed after {times} deliveries");
+}
+
+/// Item 3: a PARKED acknowledgement whose publish fails must not be lost: it is written to the
+/// participant's log with the parking and relayed once the broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_ack_whose_publish_fails_is_relayed_later() {
+    let s = direct(Role::Stock, Some("bad-")).await;
+    let key = reserve(&s.participant, "bad-1").await;
+    s.flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    deliver_until_consumed(&s.consumer, &compensation(&key), TRIES_MAX + 2).await;
+    assert_eq!(s.consumer.parked(None, 10).await.expect("lists").len(), 1);
+    assert!(
+        s.acks.seen.lock().unwrap().is_empty(),
+        "no ack while the broker is down"
+    );
+    s.flaky.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let acks = s.acks.wait_for(1).await;
+    assert_eq!(acks[0].outcome, pb::CompensationOutcome::Parked as i32);
+    assert_eq!(acks[0].key.as_ref().expect("key").saga_id, "bad-1");
+}
+
+/// Item 3: an APPLIED acknowledgement whose publish fails is relayed later too, and the
+/// delivery is consumed (the ack is durable in the participant's outbox).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_applied_ack_whose_publish_fails_is_relayed_later() {
+    let s = direct(Role::Stock, None).await;
+    let key = reserve(&s.participant, "saga-1").await;
+    s.flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let deliveries = deliver_until_consumed(&s.consumer, &compensation(&key), 3).await;
+    assert_eq!(deliveries, 1, "consumed at once: the ack is in the outbox");
+    s.flaky.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let acks = s.acks.wait_for(1).await;
+    assert_eq!(acks[0].outcome, pb::CompensationOutcome::Applied as i32);
+}
+
+/// Item 3: an undecodable message whose transport key names a step is parked and the
+/// orchestrator hears of it (PARKED ack for that key), instead of waiting for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_message_with_a_step_key_is_parked_and_acknowledged_parked() {
+    let s = direct(Role::Stock, None).await;
+    let mut garbage = compensation(&StepKey {
+        saga_id: "saga-7".into(),
+        step: "reserve_stock".into(),
+    });
+    garbage.body = vec![0xFF, 0xFF, 0xFF];
+    deliver_until_consumed(&s.consumer, &garbage, 1).await;
+    let acks = s.acks.wait_for(1).await;
+    assert_eq!(acks[0].outcome, pb::CompensationOutcome::Parked as i32);
+    let key = acks[0].key.as_ref().expect("key");
+    assert_eq!(
+        (key.saga_id.as_str(), key.step.as_str()),
+        ("saga-7", "reserve_stock")
+    );
+}
+
+/// Item 4: compensating the creation of an order that was confirmed is an invariant a message
+/// can violate: a refusal that parks the message, not a panic of the log's writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compensating_a_confirmed_order_is_refused_and_parked_and_the_log_goes_on() {
+    let s = direct(Role::Order, None).await;
+    let create = StepKey {
+        saga_id: "ord-1".into(),
+        step: "create_order".into(),
+    };
+    let created = ParticipantEvent::OrderCreated {
+        order_id: "ord-1".into(),
+        user_id: "u1".into(),
+        items: vec![],
+        amount_minor: 5,
+        coupon_id: String::new(),
+    };
+    barrier::act(s.participant.log(), &create, created)
+        .await
+        .expect("creates");
+    let confirm = StepKey {
+        saga_id: "ord-1".into(),
+        step: "confirm_order".into(),
+    };
+    let confirmed = ParticipantEvent::OrderConfirmed {
+        order_id: "ord-1".into(),
+    };
+    barrier::act(s.participant.log(), &confirm, confirmed)
+        .await
+        .expect("confirms");
+    deliver_until_consumed(&s.consumer, &compensation_for("order", &create), TRIES_MAX + 2).await;
+    let acks = s.acks.wait_for(1).await;
+    assert_eq!(acks[0].outcome, pb::CompensationOutcome::Parked as i32);
+    assert!(
+        acks[0].detail.contains("Confirmed") || acks[0].detail.contains("confirmed"),
+        "{}",
+        acks[0].detail
+    );
+    // The writer still works.
+    let key = reserve(&s.participant, "ord-2").await;
+    assert_eq!(key.saga_id, "ord-2");
+}
+
+/// Item 4: a try that started and never finished (the process died in it) counts, so a poison
+/// message that kills the process is parked after TRIES_MAX such tries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tries_that_never_finished_count_and_park_a_poison_message() {
+    let s = direct(Role::Stock, None).await;
+    let key = reserve(&s.participant, "saga-3").await;
+    let stream = format!(
+        "consumer/saga-compensation-stock/stock/{}:{}",
+        key.saga_id, key.step
+    );
+    for attempt in 1..=TRIES_MAX {
+        let started = ParticipantEvent::ConsumeStarted { attempt };
+        s.participant
+            .log()
+            .append(
+                AppendRequest::new(&stream, ExpectedVersion::Any)
+                    .event(NewEvent::encode(started.name(), &started).expect("enc")),
+            )
+            .await
+            .expect("appends");
+    }
+    deliver_until_consumed(&s.consumer, &compensation(&key), 1).await;
+    let acks = s.acks.wait_for(1).await;
+    assert_eq!(acks[0].outcome, pb::CompensationOutcome::Parked as i32);
+    assert_eq!(
+        level(&s.participant).await,
+        StockLevel {
+            available: 6,
+            reserved: 4
+        },
+        "the poison message was not tried again"
+    );
+}
+
+/// Item 7: the consumer log is keyed by the body's step key; a delivery whose transport key
+/// disagrees with its body is parked, not applied under another key's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_whose_transport_key_disagrees_with_its_body_is_parked() {
+    let s = direct(Role::Stock, None).await;
+    let key = reserve(&s.participant, "saga-4").await;
+    let mut message = compensation(&key);
+    message.key = "saga-5:reserve_stock".into();
+    deliver_until_consumed(&s.consumer, &message, 1).await;
+    let parked = s.consumer.parked(None, 10).await.expect("lists");
+    assert_eq!(parked.len(), 1, "parked: {parked:?}");
+    assert!(
+        parked[0].last_error.contains("saga-5:reserve_stock"),
+        "{}",
+        parked[0].last_error
+    );
+    assert_eq!(
+        level(&s.participant).await,
+        StockLevel {
+            available: 6,
+            reserved: 4
+        },
+        "not applied"
+    );
+}
+
+/// Item 8: RequeueParked publishes first and records after: a failed publish leaves the
+/// message parked (and listed), instead of recorded as requeued and never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeue_whose_publish_fails_leaves_the_message_parked() {
+    let s = direct(Role::Stock, Some("bad-")).await;
+    let key = reserve(&s.participant, "bad-2").await;
+    deliver_until_consumed(&s.consumer, &compensation(&key), TRIES_MAX + 2).await;
+    let parked = s.consumer.parked(None, 10).await.expect("lists");
+    assert_eq!(parked.len(), 1);
+    s.flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        s.consumer.requeue(&parked[0].log_key).await.is_err(),
+        "the publish failed"
+    );
+    let still = s.consumer.parked(None, 10).await.expect("lists");
+    assert_eq!(still.len(), 1, "still parked after a failed requeue");
+}
+
+/// Item 11: a compensation whose body is larger than the log's payload limit is parked with a
+/// bounded prefix and a digest of the body (the whole body cannot be stored), and two
+/// different messages parked under one key both stay visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_conflicting_messages_are_parked_and_all_visible() {
+    let s = direct(Role::Stock, None).await;
+    let mut huge = compensation(&StepKey {
+        saga_id: "saga-8".into(),
+        step: "reserve_stock".into(),
+    });
+    huge.body = vec![0xFF; saga_storage::codec::PAYLOAD_LEN_MAX + 10];
+    deliver_until_consumed(&s.consumer, &huge, 2).await;
+    let mut other = huge.clone();
+    other.body = vec![0xFE, 0xFF];
+    deliver_until_consumed(&s.consumer, &other, 2).await;
+    let parked = s.consumer.parked(None, 10).await.expect("lists");
+    assert_eq!(
+        parked.len(),
+        2,
+        "both parked messages are listed: {:?}",
+        parked
+            .iter()
+            .map(|p| (&p.log_key, p.body.len()))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        parked
+            .iter()
+            .all(|p| p.body.len() < saga_storage::codec::PAYLOAD_LEN_MAX),
+        "parked bodies are bounded"
+    );
+    assert!(
+        parked.iter().any(|p| p.body == other.body),
+        "a small body is kept whole"
     );
 }

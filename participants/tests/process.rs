@@ -170,6 +170,7 @@ fn compensation(run: &str, saga: &str) -> Outgoing {
             }),
             role: "stock".into(),
             requested_at_unix_ms: 0,
+            ..Default::default()
         }
         .encode_to_vec(),
     }

@@ -10,10 +10,12 @@
 //! - [`codec`]: the payload codec (bincode 2 + serde), the one place that knows it.
 //! - [`projection`]: read models written in the same transaction as their events.
 //! - [`outbox`]: messages written with the events that decide them, for a relay to publish.
+//! - [`gate`]: a test hook that holds the writer at a named point (crash-window tests).
 //! - [`error`]: the error type, [`StorageError`], with variants a caller can act on.
 
 pub mod codec;
 pub mod error;
+pub mod gate;
 pub mod log;
 pub mod outbox;
 pub mod projection;

@@ -53,6 +53,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::codec;
 use crate::error::StorageError;
+use crate::gate::{GatePoint, GateVerdict, WriterGate};
 use crate::outbox::{OUTBOX_PER_APPEND_MAX, OutboxEntry, OutboxId, OutboxMessage};
 use crate::projection::{EventView, ProjectError, ProjectionTx, Projector};
 use crate::record_format::{self, Layout, RecordFields};
@@ -83,6 +84,8 @@ pub struct LogConfig {
     pub batch_len_max: usize,
     /// Most jobs waiting for the writer; further appends wait (back-pressure).
     pub queue_len_max: usize,
+    /// Test hook: holds the writer at a named point (see `gate`). `None` in production.
+    pub gate: Option<Arc<WriterGate>>,
 }
 
 impl LogConfig {
@@ -93,6 +96,7 @@ impl LogConfig {
             cache_capacity_bytes: 64 * 1024 * 1024,
             batch_len_max: 512,
             queue_len_max: 8192,
+            gate: None,
         }
     }
 }
@@ -521,6 +525,7 @@ impl EventLog {
             next_position: last_position + 1,
             seq: 0,
             heads: HashMap::new(),
+            gate: config.gate.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("saga-log-writer".into())
@@ -669,16 +674,24 @@ impl EventLog {
         max: usize,
     ) -> Result<Vec<(IVec, IVec)>, StorageError> {
         let max = max.min(READ_LEN_MAX);
-        let mut out = Vec::new();
-        for entry in self.shared.trees.projections.scan_prefix(prefix) {
-            let (key, value) = entry?;
-            if after.is_some_and(|after| key.as_ref() <= after) {
-                continue;
+        let prefix = prefix.as_ref();
+        // Seek straight to the first key after `after` (the smallest key above it is `after`
+        // followed by a zero byte): paging costs the page, not everything before it.
+        let start = match after {
+            Some(after) if after >= prefix => {
+                let mut start = after.to_vec();
+                start.push(0);
+                start
             }
-            out.push((key, value));
-            if out.len() >= max {
+            _ => prefix.to_vec(),
+        };
+        let mut out = Vec::new();
+        for entry in self.shared.trees.projections.range(start..) {
+            let (key, value) = entry?;
+            if !key.starts_with(prefix) || out.len() >= max {
                 break;
             }
+            out.push((key, value));
         }
         self.wait_durable_read().await?;
         Ok(out)
@@ -864,6 +877,7 @@ struct Writer {
     seq: u64,
     /// stream -> (version, checksum of its last record), for committed data only.
     heads: HashMap<String, (u64, u64)>,
+    gate: Option<Arc<WriterGate>>,
 }
 
 /// A committed batch on its way to the flusher.
@@ -932,7 +946,24 @@ impl Writer {
             }
             return None;
         }
+        if let Some(gate) = &self.gate
+            && gate.pass(GatePoint::BeforeCommit) == GateVerdict::Fail
+        {
+            // A simulated crash: the batch never reaches sled, and nothing after it may.
+            self.durable.send_modify(|d| d.failed = true);
+            for job in batch.drain(..) {
+                reply(
+                    job,
+                    Outcome::Failed(StorageError::Failed("crash simulated by the writer gate".into())),
+                );
+            }
+            return None;
+        }
         let timestamp_us = now_us();
+        // Raise the bar before the data becomes visible: a reader that sees anything of this
+        // batch (sled shows a transaction's writes as soon as it commits) loads a committed
+        // sequence that includes it, so it waits for the flush that covers it.
+        self.shared.committed_seq.store(self.seq + 1, Ordering::Release);
         let (outcomes, next_position) = match self.commit(batch, timestamp_us) {
             Ok(committed) => committed,
             Err(error) => {
@@ -946,8 +977,10 @@ impl Writer {
                 return None;
             }
         };
+        if let Some(gate) = &self.gate {
+            gate.pass(GatePoint::AfterCommit);
+        }
         self.seq += 1;
-        self.shared.committed_seq.store(self.seq, Ordering::Release);
         self.shared.batches.fetch_add(1, Ordering::Relaxed);
         let needs_flush = next_position != self.next_position;
         self.next_position = next_position;
@@ -959,8 +992,11 @@ impl Writer {
         })
     }
 
-    /// Applies the batch in one transaction. A job a projector refuses is left out and the
-    /// transaction is tried again without it (rare: projectors refuse only malformed events).
+    /// Applies the batch in as few transactions as possible. A job a projector refuses is
+    /// left out: the jobs before it (which passed the projector in the same order) are
+    /// committed in one transaction, and the rest of the batch goes on in the next. So each
+    /// job runs through the projector at most twice, however many are refused (participants'
+    /// guards refuse often: out of stock, insufficient balance).
     fn commit(&mut self, batch: &[Job], timestamp_us: i64) -> Result<(Vec<Outcome>, u64), sled::Error> {
         let mut left_out: HashMap<usize, StorageError> = HashMap::new();
         // Heads of streams not in the cache, loaded before the transaction: sled's concurrency
@@ -983,139 +1019,214 @@ impl Writer {
                 }
             }
         }
-        loop {
-            let t = &self.trees;
-            let cache = &self.heads;
-            let result = (&t.events, &t.streams, &t.outbox, &t.projections).transaction(
-                |(events, streams, outbox, projections)| {
-                    // Heads written by this attempt; merged into the cache once it commits.
-                    let mut new_heads: HashMap<&str, (u64, u64)> = HashMap::new();
-                    let mut position = self.next_position;
-                    let mut outcomes = Vec::with_capacity(batch.len());
-                    for (index, job) in batch.iter().enumerate() {
-                        if left_out.contains_key(&index) {
-                            outcomes.push(None);
+        let mut outcomes: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
+        // Heads written by the committed segments of this batch (merged into the cache at
+        // the end, so that the cache's bound never drops a head a later segment needs).
+        let mut batch_heads: HashMap<&str, (u64, u64)> = HashMap::new();
+        let mut position = self.next_position;
+        let (mut start, mut end) = (0, batch.len());
+        while start < batch.len() {
+            let heads = Heads {
+                batch: &batch_heads,
+                cache: &self.heads,
+                loaded: &loaded,
+            };
+            match self.transact(batch, start..end, &left_out, &heads, position, timestamp_us)? {
+                Ok(segment) => {
+                    for (index, outcome) in segment.outcomes {
+                        outcomes[index] = Some(outcome);
+                    }
+                    batch_heads.extend(segment.heads);
+                    position = segment.next_position;
+                    (start, end) = (end, batch.len());
+                }
+                Err(LeaveOut { index, error }) => {
+                    assert!(left_out.insert(index, error).is_none(), "a job is left out once");
+                    if index > start {
+                        // Commit what precedes the refused job; the rest goes on after it.
+                        end = index;
+                    } else {
+                        (start, end) = (index + 1, batch.len());
+                    }
+                }
+            }
+        }
+        if self.heads.len() + batch_heads.len() > HEAD_CACHE_LEN_MAX {
+            self.heads.clear();
+        }
+        for (stream, head) in batch_heads {
+            self.heads.insert(stream.to_owned(), head);
+        }
+        let outcomes = outcomes
+            .into_iter()
+            .enumerate()
+            .map(|(index, outcome)| match outcome {
+                Some(outcome) => outcome,
+                None => Outcome::Failed(
+                    left_out
+                        .remove(&index)
+                        .expect("a job without outcome was left out with an error"),
+                ),
+            })
+            .collect();
+        Ok((outcomes, position))
+    }
+
+    /// One transaction over the jobs `range` of `batch` (minus those left out), from global
+    /// position `position`. `Err(LeaveOut)` when the projector refused a job: nothing of this
+    /// transaction was written.
+    fn transact<'b>(
+        &self,
+        batch: &'b [Job],
+        range: std::ops::Range<usize>,
+        left_out: &HashMap<usize, StorageError>,
+        heads: &Heads<'_, 'b>,
+        position: u64,
+        timestamp_us: i64,
+    ) -> Result<Result<Segment<'b>, LeaveOut>, sled::Error> {
+        let t = &self.trees;
+        let result = (&t.events, &t.streams, &t.outbox, &t.projections).transaction(
+            |(events, streams, outbox, projections)| {
+                // Heads written by this attempt.
+                let mut new_heads: HashMap<&'b str, (u64, u64)> = HashMap::new();
+                let mut position = position;
+                let mut outcomes = Vec::with_capacity(range.len());
+                for index in range.clone() {
+                    if left_out.contains_key(&index) {
+                        continue;
+                    }
+                    let job = &batch[index];
+                    let (request, encoded_outbox) = match job {
+                        Job::AckOutbox { ids, .. } => {
+                            for id in ids {
+                                outbox.remove(&id.to_key())?;
+                            }
+                            outcomes.push((index, Outcome::Acked));
                             continue;
                         }
-                        let (request, encoded_outbox) = match job {
-                            Job::AckOutbox { ids, .. } => {
-                                for id in ids {
-                                    outbox.remove(&id.to_key())?;
-                                }
-                                outcomes.push(Some(Outcome::Acked));
-                                continue;
-                            }
-                            Job::Append { request, outbox, .. } => (request, outbox),
-                        };
-                        let stream = request.stream.as_str();
-                        let head = new_heads
-                            .get(stream)
-                            .or_else(|| cache.get(stream))
-                            .or_else(|| loaded.get(stream));
-                        let Some(&(mut version, mut prev_checksum)) = head else {
-                            // Loading this stream's head failed for an earlier job of the batch
-                            // (that job carries the error).
-                            outcomes.push(Some(Outcome::Failed(StorageError::Failed(format!(
+                        Job::Append { request, outbox, .. } => (request, outbox),
+                    };
+                    let stream = request.stream.as_str();
+                    let head = new_heads.get(stream).copied().or_else(|| heads.get(stream));
+                    let Some((mut version, mut prev_checksum)) = head else {
+                        // Loading this stream's head failed for an earlier job of the batch
+                        // (that job carries the error).
+                        outcomes.push((
+                            index,
+                            Outcome::Failed(StorageError::Failed(format!(
                                 "the head of stream {stream:?} could not be read"
-                            )))));
-                            continue;
-                        };
-                        if !request.expected.admits(version) {
-                            outcomes.push(Some(Outcome::Failed(StorageError::VersionConflict {
+                            ))),
+                        ));
+                        continue;
+                    };
+                    if !request.expected.admits(version) {
+                        outcomes.push((
+                            index,
+                            Outcome::Failed(StorageError::VersionConflict {
                                 stream: stream.to_owned(),
                                 expected: request.expected,
                                 actual: version,
-                            })));
-                            continue;
-                        }
-                        let first_position = position;
-                        for event in &request.events {
-                            version += 1;
-                            let (bytes, checksum) = record_format::encode(&RecordFields {
+                            }),
+                        ));
+                        continue;
+                    }
+                    let first_position = position;
+                    for event in &request.events {
+                        version += 1;
+                        let (bytes, checksum) = record_format::encode(&RecordFields {
+                            position,
+                            version,
+                            timestamp_us,
+                            prev_checksum,
+                            stream,
+                            event_type: &event.event_type,
+                            payload: &event.payload,
+                        });
+                        if let Some(projector) = &self.projector {
+                            let view = EventView {
                                 position,
-                                version,
-                                timestamp_us,
-                                prev_checksum,
                                 stream,
+                                version,
                                 event_type: &event.event_type,
+                                timestamp_us,
                                 payload: &event.payload,
-                            });
-                            if let Some(projector) = &self.projector {
-                                let view = EventView {
-                                    position,
-                                    stream,
-                                    version,
-                                    event_type: &event.event_type,
-                                    timestamp_us,
-                                    payload: &event.payload,
-                                };
-                                let mut tx = ProjectionTx { tree: projections };
-                                match projector.project(&view, &mut tx) {
-                                    Ok(()) => {}
-                                    Err(ProjectError::Tx(error)) => return Err(error.into()),
-                                    Err(ProjectError::Refused(reason)) => {
-                                        return Err(ConflictableTransactionError::Abort(LeaveOut {
-                                            index,
-                                            error: StorageError::Projection {
-                                                stream: stream.to_owned(),
-                                                event_type: event.event_type.clone(),
-                                                reason,
-                                            },
-                                        }));
-                                    }
+                            };
+                            let mut tx = ProjectionTx { tree: projections };
+                            match projector.project(&view, &mut tx) {
+                                Ok(()) => {}
+                                Err(ProjectError::Tx(error)) => return Err(error.into()),
+                                Err(ProjectError::Refused(reason)) => {
+                                    return Err(ConflictableTransactionError::Abort(LeaveOut {
+                                        index,
+                                        error: StorageError::Projection {
+                                            stream: stream.to_owned(),
+                                            event_type: event.event_type.clone(),
+                                            reason,
+                                        },
+                                    }));
                                 }
                             }
-                            events.insert(&position.to_be_bytes(), bytes)?;
-                            streams.insert(stream_key(stream, version), &position.to_be_bytes())?;
-                            prev_checksum = checksum;
-                            position += 1;
                         }
-                        new_heads.insert(stream, (version, prev_checksum));
-                        for (i, body) in encoded_outbox.iter().enumerate() {
-                            let id = OutboxId {
-                                position: first_position,
-                                index: i as u16,
-                            };
-                            outbox.insert(&id.to_key(), body.as_slice())?;
-                        }
-                        outcomes.push(Some(Outcome::Appended(Appended {
+                        events.insert(&position.to_be_bytes(), bytes)?;
+                        streams.insert(stream_key(stream, version), &position.to_be_bytes())?;
+                        prev_checksum = checksum;
+                        position += 1;
+                    }
+                    new_heads.insert(stream, (version, prev_checksum));
+                    for (i, body) in encoded_outbox.iter().enumerate() {
+                        let id = OutboxId {
+                            position: first_position,
+                            index: i as u16,
+                        };
+                        outbox.insert(&id.to_key(), body.as_slice())?;
+                    }
+                    outcomes.push((
+                        index,
+                        Outcome::Appended(Appended {
                             stream_version: version,
                             first_position,
                             last_position: position - 1,
-                        })));
-                    }
-                    Ok((outcomes, position, new_heads))
-                },
-            );
-            match result {
-                Ok((outcomes, next_position, new_heads)) => {
-                    if self.heads.len() + new_heads.len() > HEAD_CACHE_LEN_MAX {
-                        self.heads.clear();
-                    }
-                    for (stream, head) in new_heads {
-                        self.heads.insert(stream.to_owned(), head);
-                    }
-                    let outcomes = outcomes
-                        .into_iter()
-                        .enumerate()
-                        .map(|(index, outcome)| match outcome {
-                            Some(outcome) => outcome,
-                            None => Outcome::Failed(
-                                left_out
-                                    .remove(&index)
-                                    .expect("a job without outcome was left out with an error"),
-                            ),
-                        })
-                        .collect();
-                    return Ok((outcomes, next_position));
+                        }),
+                    ));
                 }
-                Err(TransactionError::Abort(LeaveOut { index, error })) => {
-                    assert!(left_out.insert(index, error).is_none(), "a job is left out once");
-                }
-                Err(TransactionError::Storage(error)) => return Err(error),
-            }
+                Ok(Segment {
+                    outcomes,
+                    next_position: position,
+                    heads: new_heads,
+                })
+            },
+        );
+        match result {
+            Ok(segment) => Ok(Ok(segment)),
+            Err(TransactionError::Abort(leave_out)) => Ok(Err(leave_out)),
+            Err(TransactionError::Storage(error)) => Err(error),
         }
     }
+}
+
+/// Where the writer finds a stream's head during a batch: written by an earlier segment of
+/// the batch, cached, or loaded before the batch.
+struct Heads<'a, 'b> {
+    batch: &'a HashMap<&'b str, (u64, u64)>,
+    cache: &'a HashMap<String, (u64, u64)>,
+    loaded: &'a HashMap<&'b str, (u64, u64)>,
+}
+
+impl Heads<'_, '_> {
+    fn get(&self, stream: &str) -> Option<(u64, u64)> {
+        self.batch
+            .get(stream)
+            .or_else(|| self.cache.get(stream))
+            .or_else(|| self.loaded.get(stream))
+            .copied()
+    }
+}
+
+/// What one committed transaction of a batch produced.
+struct Segment<'b> {
+    outcomes: Vec<(usize, Outcome)>,
+    next_position: u64,
+    heads: HashMap<&'b str, (u64, u64)>,
 }
 
 /// The flusher thread: makes committed batches durable, in commit order, then answers them.

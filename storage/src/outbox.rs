@@ -54,3 +54,26 @@ pub struct OutboxEntry {
     pub id: OutboxId,
     pub message: OutboxMessage,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Outbox entries are stored with the codec: a changed encoding of `OutboxMessage` would
+    /// make the relay misread entries written before an upgrade.
+    #[test]
+    fn stored_outbox_messages_keep_their_encoding() {
+        let message = OutboxMessage {
+            topic: "t".into(),
+            tag: "g".into(),
+            key: "k".into(),
+            body: vec![1, 2],
+        };
+        let hex: String = crate::codec::encode(&message)
+            .expect("encodes")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, "01740167016b020102");
+    }
+}

@@ -59,9 +59,21 @@ struct Serve {
     /// Topic acknowledgements are consumed from.
     #[arg(long, default_value = topics::COMPENSATION_ACK_TOPIC)]
     ack_topic: String,
-    /// Consumer group on the acknowledgement topic.
-    #[arg(long, default_value = saga_orchestrator::engine::ACK_GROUP)]
-    ack_group: String,
+    /// This orchestrator's id: compensation requests ask participants to acknowledge with it
+    /// as the tag, so each orchestrator sharing a broker receives exactly its own acks. Keep it
+    /// stable across restarts of the same data directory.
+    #[arg(long, default_value = saga_orchestrator::engine::NODE_ID_DEFAULT)]
+    node_id: String,
+    /// Consumer group on the acknowledgement topic (default `saga-orchestrator-<node id>`).
+    #[arg(long)]
+    ack_group: Option<String>,
+    /// How long a compensation's acknowledgement may take before it is re-published (doubled
+    /// after each re-publish, up to 8 times this).
+    #[arg(long, default_value_t = EngineConfig::default().compensation_ack_deadline_ms)]
+    compensation_ack_deadline_ms: u64,
+    /// Re-publishes of an unacknowledged compensation before its saga is marked STUCK.
+    #[arg(long, default_value_t = EngineConfig::default().compensation_republishes_max)]
+    compensation_republishes_max: u32,
     #[command(flatten)]
     timing: Timing,
 }
@@ -173,6 +185,10 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
         OrderInvoker::new(&addrs)?,
         EngineConfig {
             compensation_topic: args.compensation_topic.clone(),
+            ack_topic: args.ack_topic.clone(),
+            node_id: args.node_id.clone(),
+            compensation_ack_deadline_ms: args.compensation_ack_deadline_ms,
+            compensation_republishes_max: args.compensation_republishes_max,
             ..EngineConfig::default()
         },
     );
@@ -184,9 +200,12 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
     let acks = transport
         .subscribe(
             SubscriptionSpec {
-                group: args.ack_group.clone(),
+                group: args
+                    .ack_group
+                    .clone()
+                    .unwrap_or_else(|| saga_orchestrator::engine::ack_group(&args.node_id)),
                 topic: args.ack_topic.clone(),
-                tags: Vec::new(),
+                tags: vec![args.node_id.clone()],
             },
             Arc::new(AckHandler {
                 engine: engine.clone(),
