@@ -99,7 +99,8 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        // 30 s, then 60, 120, 240, 240, 240: ~15 min of silence before Stuck. Well above the
+        // Re-published after 30 s, then 60, 120, 240, 240, 240 s more, Stuck 240 s after the
+        // sixth: ~20 min of silence before an operator is needed. Well above the
         // broker's own redelivery schedule (10 s, 40 s, 100 s) and a broker restart (~30-60 s
         // of failing sends, ROCKETMQ.md), so only a participant that is really gone gets here.
         EngineConfig {
@@ -426,7 +427,10 @@ impl Engine {
             };
             loop {
                 if let Err(error) = self.run_driver(&saga_id).await {
-                    tracing::error!(saga = %saga_id, %error, "saga driver stopped; the saga resumes on the next start");
+                    // Not left for the next start: a compensating saga's deadline and a running
+                    // saga's next step depend on a driver pass.
+                    tracing::error!(saga = %saga_id, %error, retry_in_ms = DRIVER_RETRY_AFTER.as_millis() as u64, "saga driver stopped; it is driven again later");
+                    self.schedule(&saga_id, tokio::time::Instant::now() + DRIVER_RETRY_AFTER);
                 }
                 let mut drivers = self.inner.drivers.lock().expect("drivers lock");
                 match drivers.scheduled.get_mut(&saga_id) {
@@ -572,7 +576,7 @@ impl Engine {
                         // Invariant 3: a step without compensation is called for the first time
                         // only once its start is durable; any other call overlaps the append
                         // (invariant 1 covers it). Earlier starts are durable either way.
-                        let overlap = step_def.compensable || state.steps[step].attempts > 0;
+                        let overlap = step_def.compensable || state.steps[step].ever_started;
                         record!(SagaEvent::StepStarted {
                             step: name.clone(),
                             attempt
@@ -983,6 +987,9 @@ async fn run_timers(inner: std::sync::Weak<Inner>, wake: Arc<Notify>) {
         let _ = tokio::time::timeout_at(wake_at, wake.notified()).await;
     }
 }
+
+/// When a saga whose driver stopped on an error (storage, contention) is driven again.
+const DRIVER_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// Longest sleep of the timer task.
 const TIMER_IDLE_MAX: Duration = Duration::from_secs(1);

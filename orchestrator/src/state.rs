@@ -91,6 +91,9 @@ pub struct StepState {
     pub last_error: String,
     /// Whether the last recorded failure is followed by another attempt.
     pub retrying: bool,
+    /// A `StepStarted` of this step is in the log. Never cleared (a RetrySaga restarts the
+    /// attempts, but an earlier attempt may have taken effect: invariants 1 and 3).
+    pub ever_started: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +149,7 @@ impl SagaState {
                     attempts: 0,
                     last_error: String::new(),
                     retrying: false,
+                    ever_started: false,
                 })
                 .collect(),
             version: 1,
@@ -200,6 +204,7 @@ impl SagaState {
                 let s = self.step_mut(step)?;
                 s.phase = Phase::Running;
                 s.attempts = *attempt;
+                s.ever_started = true;
             }
             SagaEvent::StepSucceeded { step } => {
                 let s = self.step_mut(step)?;
@@ -325,7 +330,7 @@ impl SagaState {
 
     /// Whether a `StepStarted` of the step is in the log (so its call may have been made).
     fn is_started(step: &StepState) -> bool {
-        step.attempts > 0 || !matches!(step.phase, Phase::Pending | Phase::Skipped)
+        step.ever_started || step.attempts > 0 || !matches!(step.phase, Phase::Pending | Phase::Skipped)
     }
 
     /// The furthest step that may have been called (invariant 1), or `None` before any. It is
@@ -610,6 +615,45 @@ mod tests {
         apply(&mut state, &[ok("deduct_balance"), started("confirm_order")]);
         assert_eq!(state.called_horizon(&def), Some(4));
         assert!(!state.abortable(&def), "confirm_order may have been called");
+    }
+
+    #[test]
+    fn a_retried_confirmation_still_counts_as_possibly_called() {
+        // confirm_order ran out of attempts with its outcome unknown, the saga was Stuck, and
+        // an operator retried it: its attempts start again, but an earlier attempt may have
+        // confirmed the order, so the saga must not become abortable or compensate.
+        let def = order::definition(&OrderTiming::default());
+        let mut state = started_saga(&[]);
+        for step in ["create_order", "reserve_stock", "lock_coupon", "deduct_balance"] {
+            apply(
+                &mut state,
+                &[
+                    SagaEvent::StepStarted {
+                        step: step.into(),
+                        attempt: 1,
+                    },
+                    ok(step),
+                ],
+            );
+        }
+        apply(
+            &mut state,
+            &[
+                SagaEvent::StepStarted {
+                    step: "confirm_order".into(),
+                    attempt: 1,
+                },
+                failed("confirm_order", FailureKind::Unknown, false),
+                SagaEvent::SagaStuck { reason: "x".into() },
+                SagaEvent::SagaRetried {
+                    reason: "operator".into(),
+                    compensations: vec![],
+                },
+            ],
+        );
+        assert_eq!(state.status, Status::Running);
+        assert!(!state.abortable(&def), "confirm_order may have been applied");
+        assert_eq!(state.called_horizon(&def), Some(4));
     }
 
     #[test]

@@ -114,6 +114,33 @@ impl StepKey {
     pub fn stream(&self) -> String {
         format!("step/{}/{}", self.saga_id, self.step)
     }
+
+    /// Checks both parts: what the log can name unambiguously (`step/<saga>/<step>`, and
+    /// `<saga>:<step>` as a message key, so a step name has no ':'). Returns the field at
+    /// fault and why.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        check_key_part(&self.saga_id).map_err(|why| ("key.saga_id", why))?;
+        check_key_part(&self.step).map_err(|why| ("key.step", why))?;
+        if self.step.contains(':') {
+            return Err(("key.step", "must not contain ':'".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The rule for one part of a step key (and for ids in general): 1..=[`KEY_PART_LEN_MAX`]
+/// bytes of printable ASCII without '/'.
+pub fn check_key_part(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if value.len() > KEY_PART_LEN_MAX {
+        return Err(format!("at most {KEY_PART_LEN_MAX} bytes"));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
+        return Err("printable ASCII without '/' only".into());
+    }
+    Ok(())
 }
 
 /// What the step's stream says.

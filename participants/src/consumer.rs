@@ -91,9 +91,13 @@ pub fn fold(events: impl IntoIterator<Item = ParticipantEvent>) -> ConsumeStatus
                 tries,
                 digest: Some(body_digest),
             },
-            ParticipantEvent::ParkedRequeued | ParticipantEvent::ParkedMessageRequeued { .. } => {
-                ConsumeStatus::Failed { tries: 0 }
-            }
+            // A requeue recorded after the republished message already succeeded (RequeueParked
+            // publishes first) changes nothing.
+            ParticipantEvent::ParkedRequeued | ParticipantEvent::ParkedMessageRequeued { .. } => match status
+            {
+                ConsumeStatus::Parked { .. } => ConsumeStatus::Failed { tries: 0 },
+                other => other,
+            },
             ParticipantEvent::DuplicateAcknowledged { .. } => status,
             other => panic!("consumer log holds a non-consumer event: {other:?}"),
         };
@@ -395,6 +399,11 @@ impl CompensationConsumer {
                 )
                 .await;
         };
+        if let Err((field, why)) = key.validate() {
+            // The log could not name its consumer log (or would name it ambiguously).
+            let error = format!("invalid step key: {field} {why}");
+            return self.park_poison(&delivery, error, None).await;
+        }
         let body_key = format!("{}:{}", key.saga_id, key.step);
         if delivery.key != body_key {
             let error = format!(

@@ -11,7 +11,7 @@ use saga_proto::v1 as pb;
 use saga_storage::{AppendRequest, EventLog, ExpectedVersion, NewEvent, StorageError, codec};
 use tonic::{Request, Response, Status};
 
-use crate::barrier::{self, BarrierError, KEY_PART_LEN_MAX, StepKey};
+use crate::barrier::{self, BarrierError, StepKey};
 use crate::events::{
     CouponState, CouponStatus, Item, OrderState, OrderStatus, ParticipantEvent, StockLevel, balance_key,
     coupon_key, order_key, stock_key,
@@ -30,16 +30,7 @@ fn invalid(field: &str, reason: &str) -> Status {
 
 /// An id used in stream names and projection keys: 1..=64 bytes, printable ASCII, no '/'.
 fn check_id(field: &str, value: &str) -> Result<(), Status> {
-    if value.is_empty() {
-        return Err(invalid(field, "must not be empty"));
-    }
-    if value.len() > KEY_PART_LEN_MAX {
-        return Err(invalid(field, &format!("at most {KEY_PART_LEN_MAX} bytes")));
-    }
-    if !value.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
-        return Err(invalid(field, "printable ASCII without '/' only"));
-    }
-    Ok(())
+    crate::barrier::check_key_part(value).map_err(|why| invalid(field, &why))
 }
 
 fn check_positive(field: &str, value: i64) -> Result<(), Status> {
@@ -51,12 +42,12 @@ fn check_positive(field: &str, value: i64) -> Result<(), Status> {
 
 fn step_key(key: Option<pb::StepKey>) -> Result<StepKey, Status> {
     let key = key.ok_or_else(|| invalid("key", "required"))?;
-    check_id("key.saga_id", &key.saga_id)?;
-    check_id("key.step", &key.step)?;
-    Ok(StepKey {
+    let key = StepKey {
         saga_id: key.saga_id,
         step: key.step,
-    })
+    };
+    key.validate().map_err(|(field, why)| invalid(field, &why))?;
+    Ok(key)
 }
 
 fn items(items: Vec<pb::OrderItem>) -> Result<Vec<Item>, Status> {

@@ -629,3 +629,33 @@ async fn oversized_and_conflicting_messages_are_parked_and_all_visible() {
         "a small body is kept whole"
     );
 }
+
+/// A compensation whose step key the log cannot name (too long, or with a separator) is
+/// parked at once as poison, instead of failing its consumer-log append and being redelivered
+/// for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_with_an_invalid_step_key_is_parked_not_retried_for_ever() {
+    let s = direct(Role::Stock, None).await;
+    for (saga_id, step) in [
+        ("x".repeat(300), "reserve_stock"),
+        ("a/b".into(), "reserve_stock"),
+        ("s-1".into(), "a:b"),
+    ] {
+        let key = StepKey {
+            saga_id,
+            step: step.into(),
+        };
+        deliver_until_consumed(&s.consumer, &compensation(&key), 1).await;
+    }
+    let parked = s.consumer.parked(None, 10).await.expect("lists");
+    assert_eq!(
+        parked.len(),
+        3,
+        "{:?}",
+        parked.iter().map(|p| &p.last_error).collect::<Vec<_>>()
+    );
+    assert!(
+        parked.iter().all(|p| p.log_key.starts_with("poison/")),
+        "{parked:?}"
+    );
+}

@@ -860,6 +860,13 @@ enum Outcome {
     Failed(StorageError),
 }
 
+/// A storage error in one of a batch's transactions; `committed`: the jobs of the batch's
+/// earlier transactions, which are in sled.
+struct CommitFailed {
+    error: sled::Error,
+    committed: Vec<usize>,
+}
+
 /// Why a transaction attempt was aborted: one job must be left out of the batch.
 struct LeaveOut {
     index: usize,
@@ -966,13 +973,22 @@ impl Writer {
         self.shared.committed_seq.store(self.seq + 1, Ordering::Release);
         let (outcomes, next_position) = match self.commit(batch, timestamp_us) {
             Ok(committed) => committed,
-            Err(error) => {
-                // A storage error inside the transaction: nothing of the batch was written, but
-                // the database is no longer trusted.
+            Err(CommitFailed { error, committed }) => {
+                // A storage error inside a transaction: the database is no longer trusted.
+                // Jobs of an earlier transaction of this batch (before a refused job) are in
+                // sled but will never be flushed by us: their outcome is unknown, not "nothing
+                // written"; the others were not written.
                 tracing::error!(%error, "event log transaction failed; refusing further writes");
                 self.durable.send_modify(|d| d.failed = true);
-                for job in batch.drain(..) {
-                    reply(job, Outcome::Failed(StorageError::Sled(error.clone())));
+                for (index, job) in batch.drain(..).enumerate() {
+                    let failure = if committed.contains(&index) {
+                        StorageError::FlushFailed(format!(
+                            "committed, then a later transaction of its batch failed: {error}"
+                        ))
+                    } else {
+                        StorageError::Sled(error.clone())
+                    };
+                    reply(job, Outcome::Failed(failure));
                 }
                 return None;
             }
@@ -997,7 +1013,7 @@ impl Writer {
     /// committed in one transaction, and the rest of the batch goes on in the next. So each
     /// job runs through the projector at most twice, however many are refused (participants'
     /// guards refuse often: out of stock, insufficient balance).
-    fn commit(&mut self, batch: &[Job], timestamp_us: i64) -> Result<(Vec<Outcome>, u64), sled::Error> {
+    fn commit(&mut self, batch: &[Job], timestamp_us: i64) -> Result<(Vec<Outcome>, u64), CommitFailed> {
         let mut left_out: HashMap<usize, StorageError> = HashMap::new();
         // Heads of streams not in the cache, loaded before the transaction: sled's concurrency
         // control is one process-wide fair RwLock, and a plain read inside a transaction
@@ -1031,7 +1047,15 @@ impl Writer {
                 cache: &self.heads,
                 loaded: &loaded,
             };
-            match self.transact(batch, start..end, &left_out, &heads, position, timestamp_us)? {
+            let segment = self
+                .transact(batch, start..end, &left_out, &heads, position, timestamp_us)
+                .map_err(|error| CommitFailed {
+                    error,
+                    committed: (0..batch.len())
+                        .filter(|&i| matches!(outcomes[i], Some(Outcome::Appended(_) | Outcome::Acked)))
+                        .collect(),
+                })?;
+            match segment {
                 Ok(segment) => {
                     for (index, outcome) in segment.outcomes {
                         outcomes[index] = Some(outcome);
