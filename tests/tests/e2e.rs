@@ -25,7 +25,7 @@ async fn start(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn happy_path_completes_once_and_a_repeated_request_id_returns_the_same_saga() {
+async fn happy_path_completes_once_and_a_repeated_request_id_returns_the_same_saga_or_already_exists() {
     let Some(namesrv) = topics::namesrv_for_tests() else {
         return;
     };
@@ -63,14 +63,21 @@ async fn happy_path_completes_once_and_a_repeated_request_id_returns_the_same_sa
 
     let saga = wait_final(&mut client, &saga_id, PATIENCE).await;
     assert_eq!(saga.state, pb::SagaState::Completed as i32, "{saga:?}");
-    // Later repeats, even with other content, return the same saga.
+    // A later repeat returns the same saga; the same request id with another order is
+    // refused, naming the field (it used to return the first saga silently).
     let again = client
-        .start_order(order(&format!("{}-r1", system.run), "u1", "p1", ""))
+        .start_order(request.clone())
         .await
-        .expect("starts")
+        .expect("repeats")
         .into_inner();
     assert!(!again.created);
     assert_eq!(again.saga.expect("saga").saga_id, saga_id);
+    let other = client
+        .start_order(order(&format!("{}-r1", system.run), "u1", "p1", ""))
+        .await
+        .expect_err("another order under a known request id");
+    assert_eq!(other.code(), tonic::Code::AlreadyExists, "{other:?}");
+    assert!(other.message().contains("request_id"), "{}", other.message());
 
     assert_eq!(system.stock("p1").await, (9, 1));
     assert_eq!(system.balance("u1").await, 90);
