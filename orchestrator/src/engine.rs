@@ -485,6 +485,8 @@ impl Engine {
                     requested_at_unix_ms,
                     ack_topic: self.inner.config.ack_topic.clone(),
                     ack_tag: self.inner.config.node_id.clone(),
+                    // Every caller records the sending's event after building its messages.
+                    round: state.compensation_round + 1,
                 }
                 .encode_to_vec(),
             })
@@ -739,6 +741,13 @@ impl Engine {
                     step: key.step.clone(),
                     outcome: CompensationOutcome::AlreadyApplied,
                 },
+                // A PARKED of an earlier sending (relayed late) says nothing about this one.
+                (Phase::Compensating, pb::CompensationOutcome::Parked)
+                    if ack.round != 0 && ack.round < state.compensation_round =>
+                {
+                    tracing::info!(saga = %key.saga_id, step = %key.step, round = ack.round, current = state.compensation_round, "PARKED acknowledgement of an earlier round ignored");
+                    return Ok(());
+                }
                 (Phase::Compensating, pb::CompensationOutcome::Parked) => SagaEvent::CompensationParked {
                     step: key.step.clone(),
                     error: ack.detail.clone(),

@@ -26,7 +26,9 @@
 //! 4. **Every compensation is acknowledged or re-published.** The state remembers when the
 //!    open compensations were last sent and how often they were re-published; the engine
 //!    re-publishes them when the acknowledgement deadline passes and, past a bounded number of
-//!    re-publishes, marks the saga Stuck with the reason ([`Next::AwaitAcks`]). Participants
+//!    re-publishes, marks the saga Stuck with the reason ([`Next::AwaitAcks`]). Each sending
+//!    is a numbered round (`compensation_round`), echoed by acks, so a PARKED ack of an earlier
+//!    round cannot park the saga again after a retry. Participants
 //!    write acknowledgements to their own outbox with the consumer-log event, so an ack is lost
 //!    only with the participant's log itself.
 
@@ -116,6 +118,9 @@ pub struct SagaState {
     pub compensations_sent_at_unix_us: i64,
     /// Re-publishes since they were last sent by a decision or an operator.
     pub republishes: u32,
+    /// How many times compensations were sent (requested, re-published, retried): the round
+    /// named in the requests and echoed by acknowledgements.
+    pub compensation_round: u32,
 }
 
 impl SagaState {
@@ -160,6 +165,7 @@ impl SagaState {
             compensation_requested: false,
             compensations_sent_at_unix_us: 0,
             republishes: 0,
+            compensation_round: 0,
         })
     }
 
@@ -241,6 +247,7 @@ impl SagaState {
                 self.compensation_requested = true;
                 self.compensations_sent_at_unix_us = timestamp_us;
                 self.republishes = 0;
+                self.compensation_round += 1;
                 if self.failure_reason.is_empty() {
                     self.failure_reason = reason.clone();
                 }
@@ -269,6 +276,7 @@ impl SagaState {
                     self.status = Status::Compensating;
                     self.compensations_sent_at_unix_us = timestamp_us;
                     self.republishes = 0;
+                    self.compensation_round += 1;
                 } else {
                     // A forward step ran out of attempts: it starts again from attempt 1.
                     for s in &mut self.steps {
@@ -297,6 +305,7 @@ impl SagaState {
                 }
                 self.compensations_sent_at_unix_us = timestamp_us;
                 self.republishes = *republish;
+                self.compensation_round += 1;
             }
         }
         self.version += 1;

@@ -246,6 +246,18 @@ struct Running {
     _dir: tempfile::TempDir,
 }
 
+impl Running {
+    /// Starts the order saga (request `req-1`); returns its id.
+    async fn start(&self) -> String {
+        let (state, _) = self
+            .engine
+            .start(order::DEFINITION, "req-1", order_payload(), Vec::new())
+            .await
+            .expect("starts");
+        state.saga_id
+    }
+}
+
 fn running(refuse: &str, config: EngineConfig) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = open_log(LogConfig::new(dir.path())).expect("opens");
@@ -291,6 +303,7 @@ fn ack(saga_id: &str, step: &str, outcome: pb::CompensationOutcome) -> pb::Compe
         role: String::new(),
         outcome: outcome as i32,
         detail: format!("{outcome:?} (test)"),
+        round: 1,
     }
 }
 
@@ -314,12 +327,7 @@ fn outbox_steps(log: &saga_storage::EventLog) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_saga_leaves_stuck_when_its_parked_compensation_is_acknowledged() {
     let r = running(order::DEDUCT_BALANCE, EngineConfig::default());
-    let (state, _) = r
-        .engine
-        .start(order::DEFINITION, "req-1", order_payload(), Vec::new())
-        .await
-        .expect("starts");
-    let id = state.saga_id;
+    let id = r.start().await;
     wait_status(&r.engine, &id, Status::Compensating).await;
     use pb::CompensationOutcome as O;
     r.engine
@@ -355,12 +363,7 @@ async fn a_stuck_saga_leaves_stuck_when_its_parked_compensation_is_acknowledged(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_of_a_stuck_compensating_saga_resends_open_compensations_and_never_goes_forward() {
     let r = running(order::DEDUCT_BALANCE, EngineConfig::default());
-    let (state, _) = r
-        .engine
-        .start(order::DEFINITION, "req-1", order_payload(), Vec::new())
-        .await
-        .expect("starts");
-    let id = state.saga_id;
+    let id = r.start().await;
     let compensating = wait_status(&r.engine, &id, Status::Compensating).await;
     let first = outbox_steps(&r.log);
     assert_eq!(
@@ -534,12 +537,7 @@ async fn an_unacknowledged_compensation_is_republished_then_the_saga_is_stuck() 
         ..EngineConfig::default()
     };
     let r = running(order::DEDUCT_BALANCE, config);
-    let (state, _) = r
-        .engine
-        .start(order::DEFINITION, "req-1", order_payload(), Vec::new())
-        .await
-        .expect("starts");
-    let id = state.saga_id;
+    let id = r.start().await;
     let stuck = wait_status(&r.engine, &id, Status::Stuck).await;
     assert!(
         stuck.failure_reason.contains("no acknowledgement"),
@@ -559,5 +557,27 @@ async fn an_unacknowledged_compensation_is_republished_then_the_saga_is_stuck() 
     assert_eq!(
         r.engine.load(&id).await.unwrap().unwrap().status,
         Status::Compensated
+    );
+}
+
+/// A PARKED acknowledgement of an earlier sending, relayed late (the participant crashed
+/// before its relay deleted it), does not make a retried saga Stuck again: acks echo the
+/// request's round, and only a PARKED of the current round parks the saga.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_parked_ack_of_an_earlier_round_does_not_stick_a_retried_saga() {
+    let r = running(order::DEDUCT_BALANCE, EngineConfig::default());
+    let id = r.start().await;
+    wait_status(&r.engine, &id, Status::Compensating).await;
+    use pb::CompensationOutcome as O;
+    let first_round = ack(&id, order::RESERVE_STOCK, O::Parked);
+    r.engine.on_ack(&first_round).await.expect("applies");
+    assert_eq!(r.engine.load(&id).await.unwrap().unwrap().status, Status::Stuck);
+    let retried = r.engine.retry(&id, "operator (test)").await.expect("retries");
+    assert_eq!(retried.status, Status::Compensating);
+    r.engine.on_ack(&first_round).await.expect("applies");
+    assert_eq!(
+        r.engine.load(&id).await.unwrap().unwrap().status,
+        Status::Compensating,
+        "the late PARKED of round 1 does not stick the retried saga"
     );
 }

@@ -129,10 +129,12 @@ impl Drop for RelayTask {
     }
 }
 
-/// Where an acknowledgement goes: the topic and tag the request named.
+/// Where an acknowledgement goes (the topic and tag the request named), and the request's
+/// round, echoed.
 struct AckRoute {
     topic: String,
     tag: String,
+    round: u32,
 }
 
 /// Handles compensation messages for one participant.
@@ -279,6 +281,7 @@ impl CompensationConsumer {
             role: self.participant.role().name().into(),
             outcome: outcome as i32,
             detail,
+            round: route.round,
         }
         .encode_to_vec();
         OutboxMessage {
@@ -299,6 +302,7 @@ impl CompensationConsumer {
             tag: request
                 .and_then(|r| named(&r.ack_tag))
                 .unwrap_or_else(|| self.participant.role().name().into()),
+            round: request.map_or(0, |r| r.round),
         }
     }
 

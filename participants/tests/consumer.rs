@@ -51,68 +51,19 @@ impl Acks {
     }
 }
 
-struct Setup {
-    participant: Participant,
-    transport: Arc<EmbeddedTransport>,
-    consumer: Arc<CompensationConsumer>,
-    acks: Arc<Acks>,
-    _dirs: (tempfile::TempDir, tempfile::TempDir),
-}
-
-async fn setup(fault_prefix: Option<&str>) -> Setup {
-    let (pdir, qdir) = (
-        tempfile::tempdir().expect("tempdir"),
-        tempfile::tempdir().expect("tempdir"),
-    );
-    let participant = Participant::open(Role::Stock, pdir.path()).expect("opens");
-    let transport = Arc::new(
-        EmbeddedTransport::open(
-            qdir.path(),
-            EmbeddedConfig {
-                retry_delay_base: Duration::from_millis(20),
-                retry_delay_max: Duration::from_millis(100),
-            },
-        )
-        .expect("queue"),
-    );
-    let consumer = Arc::new(
-        CompensationConsumer::new(participant.clone(), transport.clone())
-            .with_fault_prefix(fault_prefix.map(String::from)),
-    );
-    // Leak the running subscriptions for the test's lifetime: the runtime ends with the test.
+/// A stock consumer subscribed to the embedded queue (deliveries through the transport), its
+/// acks collected; see [`direct`].
+async fn setup(fault_prefix: Option<&str>) -> Direct {
+    let s = direct(Role::Stock, fault_prefix).await;
+    // Leak the running subscription for the test's lifetime: the runtime ends with the test.
     std::mem::forget(
-        transport
-            .subscribe(consumer.spec(), consumer.clone())
+        s.flaky
+            .inner
+            .subscribe(s.consumer.spec(), s.consumer.clone())
             .await
             .expect("subscribes"),
     );
-    let acks = Arc::new(Acks::default());
-    let spec = SubscriptionSpec {
-        group: "test-orchestrator".into(),
-        topic: topics::COMPENSATION_ACK_TOPIC.into(),
-        tags: vec![],
-    };
-    std::mem::forget(transport.subscribe(spec, acks.clone()).await.expect("subscribes"));
-    // Seed and reserve through events, as the gRPC service would.
-    let seed = ParticipantEvent::StockSeeded {
-        product_id: "p1".into(),
-        available: 10,
-    };
-    participant
-        .log()
-        .append(
-            AppendRequest::new("seed/product/p1", ExpectedVersion::NoStream)
-                .event(NewEvent::encode(seed.name(), &seed).expect("enc")),
-        )
-        .await
-        .expect("seeds");
-    Setup {
-        participant,
-        transport,
-        consumer,
-        acks,
-        _dirs: (pdir, qdir),
-    }
+    s
 }
 
 async fn reserve(p: &Participant, saga: &str) -> StepKey {
@@ -184,11 +135,13 @@ async fn compensation_delivered_twice_is_applied_once_and_acked_twice() {
             reserved: 4
         }
     );
-    s.transport
+    s.flaky
+        .inner
         .publish(&[compensation(&key)])
         .await
         .expect("publishes");
-    s.transport
+    s.flaky
+        .inner
         .publish(&[compensation(&key)])
         .await
         .expect("publishes the duplicate");
@@ -220,7 +173,8 @@ async fn compensation_delivered_twice_is_applied_once_and_acked_twice() {
 async fn compensation_that_keeps_failing_is_parked_after_3_tries_never_dropped() {
     let s = setup(Some("bad-")).await;
     let key = reserve(&s.participant, "bad-1").await;
-    s.transport
+    s.flaky
+        .inner
         .publish(&[compensation(&key)])
         .await
         .expect("publishes");
@@ -266,7 +220,7 @@ async fn undecodable_compensation_is_parked_at_once() {
     });
     garbage.key = "garbage".into();
     garbage.body = vec![0xFF, 0xFF, 0xFF];
-    s.transport.publish(&[garbage]).await.expect("publishes");
+    s.flaky.inner.publish(&[garbage]).await.expect("publishes");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let parked = loop {
         let parked = s.consumer.parked(None, 100).await.expect("lists");
@@ -446,11 +400,16 @@ async fn an_applied_ack_whose_publish_fails_is_relayed_later() {
     let s = direct(Role::Stock, None).await;
     let key = reserve(&s.participant, "saga-1").await;
     s.flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
-    let deliveries = deliver_until_consumed(&s.consumer, &compensation(&key), 3).await;
+    let mut message = compensation(&key);
+    let mut request = pb::CompensationRequest::decode(message.body.as_slice()).expect("decodes");
+    request.round = 7;
+    message.body = request.encode_to_vec();
+    let deliveries = deliver_until_consumed(&s.consumer, &message, 3).await;
     assert_eq!(deliveries, 1, "consumed at once: the ack is in the outbox");
     s.flaky.down.store(false, std::sync::atomic::Ordering::SeqCst);
     let acks = s.acks.wait_for(1).await;
     assert_eq!(acks[0].outcome, pb::CompensationOutcome::Applied as i32);
+    assert_eq!(acks[0].round, 7, "the ack echoes the request's round");
 }
 
 /// Item 3: an undecodable message whose transport key names a step is parked and the
