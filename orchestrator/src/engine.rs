@@ -942,11 +942,6 @@ impl Engine {
         )
         .await
     }
-
-    /// Sagas whose abort request waits for their driver (for tests: the map must not leak).
-    pub fn aborts_pending(&self) -> usize {
-        self.inner.aborts.lock().expect("aborts lock").len()
-    }
 }
 
 /// The answer to a start whose request id is known: the existing saga when it was started with

@@ -143,12 +143,7 @@ async fn crash_then_fail_on_resume(crash_after: &str, down: &str) -> (Arc<Ledger
             .start(order::DEFINITION, "req-1", order_payload(), Vec::new())
             .await
             .expect("starts");
-        let held = {
-            let gate = Arc::clone(&gate);
-            tokio::task::spawn_blocking(move || gate.wait_held(Duration::from_secs(20)))
-                .await
-                .expect("joins")
-        };
+        let held = gate.held(Duration::from_secs(20)).await;
         assert!(held, "the append after {crash_after} reached the gate");
         gate.fail();
         state.saga_id

@@ -623,7 +623,8 @@ fn bounded(text: &str) -> String {
 
 /// A parked-list entry (the stored parking event) as the API shows it.
 fn parked_message(log_key: String, stored: &[u8]) -> Result<pb::ParkedMessage, String> {
-    match saga_storage::codec::decode::<ParticipantEvent>(stored).map_err(|e| e.to_string())? {
+    let parked = match saga_storage::codec::decode::<ParticipantEvent>(stored).map_err(|e| e.to_string())? {
+        // Entries of older logs kept the whole body: the same entry with a full prefix.
         ParticipantEvent::MessageParked {
             group,
             tag,
@@ -632,18 +633,20 @@ fn parked_message(log_key: String, stored: &[u8]) -> Result<pb::ParkedMessage, S
             error,
             body,
             parked_at_unix_ms,
-        } => Ok(pb::ParkedMessage {
-            log_key,
+        } => ParticipantEvent::MessageParkedDigest {
             group,
             tag,
             key,
             tries,
-            last_error: error,
-            parked_at_unix_ms,
+            error,
             body_len: body.len() as u64,
             body_digest: body_digest(&body),
-            body,
-        }),
+            body_prefix: body,
+            parked_at_unix_ms,
+        },
+        other => other,
+    };
+    match parked {
         ParticipantEvent::MessageParkedDigest {
             group,
             tag,

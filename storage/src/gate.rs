@@ -65,6 +65,15 @@ impl WriterGate {
         state.held.is_some()
     }
 
+    /// [`WriterGate::wait_held`] for async callers: waits on a blocking thread, so that the
+    /// runtime's workers stay free (the held writer may need them to answer other jobs).
+    pub async fn held(self: &std::sync::Arc<Self>, timeout: Duration) -> bool {
+        let gate = std::sync::Arc::clone(self);
+        tokio::task::spawn_blocking(move || gate.wait_held(timeout))
+            .await
+            .expect("the waiting thread does not panic")
+    }
+
     /// Lets the held batch (or the next one to arrive) go on.
     pub fn release(&self) {
         self.decide(GateVerdict::Proceed);

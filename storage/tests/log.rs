@@ -502,12 +502,7 @@ async fn reads_between_commit_and_flush_wait_for_the_flush() {
             .append(AppendRequest::new("acct", ExpectedVersion::Exact(1)).event(deposit.to_new()))
             .await
     });
-    let held = {
-        let gate = Arc::clone(&gate);
-        tokio::task::spawn_blocking(move || gate.wait_held(std::time::Duration::from_secs(10)))
-            .await
-            .expect("joins")
-    };
+    let held = gate.held(std::time::Duration::from_secs(10)).await;
     assert!(held, "the second append reached the gate");
     let durable_before = log.durable_position();
 
@@ -590,12 +585,7 @@ async fn refused_appends_in_one_batch_cost_linear_work() {
                 .await
         })
     };
-    let held = {
-        let gate = Arc::clone(&gate);
-        tokio::task::spawn_blocking(move || gate.wait_held(std::time::Duration::from_secs(10)))
-            .await
-            .expect("joins")
-    };
+    let held = gate.held(std::time::Duration::from_secs(10)).await;
     assert!(held);
     type Append = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<saga_storage::Appended, StorageError>> + Send>,
