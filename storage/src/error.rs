@@ -1,5 +1,7 @@
 //! Errors of the event log, as variants a caller can act on.
 
+use std::path::PathBuf;
+
 use crate::codec::CodecError;
 use crate::log::ExpectedVersion;
 
@@ -48,4 +50,40 @@ pub enum StorageError {
     /// The log was closed.
     #[error("the log is closed")]
     Closed,
+    /// Another process holds the data dir (sled's file lock). Nothing was opened.
+    #[error(
+        "the data dir {} is held by another process (sled's lock): stop that process or use \
+         another data dir",
+        path.display()
+    )]
+    Locked { path: PathBuf },
+    /// The log ends before its durable mark: records that were acknowledged are gone (see
+    /// `mark`). The log refuses to serve unless opened with `accept_lost_tail`.
+    #[error(
+        "the log at {} lost acknowledged records: its durable mark says position {mark_position} \
+         was durable, the log ends at position {found_position} (positions {}..={mark_position} \
+         missing; streams written there: {}{}). Refusing to serve; start with \
+         --accept-lost-tail to accept the loss (recorded in the log as an event)",
+        path.display(),
+        found_position + 1,
+        if streams.is_empty() { "unknown".to_owned() } else { streams.join(", ") },
+        if *streams_complete { "" } else { " and possibly older ones" }
+    )]
+    LostTail {
+        path: PathBuf,
+        mark_position: u64,
+        found_position: u64,
+        /// Streams of the missing records, as far as the mark names them.
+        streams: Vec<String>,
+        /// Whether `streams` names every stream of the missing records.
+        streams_complete: bool,
+    },
+    /// The record at the durable mark's position is not the one the mark names, or the mark
+    /// cannot be read: the log and its mark disagree. Refused like `LostTail`.
+    #[error(
+        "the log at {} disagrees with its durable mark: {reason}. Refusing to serve; start with \
+         --accept-lost-tail to accept the log as it is (recorded in the log as an event)",
+        path.display()
+    )]
+    MarkDisagrees { path: PathBuf, reason: String },
 }

@@ -7,24 +7,29 @@
 //! - [`record_format`]: the on-disk record envelope (format version, position, stream, version,
 //!   timestamp, event type, payload, checksum, hash chain). A record that fails verification is
 //!   a `StorageError::Corrupt` naming its position.
+//! - [`audit`]: offline verification of a data dir (checksums, hash chains, index, mark,
+//!   projections against a replay) and reading it for export.
 //! - [`codec`]: the payload codec (bincode 2 + serde), the one place that knows it.
 //! - [`projection`]: read models written in the same transaction as their events.
 //! - [`outbox`]: messages written with the events that decide them, for a relay to publish.
+//! - [`mark`]: the durable mark beside the log, so that a lost tail is detected at open.
 //! - [`gate`]: a test hook that holds the writer at a named point (crash-window tests).
 //! - [`error`]: the error type, [`StorageError`], with variants a caller can act on.
 
+pub mod audit;
 pub mod codec;
 pub mod error;
 pub mod gate;
 pub mod log;
+pub mod mark;
 pub mod outbox;
 pub mod projection;
 pub mod record_format;
 
 pub use error::StorageError;
 pub use log::{
-    AppendRequest, Appended, Durability, EventLog, ExpectedVersion, LogConfig, LogStats, NewEvent, Record,
-    Subscription,
+    AppendRequest, Appended, Durability, EventLog, ExpectedVersion, LOG_STREAM, LogConfig, LogStats,
+    LostTailAccepted, NewEvent, Record, Subscription,
 };
 pub use outbox::{OutboxEntry, OutboxId, OutboxMessage};
 pub use projection::{EventView, ProjectError, ProjectionTx, Projector};

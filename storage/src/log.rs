@@ -54,9 +54,27 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::codec;
 use crate::error::StorageError;
 use crate::gate::{GatePoint, GateVerdict, WriterGate};
+use crate::mark::{self, Found, Mark, MarkWriter, RecentAppend};
 use crate::outbox::{OUTBOX_PER_APPEND_MAX, OutboxEntry, OutboxId, OutboxMessage};
 use crate::projection::{EventView, ProjectError, ProjectionTx, Projector};
 use crate::record_format::{self, Layout, RecordFields};
+
+/// The log's own stream: records the log writes about itself (an accepted lost tail). Not
+/// seen by projectors.
+pub const LOG_STREAM: &str = "$log";
+/// The event type of the record an accepted lost tail leaves.
+pub const LOST_TAIL_ACCEPTED: &str = "LostTailAccepted";
+
+/// The payload of a `LostTailAccepted` record in [`LOG_STREAM`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct LostTailAccepted {
+    /// What the log refused to open with (the `LostTail` or `MarkDisagrees` error's text).
+    pub refusal: String,
+    /// The mark's position (0 if the mark was unreadable).
+    pub mark_position: u64,
+    /// The log's last position at open, before this record.
+    pub found_position: u64,
+}
 
 /// Most events in one append.
 pub const EVENTS_PER_APPEND_MAX: usize = 1024;
@@ -86,6 +104,10 @@ pub struct LogConfig {
     pub queue_len_max: usize,
     /// Test hook: holds the writer at a named point (see `gate`). `None` in production.
     pub gate: Option<Arc<WriterGate>>,
+    /// Open a log that lost acknowledged records (it ends before its durable mark, see
+    /// `mark`) instead of refusing it, and record that decision as a `LostTailAccepted` event
+    /// in stream [`LOG_STREAM`]. An operator's decision, never a default.
+    pub accept_lost_tail: bool,
 }
 
 impl LogConfig {
@@ -97,6 +119,7 @@ impl LogConfig {
             batch_len_max: 512,
             queue_len_max: 8192,
             gate: None,
+            accept_lost_tail: false,
         }
     }
 }
@@ -238,7 +261,7 @@ impl std::fmt::Debug for Record {
 impl Record {
     /// Verifies `bytes` read from `position`: checksum, layout, and that the record says it is
     /// the record at that position.
-    fn verify(position: u64, bytes: IVec) -> Result<Record, StorageError> {
+    pub(crate) fn verify(position: u64, bytes: IVec) -> Result<Record, StorageError> {
         let layout = record_format::decode(&bytes).map_err(|e| StorageError::Corrupt {
             position,
             reason: e.to_string(),
@@ -381,7 +404,7 @@ fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
-fn stream_key(stream: &str, version: u64) -> Vec<u8> {
+pub(crate) fn stream_key(stream: &str, version: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(stream.len() + 9);
     key.extend_from_slice(stream.as_bytes());
     key.push(0);
@@ -389,7 +412,7 @@ fn stream_key(stream: &str, version: u64) -> Vec<u8> {
     key
 }
 
-fn decode_position(tree: &'static str, key: &[u8], value: &[u8]) -> Result<u64, StorageError> {
+pub(crate) fn decode_position(tree: &'static str, key: &[u8], value: &[u8]) -> Result<u64, StorageError> {
     let bytes: [u8; 8] = value.try_into().map_err(|_| StorageError::CorruptIndex {
         tree,
         key: key.to_vec(),
@@ -443,20 +466,115 @@ fn load_head(trees: &Trees, stream: &str) -> Result<(u64, u64), StorageError> {
 /// for longer still gets the error.
 const LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
-fn open_sled(config: &sled::Config) -> Result<sled::Db, StorageError> {
+pub(crate) fn open_sled(config: &sled::Config, path: &Path) -> Result<sled::Db, StorageError> {
     let deadline = std::time::Instant::now() + LOCK_WAIT_MAX;
     loop {
         match config.open() {
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(StorageError::Locked { path: path.to_owned() });
+                }
                 // Poll for the lock's release; bounded by LOCK_WAIT_MAX.
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
             result => return Ok(result?),
         }
     }
+}
+
+/// The checksum of the record at `position` (0 for position 0).
+fn checksum_at(events: &sled::Tree, position: u64) -> Result<Option<u64>, StorageError> {
+    if position == 0 {
+        return Ok(Some(0));
+    }
+    match events.get(position.to_be_bytes())? {
+        Some(bytes) => Ok(Some(Record::verify(position, bytes)?.checksum())),
+        None => Ok(None),
+    }
+}
+
+/// Compares the log with its durable mark (see `mark`): `Ok` with the mark to continue from
+/// when they agree, the refusal when the log lost acknowledged records.
+pub(crate) fn check_mark(path: &Path, events: &sled::Tree, last_position: u64) -> Result<Mark, StorageError> {
+    let here = || -> Result<Mark, StorageError> {
+        Ok(Mark {
+            position: last_position,
+            checksum: checksum_at(events, last_position)?.unwrap_or(0),
+            recent: Vec::new(),
+        })
+    };
+    match mark::read(path)? {
+        // A new data dir, or one from before marks: start one from what is there.
+        Found::Missing => here(),
+        Found::Unreadable => Err(StorageError::MarkDisagrees {
+            path: path.to_owned(),
+            reason: format!("its mark file {} is unreadable", mark::path(path).display()),
+        }),
+        Found::Mark(found) if found.position > last_position => {
+            let (streams, incomplete) = found.streams_after(last_position);
+            Err(StorageError::LostTail {
+                path: path.to_owned(),
+                mark_position: found.position,
+                found_position: last_position,
+                streams,
+                streams_complete: !incomplete,
+            })
+        }
+        Found::Mark(found) => match checksum_at(events, found.position)? {
+            Some(sum) if sum == found.checksum => Ok(Mark {
+                position: last_position,
+                checksum: checksum_at(events, last_position)?.unwrap_or(0),
+                recent: found.recent,
+            }),
+            other => Err(StorageError::MarkDisagrees {
+                path: path.to_owned(),
+                reason: format!(
+                    "the record at position {} has checksum {:?}, the mark names {:#018x}",
+                    found.position,
+                    other.map(|s| format!("{s:#018x}")),
+                    found.checksum
+                ),
+            }),
+        },
+    }
+}
+
+/// Writes a `LostTailAccepted` record to [`LOG_STREAM`] at the end of the log and flushes it,
+/// before the writer starts (projectors do not see this stream). Returns the new last position.
+fn record_lost_tail(trees: &Trees, refusal: &StorageError, last_position: u64) -> Result<u64, StorageError> {
+    let mark_position = match refusal {
+        StorageError::LostTail { mark_position, .. } => *mark_position,
+        _ => 0,
+    };
+    let payload = codec::encode(&LostTailAccepted {
+        refusal: refusal.to_string(),
+        mark_position,
+        found_position: last_position,
+    })?;
+    let (version, prev_checksum) = load_head(trees, LOG_STREAM)?;
+    let position = last_position + 1;
+    let (bytes, _) = record_format::encode(&RecordFields {
+        position,
+        version: version + 1,
+        timestamp_us: now_us(),
+        prev_checksum,
+        stream: LOG_STREAM,
+        event_type: LOST_TAIL_ACCEPTED,
+        payload: &payload,
+    });
+    (&trees.events, &trees.streams)
+        .transaction(|(events, streams)| {
+            events.insert(&position.to_be_bytes(), bytes.as_slice())?;
+            streams.insert(stream_key(LOG_STREAM, version + 1), &position.to_be_bytes())?;
+            Ok::<_, ConflictableTransactionError<()>>(())
+        })
+        .map_err(|e| match e {
+            TransactionError::Storage(e) => StorageError::Sled(e),
+            TransactionError::Abort(()) => unreachable!("the closure never aborts"),
+        })?;
+    trees.db.flush()?;
+    tracing::warn!(%refusal, position, "lost tail accepted by the operator; recorded in {LOG_STREAM}");
+    Ok(position)
 }
 
 /// Most stream heads the writer caches; past it the cache is emptied (heads are re-derived on
@@ -488,7 +606,7 @@ impl EventLog {
             .mode(sled::Mode::HighThroughput)
             // We flush ourselves, once per batch; sled's timer would only add flushes.
             .flush_every_ms(None);
-        let db = open_sled(&sled_config)?;
+        let db = open_sled(&sled_config, &config.path)?;
         let trees = Trees {
             events: db.open_tree("events")?,
             streams: db.open_tree("streams")?,
@@ -496,9 +614,29 @@ impl EventLog {
             projections: db.open_tree("projections")?,
             db,
         };
-        let last_position = match trees.events.last()? {
+        let mut last_position = match trees.events.last()? {
             Some((key, _)) => decode_position("events", &key, &key)?,
             None => 0,
+        };
+        let start_mark = match check_mark(&config.path, &trees.events, last_position) {
+            Ok(mark) => mark,
+            Err(refusal @ (StorageError::LostTail { .. } | StorageError::MarkDisagrees { .. }))
+                if config.accept_lost_tail =>
+            {
+                last_position = record_lost_tail(&trees, &refusal, last_position)?;
+                Mark {
+                    position: last_position,
+                    checksum: checksum_at(&trees.events, last_position)?.unwrap_or(0),
+                    recent: Vec::new(),
+                }
+            }
+            Err(refusal) => return Err(refusal),
+        };
+        // Only a log whose appends are flushed keeps a mark: without fsync the mark could run
+        // ahead of what a crash keeps.
+        let mark_writer = match config.durability {
+            Durability::Fsync => Some(MarkWriter::open(&config.path, &start_mark)?),
+            Durability::NoFsyncBenchmarkOnly => None,
         };
         let (durable_tx, durable_rx) = watch::channel(Durable {
             seq: 0,
@@ -523,9 +661,11 @@ impl EventLog {
             durability: config.durability,
             batch_len_max: config.batch_len_max,
             next_position: last_position + 1,
+            last_checksum: start_mark.checksum,
             seq: 0,
             heads: HashMap::new(),
             gate: config.gate.clone(),
+            mark: mark_writer,
         };
         let thread = std::thread::Builder::new()
             .name("saga-log-writer".into())
@@ -881,10 +1021,14 @@ struct Writer {
     durability: Durability,
     batch_len_max: usize,
     next_position: u64,
+    /// The checksum of the record at `next_position - 1` (0 for an empty log).
+    last_checksum: u64,
     seq: u64,
     /// stream -> (version, checksum of its last record), for committed data only.
     heads: HashMap<String, (u64, u64)>,
     gate: Option<Arc<WriterGate>>,
+    /// Handed to the flusher when it starts.
+    mark: Option<MarkWriter>,
 }
 
 /// A committed batch on its way to the flusher.
@@ -894,6 +1038,10 @@ struct Committed {
     position: u64,
     /// The batch wrote events, so its answer must wait for a flush.
     needs_flush: bool,
+    /// The checksum of the record at `position`.
+    checksum: u64,
+    /// The batch's last appends (for the durable mark), oldest first.
+    appends: Vec<RecentAppend>,
     jobs: Vec<(Job, Outcome)>,
 }
 
@@ -912,6 +1060,7 @@ impl Writer {
             durable: self.durable.clone(),
             durability: self.durability,
             failure: None,
+            mark: self.mark.take(),
         };
         let flusher = std::thread::Builder::new()
             .name("saga-log-flusher".into())
@@ -971,7 +1120,7 @@ impl Writer {
         // batch (sled shows a transaction's writes as soon as it commits) loads a committed
         // sequence that includes it, so it waits for the flush that covers it.
         self.shared.committed_seq.store(self.seq + 1, Ordering::Release);
-        let (outcomes, next_position) = match self.commit(batch, timestamp_us) {
+        let (outcomes, next_position, last_checksum) = match self.commit(batch, timestamp_us) {
             Ok(committed) => committed,
             Err(CommitFailed { error, committed }) => {
                 // A storage error inside a transaction: the database is no longer trusted.
@@ -1000,10 +1149,26 @@ impl Writer {
         self.shared.batches.fetch_add(1, Ordering::Relaxed);
         let needs_flush = next_position != self.next_position;
         self.next_position = next_position;
+        let mut appends = Vec::new();
+        for (job, outcome) in batch.iter().zip(&outcomes).rev() {
+            if appends.len() == mark::RECENT_LEN_MAX {
+                break;
+            }
+            if let (Job::Append { request, .. }, Outcome::Appended(appended)) = (job, outcome) {
+                appends.push(RecentAppend {
+                    first_position: appended.first_position,
+                    last_position: appended.last_position,
+                    stream: request.stream.clone(),
+                });
+            }
+        }
+        appends.sort_by_key(|a| a.first_position);
         Some(Committed {
             seq: self.seq,
             position: next_position - 1,
             needs_flush,
+            checksum: last_checksum,
+            appends,
             jobs: batch.drain(..).zip(outcomes).collect(),
         })
     }
@@ -1013,7 +1178,9 @@ impl Writer {
     /// committed in one transaction, and the rest of the batch goes on in the next. So each
     /// job runs through the projector at most twice, however many are refused (participants'
     /// guards refuse often: out of stock, insufficient balance).
-    fn commit(&mut self, batch: &[Job], timestamp_us: i64) -> Result<(Vec<Outcome>, u64), CommitFailed> {
+    /// Returns the outcomes, the next position and the checksum of the last record written
+    /// (`last_checksum`, unchanged when the batch wrote none).
+    fn commit(&mut self, batch: &[Job], timestamp_us: i64) -> Result<(Vec<Outcome>, u64, u64), CommitFailed> {
         let mut left_out: HashMap<usize, StorageError> = HashMap::new();
         // Heads of streams not in the cache, loaded before the transaction: sled's concurrency
         // control is one process-wide fair RwLock, and a plain read inside a transaction
@@ -1075,6 +1242,18 @@ impl Writer {
                 }
             }
         }
+        // The last record written is the last record of the stream of the batch's last append.
+        let last_stream = batch
+            .iter()
+            .zip(&outcomes)
+            .rev()
+            .find_map(|(job, outcome)| match (job, outcome) {
+                (Job::Append { request, .. }, Some(Outcome::Appended(_))) => Some(request.stream.as_str()),
+                _ => None,
+            });
+        if let Some(stream) = last_stream {
+            self.last_checksum = batch_heads.get(stream).expect("appended streams have a head").1;
+        }
         if self.heads.len() + batch_heads.len() > HEAD_CACHE_LEN_MAX {
             self.heads.clear();
         }
@@ -1093,7 +1272,7 @@ impl Writer {
                 ),
             })
             .collect();
-        Ok((outcomes, position))
+        Ok((outcomes, position, self.last_checksum))
     }
 
     /// One transaction over the jobs `range` of `batch` (minus those left out), from global
@@ -1260,6 +1439,9 @@ struct Flusher {
     durable: watch::Sender<Durable>,
     durability: Durability,
     failure: Option<String>,
+    /// The durable mark, written after each flush that made records durable (`None` without
+    /// fsync: see `mark`).
+    mark: Option<MarkWriter>,
 }
 
 impl Flusher {
@@ -1305,10 +1487,22 @@ impl Flusher {
             return;
         }
         let last = ready.last().expect("finish is called with at least one batch");
+        if let Some(mark) = &mut self.mark
+            && ready.iter().any(|c| c.needs_flush)
+        {
+            let appends: Vec<RecentAppend> = ready.iter().flat_map(|c| c.appends.iter().cloned()).collect();
+            if let Err(error) = mark.write(last.position, last.checksum, &appends) {
+                // The records are durable; only the evidence of how far is not. Answering
+                // them is right, but the log must not go on without its mark.
+                tracing::error!(%error, "durable mark not written; the log stops accepting writes");
+                self.failure = Some(error.to_string());
+                self.durable.send_modify(|d| d.failed = true);
+            }
+        }
         self.durable.send_replace(Durable {
             seq: last.seq,
             position: last.position,
-            failed: false,
+            failed: self.failure.is_some(),
         });
         for batch in ready.drain(..) {
             for (job, outcome) in batch.jobs {
