@@ -103,7 +103,7 @@ pub struct EmbeddedTransport {
 impl EmbeddedTransport {
     /// Opens (or creates) the queue in `dir`, with full durability.
     pub fn open(dir: &Path, config: EmbeddedConfig) -> Result<Self, MessagingError> {
-        let log = EventLog::open(LogConfig::new(dir)).map_err(storage_error)?;
+        let log = EventLog::open(LogConfig::new(dir)).map_err(|e| MessagingError::Storage(e.to_string()))?;
         Ok(EmbeddedTransport {
             log,
             config,

@@ -12,6 +12,10 @@ pub enum MessagingError {
     /// Any other client error.
     #[error("rocketmq client: {0}")]
     Client(String),
+    /// The embedded queue's own log cannot be opened (held by another process, lost tail):
+    /// not a broker problem, and retrying does not help.
+    #[error("the embedded queue's log: {0}")]
+    Storage(String),
 }
 
 impl MessagingError {

@@ -66,10 +66,12 @@ pub struct Participant {
 impl Participant {
     /// Opens (or creates) the role's log in `data_dir`.
     pub fn open(role: Role, data_dir: &Path) -> Result<Participant, StorageError> {
-        let log = EventLog::open_with(
-            LogConfig::new(data_dir),
-            Some(Arc::new(events::ParticipantProjector)),
-        )?;
+        Self::open_with(role, LogConfig::new(data_dir))
+    }
+
+    /// Opens (or creates) the role's log with `config` (e.g. `accept_lost_tail`).
+    pub fn open_with(role: Role, config: LogConfig) -> Result<Participant, StorageError> {
+        let log = EventLog::open_with(config, Some(Arc::new(events::ParticipantProjector)))?;
         Ok(Participant { role, log })
     }
 

@@ -47,6 +47,10 @@ struct Serve {
     /// Directory of the orchestrator's event log.
     #[arg(long)]
     data_dir: PathBuf,
+    /// Serve a log that lost acknowledged records (it ends before its durable mark) instead of
+    /// refusing to start; the decision is recorded in the log. Only after reading the refusal.
+    #[arg(long)]
+    accept_lost_tail: bool,
     /// order=HOST:PORT,stock=HOST:PORT,coupon=HOST:PORT,balance=HOST:PORT
     #[arg(long)]
     participants: String,
@@ -159,7 +163,9 @@ async fn shutdown_signal() {
 async fn run_serve(args: Serve) -> anyhow::Result<()> {
     let addrs =
         ParticipantAddrs::parse(&args.participants).map_err(|e| anyhow::anyhow!("--participants: {e}"))?;
-    let log = saga_orchestrator::engine::open_log(saga_storage::LogConfig::new(&args.data_dir))
+    let mut log_config = saga_storage::LogConfig::new(&args.data_dir);
+    log_config.accept_lost_tail = args.accept_lost_tail;
+    let log = saga_orchestrator::engine::open_log(log_config)
         .with_context(|| {
             format!(
                 "--data-dir: cannot open the event log in {}",

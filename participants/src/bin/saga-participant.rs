@@ -51,6 +51,10 @@ struct Args {
     /// Topic to acknowledge compensations on (default `saga-compensation-ack`; it must exist).
     #[arg(long)]
     ack_topic: Option<String>,
+    /// Serve a log that lost acknowledged records (it ends before its durable mark) instead of
+    /// refusing to start; the decision is recorded in the log. Only after reading the refusal.
+    #[arg(long)]
+    accept_lost_tail: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,7 +94,9 @@ async fn shutdown_signal() {
 }
 
 async fn run(role: Role, args: Args) -> anyhow::Result<()> {
-    let participant = Participant::open(role, &args.data_dir).with_context(|| {
+    let mut log_config = saga_storage::LogConfig::new(&args.data_dir);
+    log_config.accept_lost_tail = args.accept_lost_tail;
+    let participant = Participant::open_with(role, log_config).with_context(|| {
         format!(
             "--data-dir: cannot open the event log in {}",
             args.data_dir.display()
