@@ -158,6 +158,9 @@ pub async fn channel(addr: &str) -> anyhow::Result<Channel> {
 pub struct OrderResult {
     pub n: u64,
     pub saga_id: String,
+    /// The order's user and amount (the conservation checks charge them per user).
+    pub user: String,
+    pub amount_minor: i64,
     pub state: pb::SagaState,
     pub latency: Duration,
 }
@@ -170,8 +173,10 @@ pub async fn run_order(
     n: u64,
 ) -> anyhow::Result<OrderResult> {
     let began = Instant::now();
+    let request = scenario_order(scenario, run, n);
+    let (user, amount_minor) = (request.user_id.clone(), request.amount_minor);
     let saga = client
-        .start_order(scenario_order(scenario, run, n))
+        .start_order(request)
         .await?
         .into_inner()
         .saga
@@ -194,6 +199,8 @@ pub async fn run_order(
     Ok(OrderResult {
         n,
         saga_id: saga.saga_id,
+        user,
+        amount_minor,
         state,
         latency: began.elapsed(),
     })
@@ -276,7 +283,7 @@ pub async fn check_conservation(
             ));
         }
     }
-    // Money: the sum of balances fell by exactly the completed orders' amounts.
+    // Money: each user's balance fell by exactly the amounts of that user's completed sagas.
     let mut balance =
         pb::balance_service_client::BalanceServiceClient::new(channel(&participants.balance).await?);
     let accounts = balance
@@ -286,14 +293,18 @@ pub async fn check_conservation(
         .await?
         .into_inner()
         .accounts;
-    let initial: i64 = (0..USERS).map(initial_balance).sum();
-    let now: i64 = accounts.iter().map(|a| a.balance_minor).sum();
-    let charged = completed.len() as i64 * ORDER_AMOUNT;
-    if initial - now != charged {
-        problems.push(format!(
-            "balances fell by {} but completed orders charged {charged}",
-            initial - now
-        ));
+    let mut charged: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    for r in &completed {
+        *charged.entry(r.user.clone()).or_default() += r.amount_minor;
+    }
+    for (user, account) in accounts.iter().enumerate() {
+        let expected = initial_balance(user as u64) - charged.get(&account.user_id).copied().unwrap_or(0);
+        if account.user_id != user_id(user as u64) || account.balance_minor != expected {
+            problems.push(format!(
+                "user {}: balance {} but {expected} expected from its completed sagas",
+                account.user_id, account.balance_minor
+            ));
+        }
     }
     // Coupons: locked by completed sagas, free after compensated ones.
     let mut coupons =
@@ -331,18 +342,23 @@ pub async fn check_conservation(
             .await?
             .into_inner()
             .orders;
-        let confirmed = found
+        let status: std::collections::HashMap<&str, pb::OrderStatus> = found
             .iter()
-            .filter(|o| o.status == pb::OrderStatus::Confirmed as i32)
-            .count();
-        let expected = chunk
-            .iter()
-            .filter(|r| r.state == pb::SagaState::Completed)
-            .count();
-        if confirmed != expected {
-            problems.push(format!(
-                "{confirmed} orders confirmed, {expected} sagas completed"
-            ));
+            .map(|o| (o.order_id.as_str(), pb::OrderStatus::try_from(o.status).unwrap_or_default()))
+            .collect();
+        for r in chunk {
+            let found = status.get(r.saga_id.as_str()).copied();
+            let right = match r.state {
+                pb::SagaState::Completed => found == Some(pb::OrderStatus::Confirmed),
+                // Cancelled, or never created (the saga failed before create_order took effect).
+                _ => found != Some(pb::OrderStatus::Confirmed) && found != Some(pb::OrderStatus::Pending),
+            };
+            if !right {
+                problems.push(format!(
+                    "order {} is {found:?} after its saga ended {:?}",
+                    r.saga_id, r.state
+                ));
+            }
         }
     }
     problems.truncate(20);
