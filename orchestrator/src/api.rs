@@ -444,11 +444,10 @@ pub async fn routes(engine: Engine) -> Result<tonic::service::Routes, tonic_refl
         .register_encoded_file_descriptor_set(saga_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    Ok(
-        tonic::service::Routes::new(pb::orchestrator_server::OrchestratorServer::new(
-            OrchestratorService { engine },
-        ))
-        .add_service(health)
-        .add_service(reflection),
+    Ok(tonic::service::Routes::new(
+        pb::orchestrator_server::OrchestratorServer::new(OrchestratorService { engine })
+            .max_decoding_message_size(saga_proto::REQUEST_LEN_MAX),
     )
+    .add_service(health)
+    .add_service(reflection))
 }

@@ -344,7 +344,12 @@ pub async fn check_conservation(
             .orders;
         let status: std::collections::HashMap<&str, pb::OrderStatus> = found
             .iter()
-            .map(|o| (o.order_id.as_str(), pb::OrderStatus::try_from(o.status).unwrap_or_default()))
+            .map(|o| {
+                (
+                    o.order_id.as_str(),
+                    pb::OrderStatus::try_from(o.status).unwrap_or_default(),
+                )
+            })
             .collect();
         for r in chunk {
             let found = status.get(r.saga_id.as_str()).copied();

@@ -415,3 +415,224 @@ async fn a_request_id_reused_for_another_order_is_already_exists() {
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
     assert!(status.message().contains("request_id"), "{}", status.message());
 }
+
+/// Issue 9: every RPC, table-driven, with malformed input (empty, a 10 MB string field, zero
+/// and negative quantities and amounts, too many and duplicate items, unknown ids): each is
+/// INVALID_ARGUMENT naming the field (NOT_FOUND for an unknown saga), nothing is recorded,
+/// and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let system = Dev::start(dir.path(), "127.0.0.1:0", 100, DevOptions::default())
+        .await
+        .expect("starts");
+    let mut client = system.client().await.expect("connects");
+    let huge = "x".repeat(10 * 1024 * 1024);
+    let valid = workload::order_request("bad", 1);
+    let item = |product: &str, quantity: i64| pb::OrderItem {
+        product_id: product.into(),
+        quantity,
+    };
+    let start_cases: Vec<(&str, pb::StartOrderRequest)> = vec![
+        ("request_id", pb::StartOrderRequest::default()),
+        (
+            "request_id",
+            pb::StartOrderRequest {
+                request_id: huge.clone(),
+                ..valid.clone()
+            },
+        ),
+        (
+            "user_id",
+            pb::StartOrderRequest {
+                user_id: huge.clone(),
+                ..valid.clone()
+            },
+        ),
+        (
+            "user_id",
+            pb::StartOrderRequest {
+                user_id: String::new(),
+                ..valid.clone()
+            },
+        ),
+        (
+            "items[0].product_id",
+            pb::StartOrderRequest {
+                items: vec![item(&huge, 1)],
+                ..valid.clone()
+            },
+        ),
+        (
+            "items[0].quantity",
+            pb::StartOrderRequest {
+                items: vec![item("p1", -3)],
+                ..valid.clone()
+            },
+        ),
+        (
+            "items",
+            pb::StartOrderRequest {
+                items: (0..1000).map(|i| item(&format!("p{i}"), 1)).collect(),
+                ..valid.clone()
+            },
+        ),
+        (
+            "items[1].product_id",
+            pb::StartOrderRequest {
+                items: vec![item("p1", 1), item("p1", 2)],
+                ..valid.clone()
+            },
+        ),
+        (
+            "amount_minor",
+            pb::StartOrderRequest {
+                amount_minor: 0,
+                ..valid.clone()
+            },
+        ),
+        (
+            "amount_minor",
+            pb::StartOrderRequest {
+                amount_minor: i64::MIN,
+                ..valid.clone()
+            },
+        ),
+        (
+            "coupon_id",
+            pb::StartOrderRequest {
+                coupon_id: huge.clone(),
+                ..valid.clone()
+            },
+        ),
+    ];
+    let expect_invalid = |rpc: &str, field: &str, answer: Result<(), tonic::Status>| {
+        let status = answer.expect_err(&format!("{rpc} {field}: accepted"));
+        assert_eq!(status.code(), Code::InvalidArgument, "{rpc} {field}: {status:?}");
+        assert!(
+            status.message().starts_with(&format!("{field}:")),
+            "{rpc} names {field}: {}",
+            &status.message()[..status.message().len().min(200)]
+        );
+    };
+    let before = system.engine.log().durable_position();
+    for (field, request) in start_cases {
+        expect_invalid("StartOrder", field, client.start_order(request).await.map(|_| ()));
+    }
+    for (field, saga_id) in [("saga_id", String::new()), ("saga_id", huge.clone())] {
+        let get = client
+            .get_saga(pb::GetSagaRequest {
+                saga_id: saga_id.clone(),
+            })
+            .await;
+        expect_invalid("GetSaga", field, get.map(|_| ()));
+        let watch = client
+            .watch_saga(pb::WatchSagaRequest {
+                saga_id: saga_id.clone(),
+                from_version: 1,
+            })
+            .await;
+        expect_invalid("WatchSaga", field, watch.map(|_| ()));
+        let retry = client
+            .retry_saga(pb::RetrySagaRequest {
+                saga_id: saga_id.clone(),
+                reason: String::new(),
+            })
+            .await;
+        expect_invalid("RetrySaga", field, retry.map(|_| ()));
+        let abort = client
+            .abort_saga(pb::AbortSagaRequest {
+                saga_id,
+                reason: String::new(),
+            })
+            .await;
+        expect_invalid("AbortSaga", field, abort.map(|_| ()));
+    }
+    for (field, request) in [
+        (
+            "page_size",
+            pb::ListSagasRequest {
+                state: 0,
+                page_size: 1_000_000,
+                page_token: String::new(),
+            },
+        ),
+        (
+            "state",
+            pb::ListSagasRequest {
+                state: 99,
+                page_size: 10,
+                page_token: String::new(),
+            },
+        ),
+        (
+            "page_token",
+            pb::ListSagasRequest {
+                state: 0,
+                page_size: 10,
+                page_token: huge.clone(),
+            },
+        ),
+    ] {
+        expect_invalid("ListSagas", field, client.list_sagas(request).await.map(|_| ()));
+    }
+    // Unknown sagas are NOT_FOUND, by every RPC that names one.
+    let unknown = "ord-unknown".to_owned();
+    let answers = [
+        client
+            .get_saga(pb::GetSagaRequest {
+                saga_id: unknown.clone(),
+            })
+            .await
+            .map(|_| ()),
+        client
+            .watch_saga(pb::WatchSagaRequest {
+                saga_id: unknown.clone(),
+                from_version: 1,
+            })
+            .await
+            .map(|_| ()),
+        client
+            .retry_saga(pb::RetrySagaRequest {
+                saga_id: unknown.clone(),
+                reason: String::new(),
+            })
+            .await
+            .map(|_| ()),
+        client
+            .abort_saga(pb::AbortSagaRequest {
+                saga_id: unknown.clone(),
+                reason: String::new(),
+            })
+            .await
+            .map(|_| ()),
+    ];
+    for answer in answers {
+        assert_eq!(answer.expect_err("unknown").code(), Code::NotFound);
+    }
+    assert_eq!(
+        system.engine.log().durable_position(),
+        before,
+        "malformed requests recorded nothing"
+    );
+    // A reason too long for the log is refused by field, not stored.
+    let saga = workload::run_order(&mut client, workload::Scenario::AllOk, "bad", 2)
+        .await
+        .expect("runs");
+    let before_reason = system.engine.log().durable_position();
+    let retry = client
+        .retry_saga(pb::RetrySagaRequest {
+            saga_id: saga.saga_id.clone(),
+            reason: huge.clone(),
+        })
+        .await;
+    expect_invalid("RetrySaga", "reason", retry.map(|_| ()));
+    assert_eq!(
+        system.engine.log().durable_position(),
+        before_reason,
+        "nothing recorded"
+    );
+    // Still serving.
+    assert_eq!(saga.state, pb::SagaState::Completed);
+    system.shutdown().await;
+}

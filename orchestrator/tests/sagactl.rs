@@ -98,7 +98,12 @@ async fn audit_verifies_correlates_exports_and_finds_a_forged_projection() {
     // A balance deducted for a completed saga shows up in its timeline, with the user.
     let dirs: Vec<String> = roles[..5]
         .iter()
-        .flat_map(|r| ["--data-dir".to_owned(), dir.path().join(r).to_string_lossy().into_owned()])
+        .flat_map(|r| {
+            [
+                "--data-dir".to_owned(),
+                dir.path().join(r).to_string_lossy().into_owned(),
+            ]
+        })
         .collect();
     let mut charged = 0;
     for saga in &sagas {
@@ -106,15 +111,25 @@ async fn audit_verifies_correlates_exports_and_finds_a_forged_projection() {
         args.extend(dirs.iter().map(String::as_str));
         let (code, stdout, stderr) = sagactl(&args);
         assert_eq!(code, 0, "{stderr}");
-        let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+        let lines: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
         assert_eq!(lines[0]["event_type"], "SagaStarted", "{stdout}");
-        let times: Vec<i64> = lines.iter().map(|l| l["timestamp_unix_us"].as_i64().unwrap()).collect();
+        let times: Vec<i64> = lines
+            .iter()
+            .map(|l| l["timestamp_unix_us"].as_i64().unwrap())
+            .collect();
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "time order");
         let completed = lines.iter().any(|l| l["event_type"] == "SagaCompleted");
         let deducted = lines
             .iter()
             .find(|l| l["log"] == "balance" && l["event_type"] == "BalanceDeducted");
-        assert_eq!(completed, deducted.is_some(), "charged exactly when completed: {stdout}");
+        assert_eq!(
+            completed,
+            deducted.is_some(),
+            "charged exactly when completed: {stdout}"
+        );
         if let Some(deducted) = deducted {
             assert!(deducted["payload"]["BalanceDeducted"]["user_id"].is_string());
             charged += 1;
@@ -127,7 +142,10 @@ async fn audit_verifies_correlates_exports_and_finds_a_forged_projection() {
     assert_eq!(code, 0);
     for line in stdout.lines() {
         let record: serde_json::Value = serde_json::from_str(line).expect("one JSON object per line");
-        assert!(record["position"].as_u64().is_some() && !record["payload"].is_null(), "{line}");
+        assert!(
+            record["position"].as_u64().is_some() && !record["payload"].is_null(),
+            "{line}"
+        );
     }
 
     // Forge a balance: the replay disagrees, and verify says where.

@@ -26,6 +26,7 @@ pub mod grpc;
 use std::path::Path;
 use std::sync::Arc;
 
+use saga_proto::REQUEST_LEN_MAX;
 use saga_proto::v1 as pb;
 use saga_storage::{EventLog, LogConfig, StorageError};
 
@@ -85,25 +86,32 @@ impl Participant {
 
     /// The role's gRPC service and `ConsumerAdmin` (answering FAILED_PRECONDITION when no
     /// consumer is given), ready to serve.
+    /// Requests up to `saga_proto::REQUEST_LEN_MAX` are decoded, so that oversized fields are
+    /// answered INVALID_ARGUMENT by field.
     pub fn router(&self, consumer: Option<Arc<consumer::CompensationConsumer>>) -> tonic::service::Routes {
         let log = self.log.clone();
         let routes = match self.role {
-            Role::Order => tonic::service::Routes::new(pb::order_service_server::OrderServiceServer::new(
-                grpc::OrderService { log },
-            )),
-            Role::Stock => tonic::service::Routes::new(pb::stock_service_server::StockServiceServer::new(
-                grpc::StockService { log },
-            )),
-            Role::Coupon => tonic::service::Routes::new(pb::coupon_service_server::CouponServiceServer::new(
-                grpc::CouponService { log },
-            )),
+            Role::Order => tonic::service::Routes::new(
+                pb::order_service_server::OrderServiceServer::new(grpc::OrderService { log })
+                    .max_decoding_message_size(REQUEST_LEN_MAX),
+            ),
+            Role::Stock => tonic::service::Routes::new(
+                pb::stock_service_server::StockServiceServer::new(grpc::StockService { log })
+                    .max_decoding_message_size(REQUEST_LEN_MAX),
+            ),
+            Role::Coupon => tonic::service::Routes::new(
+                pb::coupon_service_server::CouponServiceServer::new(grpc::CouponService { log })
+                    .max_decoding_message_size(REQUEST_LEN_MAX),
+            ),
             Role::Balance => tonic::service::Routes::new(
-                pb::balance_service_server::BalanceServiceServer::new(grpc::BalanceService { log }),
+                pb::balance_service_server::BalanceServiceServer::new(grpc::BalanceService { log })
+                    .max_decoding_message_size(REQUEST_LEN_MAX),
             ),
         };
-        routes.add_service(pb::consumer_admin_server::ConsumerAdminServer::new(
-            grpc::ConsumerAdminService { consumer },
-        ))
+        routes.add_service(
+            pb::consumer_admin_server::ConsumerAdminServer::new(grpc::ConsumerAdminService { consumer })
+                .max_decoding_message_size(REQUEST_LEN_MAX),
+        )
     }
 
     /// Serves the role's gRPC service (and `ConsumerAdmin`) on `listener` until `shutdown`

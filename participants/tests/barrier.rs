@@ -521,3 +521,428 @@ async fn order_is_created_confirmed_or_cancelled_once() {
     assert_eq!(refusal_of(&err), pb::RefusalReason::InvalidState);
     p.stop().await;
 }
+
+/// What a malformed request must get.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// INVALID_ARGUMENT whose message starts with the field, and nothing recorded.
+    Invalid(&'static str),
+    /// A business refusal (FAILED_PRECONDITION with a `BusinessRefusal`): unknown ids.
+    Refused(pb::RefusalReason),
+    /// Accepted as the no-op it is (an empty seed list), and nothing recorded.
+    Noop,
+}
+
+/// Checks one answer; for `Invalid`, that the log did not move.
+fn check(
+    case: &str,
+    expect: Expect,
+    answer: Result<(), tonic::Status>,
+    participant: &Participant,
+    before: u64,
+) {
+    let status = match (answer, expect) {
+        (Ok(()), Expect::Noop) => {
+            assert_eq!(
+                participant.log().durable_position(),
+                before,
+                "{case}: recorded something"
+            );
+            return;
+        }
+        (Ok(()), _) => panic!("{case}: accepted"),
+        (Err(status), _) => status,
+    };
+    match expect {
+        Expect::Invalid(field) => {
+            assert_eq!(status.code(), Code::InvalidArgument, "{case}: {status:?}");
+            assert!(
+                status.message().starts_with(&format!("{field}:")),
+                "{case}: names {field}: {}",
+                &status.message()[..status.message().len().min(200)]
+            );
+            assert_eq!(
+                participant.log().durable_position(),
+                before,
+                "{case}: recorded something"
+            );
+        }
+        Expect::Refused(reason) => assert_eq!(refusal_of(&status), reason, "{case}"),
+        Expect::Noop => panic!("{case}: {status:?}"),
+    }
+}
+
+/// Issue 9: every RPC of every role, table-driven: empty, oversized (a 10 MB string field),
+/// zero and negative amounts, too many and duplicate items, unknown ids. INVALID_ARGUMENT names
+/// the field and records nothing; unknown users, products and coupons are business refusals;
+/// and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_serving() {
+    let huge = "x".repeat(10 * 1024 * 1024);
+    let many_items: Vec<pb::OrderItem> = (0..1000).map(|i| item(&format!("p{i}"), 1)).collect();
+    let ok_key = |step: &str| key("s1", step);
+
+    // Stock.
+    let running = Running::start(Role::Stock).await;
+    let mut client = pb::stock_service_client::StockServiceClient::new(running.channel.clone());
+    seed_stock(&mut client, "p1", 10).await;
+    let reserve_cases: Vec<(&str, pb::ReserveStockRequest, Expect)> = vec![
+        (
+            "empty",
+            pb::ReserveStockRequest::default(),
+            Expect::Invalid("key"),
+        ),
+        (
+            "10 MB order id",
+            pb::ReserveStockRequest {
+                order_id: huge.clone(),
+                ..reserve("s1", "p1", 1)
+            },
+            Expect::Invalid("order_id"),
+        ),
+        (
+            "10 MB product id",
+            pb::ReserveStockRequest {
+                items: vec![item(&huge, 1)],
+                ..reserve("s1", "p1", 1)
+            },
+            Expect::Invalid("items[0].product_id"),
+        ),
+        (
+            "zero quantity",
+            reserve("s1", "p1", 0),
+            Expect::Invalid("items[0].quantity"),
+        ),
+        (
+            "negative quantity",
+            reserve("s1", "p1", -1),
+            Expect::Invalid("items[0].quantity"),
+        ),
+        (
+            "too many items",
+            pb::ReserveStockRequest {
+                items: many_items.clone(),
+                ..reserve("s1", "p1", 1)
+            },
+            Expect::Invalid("items"),
+        ),
+        (
+            "duplicate items",
+            pb::ReserveStockRequest {
+                items: vec![item("p1", 1), item("p1", 1)],
+                ..reserve("s1", "p1", 1)
+            },
+            Expect::Invalid("items[1].product_id"),
+        ),
+        (
+            "unknown product",
+            reserve("s-unknown", "p-none", 1),
+            Expect::Refused(pb::RefusalReason::UnknownEntity),
+        ),
+    ];
+    for (case, request, expect) in reserve_cases {
+        let before = running.participant.log().durable_position();
+        let answer = client.reserve_stock(request).await.map(|_| ());
+        check(
+            &format!("ReserveStock {case}"),
+            expect,
+            answer,
+            &running.participant,
+            before,
+        );
+    }
+    let seed_cases: Vec<(&str, pb::SeedStockRequest, Expect)> = vec![
+        ("empty", pb::SeedStockRequest::default(), Expect::Noop),
+        (
+            "negative",
+            pb::SeedStockRequest {
+                stock: vec![pb::ProductStock {
+                    product_id: "p2".into(),
+                    available: -1,
+                    reserved: 0,
+                }],
+            },
+            Expect::Invalid("stock[0].available"),
+        ),
+        (
+            "10 MB id",
+            pb::SeedStockRequest {
+                stock: vec![pb::ProductStock {
+                    product_id: huge.clone(),
+                    available: 1,
+                    reserved: 0,
+                }],
+            },
+            Expect::Invalid("stock[0].product_id"),
+        ),
+    ];
+    for (case, request, expect) in seed_cases {
+        let before = running.participant.log().durable_position();
+        let answer = client.seed_stock(request).await.map(|_| ());
+        check(
+            &format!("SeedStock {case}"),
+            expect,
+            answer,
+            &running.participant,
+            before,
+        );
+    }
+    for (case, ids, field) in [
+        ("10 MB id", vec![huge.clone()], "product_ids[0]"),
+        (
+            "too many ids",
+            (0..20_000).map(|i| format!("p{i}")).collect(),
+            "product_ids",
+        ),
+    ] {
+        let before = running.participant.log().durable_position();
+        let answer = client
+            .get_stock(pb::GetStockRequest { product_ids: ids })
+            .await
+            .map(|_| ());
+        check(
+            &format!("GetStock {case}"),
+            Expect::Invalid(field),
+            answer,
+            &running.participant,
+            before,
+        );
+    }
+    client
+        .reserve_stock(reserve("s1", "p1", 1))
+        .await
+        .expect("keeps serving");
+    running.stop().await;
+
+    // Coupon.
+    let running = Running::start(Role::Coupon).await;
+    let mut client = pb::coupon_service_client::CouponServiceClient::new(running.channel.clone());
+    client
+        .seed_coupons(pb::SeedCouponsRequest {
+            coupons: vec![pb::Coupon {
+                coupon_id: "c1".into(),
+                owner_user_id: "u1".into(),
+                value_minor: 1,
+                status: pb::CouponStatus::Free as i32,
+                locked_by_order_id: String::new(),
+            }],
+        })
+        .await
+        .expect("seeds");
+    let lock = |coupon: &str, user: &str, order: &str| pb::LockCouponRequest {
+        key: ok_key("lock_coupon"),
+        coupon_id: coupon.into(),
+        user_id: user.into(),
+        order_id: order.into(),
+    };
+    let lock_cases: Vec<(&str, pb::LockCouponRequest, Expect)> = vec![
+        ("empty", pb::LockCouponRequest::default(), Expect::Invalid("key")),
+        ("empty coupon", lock("", "u1", "s1"), Expect::Invalid("coupon_id")),
+        (
+            "10 MB coupon",
+            lock(&huge, "u1", "s1"),
+            Expect::Invalid("coupon_id"),
+        ),
+        ("10 MB user", lock("c1", &huge, "s1"), Expect::Invalid("user_id")),
+        ("empty order", lock("c1", "u1", ""), Expect::Invalid("order_id")),
+        (
+            "unknown coupon",
+            pb::LockCouponRequest {
+                key: key("s-unknown", "lock_coupon"),
+                ..lock("c-none", "u1", "s-unknown")
+            },
+            Expect::Refused(pb::RefusalReason::CouponNotFree),
+        ),
+    ];
+    for (case, request, expect) in lock_cases {
+        let before = running.participant.log().durable_position();
+        let answer = client.lock_coupon(request).await.map(|_| ());
+        check(
+            &format!("LockCoupon {case}"),
+            expect,
+            answer,
+            &running.participant,
+            before,
+        );
+    }
+    let before = running.participant.log().durable_position();
+    let answer = client
+        .seed_coupons(pb::SeedCouponsRequest {
+            coupons: vec![pb::Coupon {
+                coupon_id: "c2".into(),
+                owner_user_id: "u1".into(),
+                value_minor: -3,
+                status: pb::CouponStatus::Free as i32,
+                locked_by_order_id: String::new(),
+            }],
+        })
+        .await
+        .map(|_| ());
+    check(
+        "SeedCoupons negative value",
+        Expect::Invalid("coupons[0].value_minor"),
+        answer,
+        &running.participant,
+        before,
+    );
+    client
+        .lock_coupon(lock("c1", "u1", "s1"))
+        .await
+        .expect("keeps serving");
+    running.stop().await;
+
+    // Balance.
+    let running = Running::start(Role::Balance).await;
+    let mut client = pb::balance_service_client::BalanceServiceClient::new(running.channel.clone());
+    client
+        .seed_balances(pb::SeedBalancesRequest {
+            accounts: vec![pb::Account {
+                user_id: "u1".into(),
+                balance_minor: 100,
+            }],
+        })
+        .await
+        .expect("seeds");
+    let deduct = |user: &str, amount: i64| pb::DeductBalanceRequest {
+        key: ok_key("deduct_balance"),
+        user_id: user.into(),
+        amount_minor: amount,
+        order_id: "s1".into(),
+    };
+    let deduct_cases: Vec<(&str, pb::DeductBalanceRequest, Expect)> = vec![
+        (
+            "empty",
+            pb::DeductBalanceRequest::default(),
+            Expect::Invalid("key"),
+        ),
+        ("zero amount", deduct("u1", 0), Expect::Invalid("amount_minor")),
+        (
+            "negative amount",
+            deduct("u1", -10),
+            Expect::Invalid("amount_minor"),
+        ),
+        ("10 MB user", deduct(&huge, 10), Expect::Invalid("user_id")),
+        (
+            "unknown user",
+            pb::DeductBalanceRequest {
+                key: key("s-unknown", "deduct_balance"),
+                ..deduct("u-none", 10)
+            },
+            Expect::Refused(pb::RefusalReason::UnknownEntity),
+        ),
+    ];
+    for (case, request, expect) in deduct_cases {
+        let before = running.participant.log().durable_position();
+        let answer = client.deduct_balance(request).await.map(|_| ());
+        check(
+            &format!("DeductBalance {case}"),
+            expect,
+            answer,
+            &running.participant,
+            before,
+        );
+    }
+    let before = running.participant.log().durable_position();
+    let answer = client
+        .seed_balances(pb::SeedBalancesRequest {
+            accounts: vec![pb::Account {
+                user_id: "u2".into(),
+                balance_minor: -1,
+            }],
+        })
+        .await
+        .map(|_| ());
+    check(
+        "SeedBalances negative",
+        Expect::Invalid("accounts[0].balance_minor"),
+        answer,
+        &running.participant,
+        before,
+    );
+    client
+        .deduct_balance(deduct("u1", 10))
+        .await
+        .expect("keeps serving");
+    running.stop().await;
+
+    // Order.
+    let running = Running::start(Role::Order).await;
+    let mut client = pb::order_service_client::OrderServiceClient::new(running.channel.clone());
+    let create = |items: Vec<pb::OrderItem>, amount: i64| pb::CreateOrderRequest {
+        key: ok_key("create_order"),
+        order_id: "s1".into(),
+        user_id: "u1".into(),
+        items,
+        amount_minor: amount,
+        coupon_id: String::new(),
+    };
+    let create_cases: Vec<(&str, pb::CreateOrderRequest, Expect)> = vec![
+        ("empty", pb::CreateOrderRequest::default(), Expect::Invalid("key")),
+        ("no items", create(vec![], 10), Expect::Invalid("items")),
+        (
+            "too many items",
+            create(many_items.clone(), 10),
+            Expect::Invalid("items"),
+        ),
+        (
+            "duplicate items",
+            create(vec![item("p1", 1), item("p1", 2)], 10),
+            Expect::Invalid("items[1].product_id"),
+        ),
+        (
+            "zero quantity",
+            create(vec![item("p1", 0)], 10),
+            Expect::Invalid("items[0].quantity"),
+        ),
+        (
+            "negative amount",
+            create(vec![item("p1", 1)], -1),
+            Expect::Invalid("amount_minor"),
+        ),
+        (
+            "10 MB user",
+            pb::CreateOrderRequest {
+                user_id: huge.clone(),
+                ..create(vec![item("p1", 1)], 10)
+            },
+            Expect::Invalid("user_id"),
+        ),
+    ];
+    for (case, request, expect) in create_cases {
+        let before = running.participant.log().durable_position();
+        let answer = client.create_order(request).await.map(|_| ());
+        check(
+            &format!("CreateOrder {case}"),
+            expect,
+            answer,
+            &running.participant,
+            before,
+        );
+    }
+    for (case, request, field) in [
+        ("empty", pb::ConfirmOrderRequest::default(), "key"),
+        (
+            "10 MB order",
+            pb::ConfirmOrderRequest {
+                key: key("s1", "confirm_order"),
+                order_id: huge.clone(),
+            },
+            "order_id",
+        ),
+    ] {
+        let before = running.participant.log().durable_position();
+        let answer = client.confirm_order(request).await.map(|_| ());
+        check(
+            &format!("ConfirmOrder {case}"),
+            Expect::Invalid(field),
+            answer,
+            &running.participant,
+            before,
+        );
+    }
+    client
+        .create_order(create(vec![item("p1", 1)], 10))
+        .await
+        .expect("keeps serving");
+    running.stop().await;
+}

@@ -618,3 +618,84 @@ async fn a_compensation_with_an_invalid_step_key_is_parked_not_retried_for_ever(
         "{parked:?}"
     );
 }
+
+/// Issue 9: malformed messages on the compensation topic from a foreign producer, table-driven:
+/// each is consumed at once (never retried for ever), parked with its reason (never dropped),
+/// changes no state, and the consumer goes on applying valid compensations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_from_a_foreign_producer_are_parked_with_the_reason() {
+    let s = direct(Role::Stock, None).await;
+    let key = reserve(&s.participant, "saga-f").await;
+    let valid = compensation(&key);
+    let with = |change: &dyn Fn(&mut Outgoing)| {
+        let mut message = valid.clone();
+        change(&mut message);
+        message
+    };
+    let body_for = |role: &str, saga: &str| {
+        pb::CompensationRequest {
+            key: Some(pb::StepKey {
+                saga_id: saga.into(),
+                step: "reserve_stock".into(),
+            }),
+            role: role.into(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let cases: Vec<(&str, Outgoing, &str)> = vec![
+        (
+            "unknown tag",
+            with(&|m| m.tag = "refund".into()),
+            "tag \"refund\"",
+        ),
+        (
+            "garbage body",
+            with(&|m| m.body = b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff".to_vec()),
+            "undecodable body",
+        ),
+        (
+            "empty body",
+            with(&|m| m.body = Vec::new()),
+            "body has no step key",
+        ),
+        (
+            "missing key",
+            with(&|m| m.key = String::new()),
+            "disagrees with the body's step key",
+        ),
+        (
+            "key/body mismatch",
+            with(&|m| m.key = "saga-g:reserve_stock".into()),
+            "disagrees with the body's step key",
+        ),
+        (
+            "another role's body",
+            with(&|m| m.body = body_for("coupon", "saga-f")),
+            "message for role \"coupon\"",
+        ),
+    ];
+    let levels = level(&s.participant).await;
+    for (i, (case, message, reason)) in cases.iter().enumerate() {
+        let deliveries = deliver_until_consumed(&s.consumer, message, 1).await;
+        assert_eq!(deliveries, 1, "{case}: consumed at once");
+        let parked = s.consumer.parked(None, 100).await.expect("lists");
+        assert_eq!(parked.len(), i + 1, "{case}: parked, none lost: {parked:?}");
+        assert!(
+            parked.iter().any(|p| p.last_error.contains(reason)),
+            "{case}: reason {reason:?} in {:?}",
+            parked.iter().map(|p| &p.last_error).collect::<Vec<_>>()
+        );
+        assert_eq!(level(&s.participant).await, levels, "{case}: no state changed");
+    }
+    // The consumer goes on: the valid compensation applies.
+    deliver_until_consumed(&s.consumer, &valid, 1).await;
+    assert_eq!(
+        level(&s.participant).await,
+        StockLevel {
+            available: 10,
+            reserved: 0
+        },
+        "the valid compensation applied after the malformed ones"
+    );
+}

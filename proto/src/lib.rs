@@ -18,3 +18,10 @@ pub mod v1 {
 
 /// The encoded `FileDescriptorSet` of `saga.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("saga_v1_descriptor");
+
+/// Largest request a server of ours decodes, in bytes. Above tonic's 4 MiB default so that an
+/// oversized field (a 10 MB id, say) reaches validation and is answered INVALID_ARGUMENT naming
+/// the field, as every other bad input is; a request past this bound is refused by tonic
+/// (OUT_OF_RANGE) before it is decoded. Every field we accept is far smaller (ids are at most
+/// 64 bytes, item lists at most a few hundred entries), so this bounds memory per request only.
+pub const REQUEST_LEN_MAX: usize = 16 * 1024 * 1024;

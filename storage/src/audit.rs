@@ -108,7 +108,12 @@ impl AuditLog {
         let mut heads: HashMap<String, (u64, u64, u64)> = HashMap::new();
         let mut expected = 1u64;
         let replay = match projector {
-            Some(_) => Some(sled::Config::new().temporary(true).open()?.open_tree("projections")?),
+            Some(_) => Some(
+                sled::Config::new()
+                    .temporary(true)
+                    .open()?
+                    .open_tree("projections")?,
+            ),
             None => None,
         };
         for entry in self.events.iter() {
@@ -118,7 +123,10 @@ impl AuditLog {
                 add(
                     &mut findings,
                     Some(expected),
-                    format!("positions {expected}..{} are missing (the next record is at {position})", position - 1),
+                    format!(
+                        "positions {expected}..{} are missing (the next record is at {position})",
+                        position - 1
+                    ),
                 );
             }
             expected = position + 1;
@@ -147,7 +155,9 @@ impl AuditLog {
                 let previous = if last_position == 0 {
                     "it is the stream's first record (expected 0)".to_owned()
                 } else {
-                    format!("the stream's previous record (position {last_position}) has checksum {last_checksum:#018x}")
+                    format!(
+                        "the stream's previous record (position {last_position}) has checksum {last_checksum:#018x}"
+                    )
                 };
                 add(
                     &mut findings,
@@ -176,7 +186,11 @@ impl AuditLog {
                 && stream != LOG_STREAM
                 && let Err(what) = replay_one(projector, replay, &record)
             {
-                add(&mut findings, Some(position), format!("replay refused the event: {what}"));
+                add(
+                    &mut findings,
+                    Some(position),
+                    format!("replay refused the event: {what}"),
+                );
             }
         }
         report.streams = heads.len() as u64;
@@ -185,7 +199,10 @@ impl AuditLog {
             add(
                 &mut findings,
                 None,
-                format!("the stream index has {index_len} entries for {} records", report.records),
+                format!(
+                    "the stream index has {index_len} entries for {} records",
+                    report.records
+                ),
             );
         }
         if let Err(refusal) = check_mark(&self.path, &self.events, expected - 1) {

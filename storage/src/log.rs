@@ -472,7 +472,9 @@ pub(crate) fn open_sled(config: &sled::Config, path: &Path) -> Result<sled::Db, 
         match config.open() {
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
                 if std::time::Instant::now() >= deadline {
-                    return Err(StorageError::Locked { path: path.to_owned() });
+                    return Err(StorageError::Locked {
+                        path: path.to_owned(),
+                    });
                 }
                 // Poll for the lock's release; bounded by LOCK_WAIT_MAX.
                 std::thread::sleep(std::time::Duration::from_millis(10));

@@ -238,7 +238,12 @@ impl MarkWriter {
 
     /// Records that the log is durable up to `position` (the record there has `checksum`),
     /// after `appends`. Syncs the file when the last sync is older than [`SYNC_INTERVAL`].
-    pub fn write(&mut self, position: u64, checksum: u64, appends: &[RecentAppend]) -> Result<(), StorageError> {
+    pub fn write(
+        &mut self,
+        position: u64,
+        checksum: u64,
+        appends: &[RecentAppend],
+    ) -> Result<(), StorageError> {
         for append in appends {
             if self.recent.len() == RECENT_LEN_MAX {
                 self.recent.pop_front();
@@ -327,7 +332,10 @@ mod tests {
             panic!("a mark");
         };
         assert_eq!((found.position, found.checksum, found.recent.len()), (5, 35, 5));
-        assert_eq!(found.streams_after(3), (vec!["s4".to_owned(), "s5".to_owned()], false));
+        assert_eq!(
+            found.streams_after(3),
+            (vec!["s4".to_owned(), "s5".to_owned()], false)
+        );
         // Tear the newest slot (seq 7 -> offset SLOT_LEN): the previous one is read.
         let file = OpenOptions::new().write(true).open(path(dir.path())).unwrap();
         file.write_all_at(&[0xff; 16], SLOT_LEN as u64 + 20).unwrap();

@@ -16,7 +16,9 @@ struct Counter;
 impl Projector for Counter {
     fn project(&self, event: &EventView<'_>, tx: &mut ProjectionTx<'_>) -> Result<(), ProjectError> {
         let key = format!("count/{}", event.stream);
-        let n = tx.get(&key)?.map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()));
+        let n = tx
+            .get(&key)?
+            .map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()));
         tx.insert(key, (n + 1).to_be_bytes().to_vec())?;
         Ok(())
     }
@@ -26,9 +28,11 @@ async fn write_log(dir: &std::path::Path) {
     let log = EventLog::open_with(LogConfig::new(dir), Some(Arc::new(Counter))).expect("opens");
     for stream in ["a", "b"] {
         for i in 0..3u64 {
-            log.append(AppendRequest::new(stream, ExpectedVersion::Any).event(NewEvent::encode("E", &i).unwrap()))
-                .await
-                .expect("appends");
+            log.append(
+                AppendRequest::new(stream, ExpectedVersion::Any).event(NewEvent::encode("E", &i).unwrap()),
+            )
+            .await
+            .expect("appends");
         }
     }
 }
@@ -63,7 +67,10 @@ fn forge(dir: &std::path::Path, position: u64, payload: &[u8]) {
     drop(record);
     drop(audit);
     let db = sled::open(dir).expect("opens sled");
-    db.open_tree("events").unwrap().insert(position.to_be_bytes(), bytes).unwrap();
+    db.open_tree("events")
+        .unwrap()
+        .insert(position.to_be_bytes(), bytes)
+        .unwrap();
     db.flush().unwrap();
 }
 
@@ -71,9 +78,15 @@ fn forge(dir: &std::path::Path, position: u64, payload: &[u8]) {
 async fn an_honest_log_verifies_clean_with_its_projections() {
     let dir = tempfile::tempdir().unwrap();
     write_log(dir.path()).await;
-    let report = AuditLog::open(dir.path()).unwrap().verify(Some(&Counter)).unwrap();
+    let report = AuditLog::open(dir.path())
+        .unwrap()
+        .verify(Some(&Counter))
+        .unwrap();
     assert!(report.findings.is_empty(), "{:?}", report.findings);
-    assert_eq!((report.records, report.streams, report.projection_keys), (6, 2, 2));
+    assert_eq!(
+        (report.records, report.streams, report.projection_keys),
+        (6, 2, 2)
+    );
 }
 
 #[tokio::test]
@@ -84,12 +97,19 @@ async fn a_forged_record_with_a_recomputed_checksum_is_caught_by_the_hash_chain(
     forge(dir.path(), 2, &saga_storage::codec::encode(&99u64).unwrap());
     let audit = AuditLog::open(dir.path()).unwrap();
     // The forged record passes its own checksum ...
-    audit.records(2).next().unwrap().expect("its own checksum is consistent");
+    audit
+        .records(2)
+        .next()
+        .unwrap()
+        .expect("its own checksum is consistent");
     // ... but the next record of its stream names the original's checksum.
     let report = audit.verify(Some(&Counter)).unwrap();
     let first = report.findings.first().expect("a finding");
     assert_eq!(first.position, Some(3), "{:?}", report.findings);
-    assert!(first.what.contains("hash chain of stream \"a\" broken"), "{first}");
+    assert!(
+        first.what.contains("hash chain of stream \"a\" broken"),
+        "{first}"
+    );
 }
 
 #[tokio::test]
@@ -104,9 +124,16 @@ async fn a_projection_that_disagrees_with_the_replay_is_named() {
             .unwrap();
         db.flush().unwrap();
     }
-    let report = AuditLog::open(dir.path()).unwrap().verify(Some(&Counter)).unwrap();
+    let report = AuditLog::open(dir.path())
+        .unwrap()
+        .verify(Some(&Counter))
+        .unwrap();
     assert_eq!(report.findings.len(), 1, "{:?}", report.findings);
-    assert!(report.findings[0].what.contains("projection count/b"), "{}", report.findings[0]);
+    assert!(
+        report.findings[0].what.contains("projection count/b"),
+        "{}",
+        report.findings[0]
+    );
 }
 
 #[test]

@@ -173,7 +173,10 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 /// The sled file of `dir`, cut by `bytes` at its end (a lost tail).
 fn cut_tail(dir: &std::path::Path, bytes: u64) {
     let path = dir.join("db");
-    let file = std::fs::OpenOptions::new().write(true).open(&path).expect("opens sled's file");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("opens sled's file");
     let len = file.metadata().expect("metadata").len();
     file.set_len(len.saturating_sub(bytes)).expect("truncates");
 }
@@ -227,7 +230,10 @@ async fn a_lost_tail_after_sigkill_is_refused_with_its_positions_unless_accepted
     );
     let text = refusal.to_string();
     assert!(
-        text.contains(&format!("positions {}..={mark_position} missing", found_position + 1)),
+        text.contains(&format!(
+            "positions {}..={mark_position} missing",
+            found_position + 1
+        )),
         "{text}"
     );
     // Refused again: the refusal did not change the data dir.
@@ -240,7 +246,10 @@ async fn a_lost_tail_after_sigkill_is_refused_with_its_positions_unless_accepted
         let audit = saga_storage::audit::AuditLog::open(dir.path()).expect("opens for audit");
         let report = audit.verify(None).expect("verifies");
         assert!(
-            report.findings.iter().any(|f| f.what.contains("lost acknowledged records")),
+            report
+                .findings
+                .iter()
+                .any(|f| f.what.contains("lost acknowledged records")),
             "{:?}",
             report.findings
         );
@@ -258,9 +267,11 @@ async fn a_lost_tail_after_sigkill_is_refused_with_its_positions_unless_accepted
     let accepted: saga_storage::LostTailAccepted = recorded[0].decode().expect("decodes");
     assert_eq!(accepted.found_position, found_position);
     assert!(accepted.refusal.contains("lost acknowledged records"));
-    log.append(AppendRequest::new("after", ExpectedVersion::Any).event(NewEvent::encode("E", &1u64).unwrap()))
-        .await
-        .expect("serves again");
+    log.append(
+        AppendRequest::new("after", ExpectedVersion::Any).event(NewEvent::encode("E", &1u64).unwrap()),
+    )
+    .await
+    .expect("serves again");
     drop(log);
     let log = EventLog::open(LogConfig::new(dir.path())).expect("reopens without the flag once accepted");
     assert_eq!(log.durable_position(), found_position + 2);
@@ -271,7 +282,12 @@ async fn a_lost_tail_after_sigkill_is_refused_with_its_positions_unless_accepted
 fn a_data_dir_held_by_another_process_is_refused_as_such() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(std::env::current_exe().expect("test binary path"))
-        .args(["--exact", "crash_child_appends_until_killed", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_child_appends_until_killed",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

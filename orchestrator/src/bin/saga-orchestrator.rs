@@ -165,13 +165,12 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
         ParticipantAddrs::parse(&args.participants).map_err(|e| anyhow::anyhow!("--participants: {e}"))?;
     let mut log_config = saga_storage::LogConfig::new(&args.data_dir);
     log_config.accept_lost_tail = args.accept_lost_tail;
-    let log = saga_orchestrator::engine::open_log(log_config)
-        .with_context(|| {
-            format!(
-                "--data-dir: cannot open the event log in {}",
-                args.data_dir.display()
-            )
-        })?;
+    let log = saga_orchestrator::engine::open_log(log_config).with_context(|| {
+        format!(
+            "--data-dir: cannot open the event log in {}",
+            args.data_dir.display()
+        )
+    })?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("--listen: cannot bind {}", args.listen))?;

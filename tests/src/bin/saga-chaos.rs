@@ -183,10 +183,15 @@ fn plan(seed: u64, duration: Duration) -> Vec<Planned> {
     }
     // Every run kills the orchestrator at least once and kills at least three times.
     let is_kill = |p: &Planned| matches!(p.action, Action::Kill { .. });
-    if !out
-        .iter()
-        .any(|p| matches!(p.action, Action::Kill { target: Target::Orchestrator, .. }))
-        && let Some(first) = out.first_mut()
+    if !out.iter().any(|p| {
+        matches!(
+            p.action,
+            Action::Kill {
+                target: Target::Orchestrator,
+                ..
+            }
+        )
+    }) && let Some(first) = out.first_mut()
     {
         first.action = Action::Kill {
             target: Target::Orchestrator,
@@ -647,7 +652,11 @@ impl System {
     /// Ends every injected fault: paused processes continue, faulted participants restart
     /// without their fault.
     fn heal(&mut self) -> anyhow::Result<()> {
-        for node in self.participants.iter_mut().chain(std::iter::once(&mut self.orchestrator)) {
+        for node in self
+            .participants
+            .iter_mut()
+            .chain(std::iter::once(&mut self.orchestrator))
+        {
             if node.paused {
                 node.resume();
             }
@@ -676,7 +685,9 @@ struct Outcome {
     notes: Vec<String>,
 }
 
-async fn list_all(client: &mut pb::orchestrator_client::OrchestratorClient<Channel>) -> anyhow::Result<Vec<pb::Saga>> {
+async fn list_all(
+    client: &mut pb::orchestrator_client::OrchestratorClient<Channel>,
+) -> anyhow::Result<Vec<pb::Saga>> {
     let mut out = Vec::new();
     let mut token = String::new();
     loop {
@@ -848,11 +859,17 @@ async fn run(args: &Args, seed: u64, work: &Path) -> anyhow::Result<Outcome> {
             violations.push(format!("saga {} ended {state:?}", saga.saga_id));
         }
     }
-    let completed = results.iter().filter(|r| r.state == pb::SagaState::Completed).count();
+    let completed = results
+        .iter()
+        .filter(|r| r.state == pb::SagaState::Completed)
+        .count();
     notes.push(format!(
         "{} sagas: {completed} completed, {} compensated",
         sagas.len(),
-        results.iter().filter(|r| r.state == pb::SagaState::Compensated).count()
+        results
+            .iter()
+            .filter(|r| r.state == pb::SagaState::Compensated)
+            .count()
     ));
     match workload::check_conservation(&system.addrs, &results).await {
         Ok(problems) => violations.extend(problems),
@@ -989,7 +1006,9 @@ fn check_logs(work: &Path, sagas: &[pb::Saga]) -> anyhow::Result<(Vec<String>, V
             }
         }
     }
-    notes.push(format!("{duplicates} duplicate compensation deliveries acknowledged again"));
+    notes.push(format!(
+        "{duplicates} duplicate compensation deliveries acknowledged again"
+    ));
     for (stream, (outcomes, compensations, _)) in &steps {
         if *outcomes > 1 {
             violations.push(format!("{stream}: the action was recorded {outcomes} times"));
@@ -1081,7 +1100,10 @@ fn main() -> ExitCode {
             for violation in outcome.violations.iter().take(50) {
                 println!("  {violation}");
             }
-            println!("chaos: replay with: saga-chaos --seed {seed} --duration {}", args.duration);
+            println!(
+                "chaos: replay with: saga-chaos --seed {seed} --duration {}",
+                args.duration
+            );
         }
         println!(
             "chaos: logs kept in {}: data dirs orchestrator/ order/ stock/ coupon/ balance/ (sagactl audit), process logs *.log, broker rocketmq/",
@@ -1092,7 +1114,11 @@ fn main() -> ExitCode {
         "chaos seed={seed} duration_s={} sagas={} kills={} pauses={} violations={violations}",
         args.duration, outcome.sagas, outcome.kills, outcome.pauses
     );
-    if violations > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
+    if violations > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 #[cfg(test)]
@@ -1100,10 +1126,21 @@ mod tests {
     use super::*;
 
     fn kills(plan: &[Planned]) -> (usize, usize) {
-        let kills = plan.iter().filter(|p| matches!(p.action, Action::Kill { .. })).count();
+        let kills = plan
+            .iter()
+            .filter(|p| matches!(p.action, Action::Kill { .. }))
+            .count();
         let orchestrator = plan
             .iter()
-            .filter(|p| matches!(p.action, Action::Kill { target: Target::Orchestrator, .. }))
+            .filter(|p| {
+                matches!(
+                    p.action,
+                    Action::Kill {
+                        target: Target::Orchestrator,
+                        ..
+                    }
+                )
+            })
             .count();
         (kills, orchestrator)
     }
@@ -1129,7 +1166,10 @@ mod tests {
     fn faults_only_touch_compensable_steps() {
         for seed in 0..200 {
             for planned in plan(seed, Duration::from_secs(120)) {
-                if let Action::Kill { fault: Some(fault), .. } = planned.action {
+                if let Action::Kill {
+                    fault: Some(fault), ..
+                } = planned.action
+                {
                     assert!(!fault.contains("confirm_order"), "{fault}");
                 }
             }

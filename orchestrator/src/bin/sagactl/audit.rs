@@ -86,8 +86,14 @@ pub fn saga_of(record: &Record) -> Option<&str> {
 /// not decode: the hex is in `payload_hex` then).
 pub fn payload_json(record: &Record) -> Value {
     let decoded = match stream_kind(record.stream()) {
-        None => record.decode::<LostTailAccepted>().ok().and_then(|e| serde_json::to_value(e).ok()),
-        Some(LogKind::Orchestrator) => record.decode::<SagaEvent>().ok().and_then(|e| serde_json::to_value(e).ok()),
+        None => record
+            .decode::<LostTailAccepted>()
+            .ok()
+            .and_then(|e| serde_json::to_value(e).ok()),
+        Some(LogKind::Orchestrator) => record
+            .decode::<SagaEvent>()
+            .ok()
+            .and_then(|e| serde_json::to_value(e).ok()),
         Some(LogKind::Participant) => participant_json(record),
         Some(LogKind::Queue | LogKind::Empty) => None,
     };
@@ -161,7 +167,12 @@ pub fn verify(dir: &Path, as_json: bool) -> Result<bool, String> {
             report.projection_keys
         );
     } else {
-        println!("NOT CLEAN: {} ({} log), {} records", dir.display(), kind.name(), report.records);
+        println!(
+            "NOT CLEAN: {} ({} log), {} records",
+            dir.display(),
+            kind.name(),
+            report.records
+        );
         for finding in &report.findings {
             println!("  {finding}");
         }
@@ -228,7 +239,9 @@ pub fn saga(saga_id: &str, dirs: &[PathBuf], as_json: bool) -> Result<(), String
     for e in &entries {
         let payload = payload_json(&e.record);
         let detail = match &payload {
-            Value::Object(map) if map.len() == 1 => map.values().next().map(Value::to_string).unwrap_or_default(),
+            Value::Object(map) if map.len() == 1 => {
+                map.values().next().map(Value::to_string).unwrap_or_default()
+            }
             Value::Null => String::new(),
             other => other.to_string(),
         };

@@ -129,7 +129,9 @@ enum AuditCommand {
 fn run_audit(command: AuditCommand, as_json: bool) -> ExitCode {
     let result = match command {
         AuditCommand::Verify { data_dir } => audit::verify(&data_dir, as_json),
-        AuditCommand::Saga { saga_id, data_dirs } => audit::saga(&saga_id, &data_dirs, as_json).map(|()| true),
+        AuditCommand::Saga { saga_id, data_dirs } => {
+            audit::saga(&saga_id, &data_dirs, as_json).map(|()| true)
+        }
         AuditCommand::Export { data_dir, from } => audit::export(&data_dir, from).map(|()| true),
     };
     match result {
