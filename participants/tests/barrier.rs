@@ -533,6 +533,18 @@ enum Expect {
     Noop,
 }
 
+/// Makes the call and checks its answer against `expect`.
+async fn expect_answer(
+    case: &str,
+    expect: Expect,
+    participant: &Participant,
+    call: impl std::future::Future<Output = Result<(), tonic::Status>>,
+) {
+    let before = participant.log().durable_position();
+    let answer = call.await;
+    check(case, expect, answer, participant, before);
+}
+
 /// Checks one answer; for `Invalid`, that the log did not move.
 fn check(
     case: &str,
@@ -641,15 +653,13 @@ async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_se
         ),
     ];
     for (case, request, expect) in reserve_cases {
-        let before = running.participant.log().durable_position();
-        let answer = client.reserve_stock(request).await.map(|_| ());
-        check(
+        expect_answer(
             &format!("ReserveStock {case}"),
             expect,
-            answer,
             &running.participant,
-            before,
-        );
+            async { client.reserve_stock(request).await.map(|_| ()) },
+        )
+        .await;
     }
     let seed_cases: Vec<(&str, pb::SeedStockRequest, Expect)> = vec![
         ("empty", pb::SeedStockRequest::default(), Expect::Noop),
@@ -677,15 +687,13 @@ async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_se
         ),
     ];
     for (case, request, expect) in seed_cases {
-        let before = running.participant.log().durable_position();
-        let answer = client.seed_stock(request).await.map(|_| ());
-        check(
+        expect_answer(
             &format!("SeedStock {case}"),
             expect,
-            answer,
             &running.participant,
-            before,
-        );
+            async { client.seed_stock(request).await.map(|_| ()) },
+        )
+        .await;
     }
     for (case, ids, field) in [
         ("10 MB id", vec![huge.clone()], "product_ids[0]"),
@@ -695,18 +703,18 @@ async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_se
             "product_ids",
         ),
     ] {
-        let before = running.participant.log().durable_position();
-        let answer = client
-            .get_stock(pb::GetStockRequest { product_ids: ids })
-            .await
-            .map(|_| ());
-        check(
+        expect_answer(
             &format!("GetStock {case}"),
             Expect::Invalid(field),
-            answer,
             &running.participant,
-            before,
-        );
+            async {
+                client
+                    .get_stock(pb::GetStockRequest { product_ids: ids })
+                    .await
+                    .map(|_| ())
+            },
+        )
+        .await;
     }
     client
         .reserve_stock(reserve("s1", "p1", 1))
@@ -755,36 +763,34 @@ async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_se
         ),
     ];
     for (case, request, expect) in lock_cases {
-        let before = running.participant.log().durable_position();
-        let answer = client.lock_coupon(request).await.map(|_| ());
-        check(
+        expect_answer(
             &format!("LockCoupon {case}"),
             expect,
-            answer,
             &running.participant,
-            before,
-        );
+            async { client.lock_coupon(request).await.map(|_| ()) },
+        )
+        .await;
     }
-    let before = running.participant.log().durable_position();
-    let answer = client
-        .seed_coupons(pb::SeedCouponsRequest {
-            coupons: vec![pb::Coupon {
-                coupon_id: "c2".into(),
-                owner_user_id: "u1".into(),
-                value_minor: -3,
-                status: pb::CouponStatus::Free as i32,
-                locked_by_order_id: String::new(),
-            }],
-        })
-        .await
-        .map(|_| ());
-    check(
+    expect_answer(
         "SeedCoupons negative value",
         Expect::Invalid("coupons[0].value_minor"),
-        answer,
         &running.participant,
-        before,
-    );
+        async {
+            client
+                .seed_coupons(pb::SeedCouponsRequest {
+                    coupons: vec![pb::Coupon {
+                        coupon_id: "c2".into(),
+                        owner_user_id: "u1".into(),
+                        value_minor: -3,
+                        status: pb::CouponStatus::Free as i32,
+                        locked_by_order_id: String::new(),
+                    }],
+                })
+                .await
+                .map(|_| ())
+        },
+    )
+    .await;
     client
         .lock_coupon(lock("c1", "u1", "s1"))
         .await
@@ -832,33 +838,31 @@ async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_se
         ),
     ];
     for (case, request, expect) in deduct_cases {
-        let before = running.participant.log().durable_position();
-        let answer = client.deduct_balance(request).await.map(|_| ());
-        check(
+        expect_answer(
             &format!("DeductBalance {case}"),
             expect,
-            answer,
             &running.participant,
-            before,
-        );
+            async { client.deduct_balance(request).await.map(|_| ()) },
+        )
+        .await;
     }
-    let before = running.participant.log().durable_position();
-    let answer = client
-        .seed_balances(pb::SeedBalancesRequest {
-            accounts: vec![pb::Account {
-                user_id: "u2".into(),
-                balance_minor: -1,
-            }],
-        })
-        .await
-        .map(|_| ());
-    check(
+    expect_answer(
         "SeedBalances negative",
         Expect::Invalid("accounts[0].balance_minor"),
-        answer,
         &running.participant,
-        before,
-    );
+        async {
+            client
+                .seed_balances(pb::SeedBalancesRequest {
+                    accounts: vec![pb::Account {
+                        user_id: "u2".into(),
+                        balance_minor: -1,
+                    }],
+                })
+                .await
+                .map(|_| ())
+        },
+    )
+    .await;
     client
         .deduct_balance(deduct("u1", 10))
         .await
@@ -909,15 +913,13 @@ async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_se
         ),
     ];
     for (case, request, expect) in create_cases {
-        let before = running.participant.log().durable_position();
-        let answer = client.create_order(request).await.map(|_| ());
-        check(
+        expect_answer(
             &format!("CreateOrder {case}"),
             expect,
-            answer,
             &running.participant,
-            before,
-        );
+            async { client.create_order(request).await.map(|_| ()) },
+        )
+        .await;
     }
     for (case, request, field) in [
         ("empty", pb::ConfirmOrderRequest::default(), "key"),
@@ -930,15 +932,13 @@ async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_se
             "order_id",
         ),
     ] {
-        let before = running.participant.log().durable_position();
-        let answer = client.confirm_order(request).await.map(|_| ());
-        check(
+        expect_answer(
             &format!("ConfirmOrder {case}"),
             Expect::Invalid(field),
-            answer,
             &running.participant,
-            before,
-        );
+            async { client.confirm_order(request).await.map(|_| ()) },
+        )
+        .await;
     }
     client
         .create_order(create(vec![item("p1", 1)], 10))
