@@ -1489,22 +1489,16 @@ impl Flusher {
             return;
         }
         let last = ready.last().expect("finish is called with at least one batch");
-        if let Some(mark) = &mut self.mark
-            && ready.iter().any(|c| c.needs_flush)
-        {
-            let appends: Vec<RecentAppend> = ready.iter().flat_map(|c| c.appends.iter().cloned()).collect();
-            if let Err(error) = mark.write(last.position, last.checksum, &appends) {
-                // The records are durable; only the evidence of how far is not. Answering
-                // them is right, but the log must not go on without its mark.
-                tracing::error!(%error, "durable mark not written; the log stops accepting writes");
-                self.failure = Some(error.to_string());
-                self.durable.send_modify(|d| d.failed = true);
-            }
-        }
+        let (seq, position, checksum) = (last.seq, last.position, last.checksum);
+        let wrote_records = ready.iter().any(|c| c.needs_flush);
+        let appends: Vec<RecentAppend> = match (&self.mark, wrote_records) {
+            (Some(_), true) => ready.iter().flat_map(|c| c.appends.iter().cloned()).collect(),
+            _ => Vec::new(),
+        };
         self.durable.send_replace(Durable {
-            seq: last.seq,
-            position: last.position,
-            failed: self.failure.is_some(),
+            seq,
+            position,
+            failed: false,
         });
         for batch in ready.drain(..) {
             for (job, outcome) in batch.jobs {
@@ -1517,6 +1511,18 @@ impl Flusher {
                 }
                 reply(job, outcome);
             }
+        }
+        // The durable mark, after the answers (it is off their latency): a kill between the
+        // answers and this write leaves the mark one flush behind, which `mark` allows for.
+        if let Some(mark) = &mut self.mark
+            && wrote_records
+            && let Err(error) = mark.write(position, checksum, &appends)
+        {
+            // The records are durable; only the evidence of how far is not. The log must not
+            // go on without its mark.
+            tracing::error!(%error, "durable mark not written; the log stops accepting writes");
+            self.failure = Some(error.to_string());
+            self.durable.send_modify(|d| d.failed = true);
         }
     }
 }
