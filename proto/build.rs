@@ -12,7 +12,10 @@ const PROTOS: &[&str] = &[
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded; nothing else reads the environment now.
-    unsafe { std::env::set_var("PROTOC", protoc) };
+    #[allow(unsafe_code, reason = "set_var is unsafe since edition 2024; see SAFETY")]
+    unsafe {
+        std::env::set_var("PROTOC", protoc)
+    };
 
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()

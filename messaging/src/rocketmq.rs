@@ -15,6 +15,11 @@
 //!
 //! The client owns its own Tokio runtime (`RuntimeOwner`), beside the service's. Producers and
 //! consumers may be used from any runtime.
+//!
+//! **Recursion limit.** The client's futures are deep: a crate that awaits them inside
+//! further async code (a binary's main, a generic test scenario) exceeds rustc's default query
+//! depth of 128 while checking auto traits ("queries overflow the depth limit"). Such crates,
+//! and only those, say `#![recursion_limit = "256"]` with a pointer here.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -16,8 +16,6 @@
 //!
 //! The binaries: `saga-orchestrator` (`serve`, `dev`) and `sagactl` (the client CLI).
 
-#![recursion_limit = "512"]
-
 pub mod api;
 pub mod definition;
 #[cfg(feature = "dev")]

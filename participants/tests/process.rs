@@ -1,4 +1,3 @@
-#![recursion_limit = "512"]
 //! `saga-participant` as a real process: restart after SIGKILL, and compensations through the
 //! real RocketMQ broker (scripts/dev-env): a duplicate is applied once, and a crash between
 //! applying and acknowledging is healed by redelivery, the consumer log and the barrier.

@@ -19,8 +19,6 @@
 //! every saga (warm-up included) ended completed or compensated and the conservation checks
 //! hold on the participants' own state.
 
-#![recursion_limit = "512"]
-
 use std::time::{Duration, Instant};
 
 use clap::Parser;

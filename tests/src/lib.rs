@@ -9,8 +9,6 @@
 //! The binaries are found next to the test executable (`target/<profile>/`): `cargo test
 //! --workspace` (scripts/test) builds them.
 
-#![recursion_limit = "512"]
-
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

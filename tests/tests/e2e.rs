@@ -1,4 +1,3 @@
-#![recursion_limit = "512"]
 //! The orchestrator and four participants as separate processes, compensations through the
 //! real RocketMQ broker (scripts/dev-env), each test on topics and groups of its own.
 

@@ -9,7 +9,8 @@
 //! `serve` prints `listening on ADDR` once it accepts calls; SIGTERM or Ctrl-C stops it. `dev`
 //! is the all-in-one embedded default (see `saga_orchestrator::dev`).
 
-#![recursion_limit = "512"]
+// RocketMQ client futures: see the "Recursion limit" note in saga_messaging::rocketmq.
+#![recursion_limit = "256"]
 
 use std::io::Write as _;
 use std::path::PathBuf;

@@ -13,7 +13,8 @@
 //! applying a compensation, before acknowledging it (for a test's SIGKILL); `SAGA_FAULT_ACT=delay:<step>:<ms>,refuse:<step>[:<n>]` slows
 //! or refuses one step's actions (see `barrier::ACT_FAULT_ENV`). Tests and chaos runs only.
 
-#![recursion_limit = "512"]
+// RocketMQ client futures: see the "Recursion limit" note in saga_messaging::rocketmq.
+#![recursion_limit = "256"]
 
 use std::io::Write as _;
 use std::path::PathBuf;

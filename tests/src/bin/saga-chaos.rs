@@ -218,6 +218,7 @@ fn plan(seed: u64, duration: Duration) -> Vec<Planned> {
 
 fn signal(pid: u32, signal: libc::c_int) {
     // SAFETY: kill(2) with a PID we started; no memory is involved.
+    #[allow(unsafe_code, reason = "libc::kill; see SAFETY")]
     unsafe {
         libc::kill(pid as libc::pid_t, signal);
     }

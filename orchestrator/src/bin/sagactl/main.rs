@@ -451,6 +451,7 @@ fn main() -> ExitCode {
     // Rust ignores SIGPIPE, so `sagactl replay | head -1` would panic on the closed pipe. Like
     // any filter, end quietly instead: the default action ends the process.
     // SAFETY: called first thing in main, before any other thread exists.
+    #[allow(unsafe_code, reason = "libc::signal; see SAFETY")]
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
