@@ -1,0 +1,484 @@
+//! The writer thread: commits queued jobs in as few sled transactions as possible and hands
+//! them to the flusher (see the module doc of `log` for the design).
+
+use super::*;
+
+pub(super) enum Job {
+    Append {
+        request: AppendRequest,
+        outbox: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Result<Appended, StorageError>>,
+    },
+    AckOutbox {
+        ids: Vec<OutboxId>,
+        reply: oneshot::Sender<Result<(), StorageError>>,
+    },
+}
+
+/// Most stream heads the writer caches; past it the cache is emptied (heads are re-derived on
+/// demand), so memory stays bounded however many streams exist.
+pub(super) const HEAD_CACHE_LEN_MAX: usize = 100_000;
+
+/// A job's outcome inside the transaction, before the flush decides whether it stands.
+pub(super) enum Outcome {
+    Appended(Appended),
+    Acked,
+    Failed(StorageError),
+}
+
+/// A storage error in one of a batch's transactions; `committed`: the jobs of the batch's
+/// earlier transactions, which are in sled.
+pub(super) struct CommitFailed {
+    pub(super) error: sled::Error,
+    pub(super) committed: Vec<usize>,
+}
+
+/// Why a transaction attempt was aborted: one job must be left out of the batch.
+pub(super) struct LeaveOut {
+    pub(super) index: usize,
+    pub(super) error: StorageError,
+}
+
+pub(super) struct Writer {
+    pub(super) trees: Trees,
+    pub(super) projector: Option<Arc<dyn Projector>>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) durable: watch::Sender<Durable>,
+    pub(super) durability: Durability,
+    pub(super) batch_len_max: usize,
+    pub(super) next_position: u64,
+    /// The checksum of the record at `next_position - 1` (0 for an empty log).
+    pub(super) last_checksum: u64,
+    pub(super) seq: u64,
+    /// stream -> (version, checksum of its last record), for committed data only.
+    pub(super) heads: HashMap<String, (u64, u64)>,
+    pub(super) gate: Option<Arc<WriterGate>>,
+    /// Handed to the flusher when it starts.
+    pub(super) mark: Option<MarkWriter>,
+}
+
+/// A committed batch on its way to the flusher.
+pub(super) struct Committed {
+    pub(super) seq: u64,
+    /// Highest position written by this batch or any before it.
+    pub(super) position: u64,
+    /// The batch wrote events, so its answer must wait for a flush.
+    pub(super) needs_flush: bool,
+    /// The checksum of the record at `position`.
+    pub(super) checksum: u64,
+    /// The batch's last appends (for the durable mark), oldest first.
+    pub(super) appends: Vec<RecentAppend>,
+    pub(super) jobs: Vec<(Job, Outcome)>,
+}
+
+/// Committed batches that may wait for the flusher; the writer blocks beyond this
+/// (back-pressure instead of an unbounded queue).
+pub(super) const FLUSH_QUEUE_LEN_MAX: usize = 64;
+
+impl Writer {
+    /// The writer thread: commits batches and hands them to the flusher thread, so that the
+    /// next batch is committed while the previous one is being flushed (pipelined group commit).
+    pub(super) fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        let (to_flusher, from_writer) = std::sync::mpsc::sync_channel::<Committed>(FLUSH_QUEUE_LEN_MAX);
+        let flusher = Flusher {
+            db: self.trees.db.clone(),
+            shared: Arc::clone(&self.shared),
+            durable: self.durable.clone(),
+            durability: self.durability,
+            failure: None,
+            mark: self.mark.take(),
+        };
+        let flusher = std::thread::Builder::new()
+            .name("saga-log-flusher".into())
+            .spawn(move || flusher.run(from_writer))
+            .expect("spawn the flusher thread");
+        let mut batch = Vec::with_capacity(self.batch_len_max);
+        while let Some(job) = jobs.blocking_recv() {
+            batch.push(job);
+            while batch.len() < self.batch_len_max {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            if let Some(committed) = self.process(&mut batch)
+                && let Err(unsent) = to_flusher.send(committed)
+            {
+                // The flusher is gone (it panicked): nothing can become durable any more.
+                for (job, _) in unsent.0.jobs {
+                    reply(
+                        job,
+                        Outcome::Failed(StorageError::Failed("flusher stopped".into())),
+                    );
+                }
+            }
+        }
+        drop(to_flusher);
+        let _ = flusher.join();
+    }
+
+    /// Commits one batch. Returns it for the flusher, or `None` when it was answered already.
+    pub(super) fn process(&mut self, batch: &mut Vec<Job>) -> Option<Committed> {
+        if self.durable.borrow().failed {
+            for job in batch.drain(..) {
+                reply(
+                    job,
+                    Outcome::Failed(StorageError::Failed("an earlier flush failed".into())),
+                );
+            }
+            return None;
+        }
+        if let Some(gate) = &self.gate
+            && gate.pass(GatePoint::BeforeCommit) == GateVerdict::Fail
+        {
+            // A simulated crash: the batch never reaches sled, and nothing after it may.
+            self.durable.send_modify(|d| d.failed = true);
+            for job in batch.drain(..) {
+                reply(
+                    job,
+                    Outcome::Failed(StorageError::Failed("crash simulated by the writer gate".into())),
+                );
+            }
+            return None;
+        }
+        let timestamp_us = now_us();
+        // Raise the bar before the data becomes visible: a reader that sees anything of this
+        // batch (sled shows a transaction's writes as soon as it commits) loads a committed
+        // sequence that includes it, so it waits for the flush that covers it.
+        self.shared.committed_seq.store(self.seq + 1, Ordering::Release);
+        let (outcomes, next_position, last_checksum) = match self.commit(batch, timestamp_us) {
+            Ok(committed) => committed,
+            Err(CommitFailed { error, committed }) => {
+                // A storage error inside a transaction: the database is no longer trusted.
+                // Jobs of an earlier transaction of this batch (before a refused job) are in
+                // sled but will never be flushed by us: their outcome is unknown, not "nothing
+                // written"; the others were not written.
+                tracing::error!(%error, "event log transaction failed; refusing further writes");
+                self.durable.send_modify(|d| d.failed = true);
+                for (index, job) in batch.drain(..).enumerate() {
+                    let failure = if committed.contains(&index) {
+                        StorageError::FlushFailed(format!(
+                            "committed, then a later transaction of its batch failed: {error}"
+                        ))
+                    } else {
+                        StorageError::Sled(error.clone())
+                    };
+                    reply(job, Outcome::Failed(failure));
+                }
+                return None;
+            }
+        };
+        if let Some(gate) = &self.gate {
+            gate.pass(GatePoint::AfterCommit);
+        }
+        self.seq += 1;
+        self.shared.batches.fetch_add(1, Ordering::Relaxed);
+        let needs_flush = next_position != self.next_position;
+        self.next_position = next_position;
+        let mut appends = Vec::new();
+        for (job, outcome) in batch.iter().zip(&outcomes).rev() {
+            if appends.len() == mark::RECENT_LEN_MAX {
+                break;
+            }
+            if let (Job::Append { request, .. }, Outcome::Appended(appended)) = (job, outcome) {
+                appends.push(RecentAppend {
+                    first_position: appended.first_position,
+                    last_position: appended.last_position,
+                    stream: request.stream.clone(),
+                });
+            }
+        }
+        appends.sort_by_key(|a| a.first_position);
+        Some(Committed {
+            seq: self.seq,
+            position: next_position - 1,
+            needs_flush,
+            checksum: last_checksum,
+            appends,
+            jobs: batch.drain(..).zip(outcomes).collect(),
+        })
+    }
+
+    /// Applies the batch in as few transactions as possible. A job a projector refuses is
+    /// left out: the jobs before it (which passed the projector in the same order) are
+    /// committed in one transaction, and the rest of the batch goes on in the next. So each
+    /// job runs through the projector at most twice, however many are refused (participants'
+    /// guards refuse often: out of stock, insufficient balance).
+    /// Returns the outcomes, the next position and the checksum of the last record written
+    /// (`last_checksum`, unchanged when the batch wrote none).
+    pub(super) fn commit(
+        &mut self,
+        batch: &[Job],
+        timestamp_us: i64,
+    ) -> Result<(Vec<Outcome>, u64, u64), CommitFailed> {
+        let mut left_out: HashMap<usize, StorageError> = HashMap::new();
+        // Heads of streams not in the cache, loaded before the transaction: sled's concurrency
+        // control is one process-wide fair RwLock, and a plain read inside a transaction
+        // closure can deadlock against another thread's commit waiting for the write lock.
+        let mut loaded: HashMap<&str, (u64, u64)> = HashMap::new();
+        for (index, job) in batch.iter().enumerate() {
+            if let Job::Append { request, .. } = job {
+                let stream = request.stream.as_str();
+                if self.heads.contains_key(stream) || loaded.contains_key(stream) {
+                    continue;
+                }
+                match load_head(&self.trees, stream) {
+                    Ok(head) => {
+                        loaded.insert(stream, head);
+                    }
+                    Err(error) => {
+                        left_out.insert(index, error);
+                    }
+                }
+            }
+        }
+        let mut outcomes: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
+        // Heads written by the committed segments of this batch (merged into the cache at
+        // the end, so that the cache's bound never drops a head a later segment needs).
+        let mut batch_heads: HashMap<&str, (u64, u64)> = HashMap::new();
+        let mut position = self.next_position;
+        let (mut start, mut end) = (0, batch.len());
+        while start < batch.len() {
+            let heads = Heads {
+                batch: &batch_heads,
+                cache: &self.heads,
+                loaded: &loaded,
+            };
+            let segment = self
+                .transact(batch, start..end, &left_out, &heads, position, timestamp_us)
+                .map_err(|error| CommitFailed {
+                    error,
+                    committed: (0..batch.len())
+                        .filter(|&i| matches!(outcomes[i], Some(Outcome::Appended(_) | Outcome::Acked)))
+                        .collect(),
+                })?;
+            match segment {
+                Ok(segment) => {
+                    for (index, outcome) in segment.outcomes {
+                        outcomes[index] = Some(outcome);
+                    }
+                    batch_heads.extend(segment.heads);
+                    position = segment.next_position;
+                    (start, end) = (end, batch.len());
+                }
+                Err(LeaveOut { index, error }) => {
+                    assert!(left_out.insert(index, error).is_none(), "a job is left out once");
+                    if index > start {
+                        // Commit what precedes the refused job; the rest goes on after it.
+                        end = index;
+                    } else {
+                        (start, end) = (index + 1, batch.len());
+                    }
+                }
+            }
+        }
+        // The last record written is the last record of the stream of the batch's last append.
+        let last_stream = batch
+            .iter()
+            .zip(&outcomes)
+            .rev()
+            .find_map(|(job, outcome)| match (job, outcome) {
+                (Job::Append { request, .. }, Some(Outcome::Appended(_))) => Some(request.stream.as_str()),
+                _ => None,
+            });
+        if let Some(stream) = last_stream {
+            self.last_checksum = batch_heads.get(stream).expect("appended streams have a head").1;
+        }
+        if self.heads.len() + batch_heads.len() > HEAD_CACHE_LEN_MAX {
+            self.heads.clear();
+        }
+        for (stream, head) in batch_heads {
+            self.heads.insert(stream.to_owned(), head);
+        }
+        let outcomes = outcomes
+            .into_iter()
+            .enumerate()
+            .map(|(index, outcome)| match outcome {
+                Some(outcome) => outcome,
+                None => Outcome::Failed(
+                    left_out
+                        .remove(&index)
+                        .expect("a job without outcome was left out with an error"),
+                ),
+            })
+            .collect();
+        Ok((outcomes, position, self.last_checksum))
+    }
+
+    /// One transaction over the jobs `range` of `batch` (minus those left out), from global
+    /// position `position`. `Err(LeaveOut)` when the projector refused a job: nothing of this
+    /// transaction was written.
+    pub(super) fn transact<'b>(
+        &self,
+        batch: &'b [Job],
+        range: std::ops::Range<usize>,
+        left_out: &HashMap<usize, StorageError>,
+        heads: &Heads<'_, 'b>,
+        position: u64,
+        timestamp_us: i64,
+    ) -> Result<Result<Segment<'b>, LeaveOut>, sled::Error> {
+        let t = &self.trees;
+        let result = (&t.events, &t.streams, &t.outbox, &t.projections).transaction(
+            |(events, streams, outbox, projections)| {
+                // Heads written by this attempt.
+                let mut new_heads: HashMap<&'b str, (u64, u64)> = HashMap::new();
+                let mut position = position;
+                let mut outcomes = Vec::with_capacity(range.len());
+                for index in range.clone() {
+                    if left_out.contains_key(&index) {
+                        continue;
+                    }
+                    let job = &batch[index];
+                    let (request, encoded_outbox) = match job {
+                        Job::AckOutbox { ids, .. } => {
+                            for id in ids {
+                                outbox.remove(&id.to_key())?;
+                            }
+                            outcomes.push((index, Outcome::Acked));
+                            continue;
+                        }
+                        Job::Append { request, outbox, .. } => (request, outbox),
+                    };
+                    let stream = request.stream.as_str();
+                    let head = new_heads.get(stream).copied().or_else(|| heads.get(stream));
+                    let Some((mut version, mut prev_checksum)) = head else {
+                        // Loading this stream's head failed for an earlier job of the batch
+                        // (that job carries the error).
+                        outcomes.push((
+                            index,
+                            Outcome::Failed(StorageError::Failed(format!(
+                                "the head of stream {stream:?} could not be read"
+                            ))),
+                        ));
+                        continue;
+                    };
+                    if !request.expected.admits(version) {
+                        outcomes.push((
+                            index,
+                            Outcome::Failed(StorageError::VersionConflict {
+                                stream: stream.to_owned(),
+                                expected: request.expected,
+                                actual: version,
+                            }),
+                        ));
+                        continue;
+                    }
+                    let first_position = position;
+                    for event in &request.events {
+                        version += 1;
+                        let (bytes, checksum) = record_format::encode(&RecordFields {
+                            position,
+                            version,
+                            timestamp_us,
+                            prev_checksum,
+                            stream,
+                            event_type: &event.event_type,
+                            payload: &event.payload,
+                        });
+                        if let Some(projector) = &self.projector {
+                            let view = EventView {
+                                position,
+                                stream,
+                                version,
+                                event_type: &event.event_type,
+                                timestamp_us,
+                                payload: &event.payload,
+                            };
+                            let mut tx = ProjectionTx { tree: projections };
+                            match projector.project(&view, &mut tx) {
+                                Ok(()) => {}
+                                Err(ProjectError::Tx(error)) => return Err(error.into()),
+                                Err(ProjectError::Refused(reason)) => {
+                                    return Err(ConflictableTransactionError::Abort(LeaveOut {
+                                        index,
+                                        error: StorageError::Projection {
+                                            stream: stream.to_owned(),
+                                            event_type: event.event_type.clone(),
+                                            reason,
+                                        },
+                                    }));
+                                }
+                            }
+                        }
+                        events.insert(&position.to_be_bytes(), bytes)?;
+                        streams.insert(stream_key(stream, version), &position.to_be_bytes())?;
+                        prev_checksum = checksum;
+                        position += 1;
+                    }
+                    new_heads.insert(stream, (version, prev_checksum));
+                    for (i, body) in encoded_outbox.iter().enumerate() {
+                        let id = OutboxId {
+                            position: first_position,
+                            index: i as u16,
+                        };
+                        outbox.insert(&id.to_key(), body.as_slice())?;
+                    }
+                    outcomes.push((
+                        index,
+                        Outcome::Appended(Appended {
+                            stream_version: version,
+                            first_position,
+                            last_position: position - 1,
+                        }),
+                    ));
+                }
+                Ok(Segment {
+                    outcomes,
+                    next_position: position,
+                    heads: new_heads,
+                })
+            },
+        );
+        match result {
+            Ok(segment) => Ok(Ok(segment)),
+            Err(TransactionError::Abort(leave_out)) => Ok(Err(leave_out)),
+            Err(TransactionError::Storage(error)) => Err(error),
+        }
+    }
+}
+
+/// Where the writer finds a stream's head during a batch: written by an earlier segment of
+/// the batch, cached, or loaded before the batch.
+pub(super) struct Heads<'a, 'b> {
+    pub(super) batch: &'a HashMap<&'b str, (u64, u64)>,
+    pub(super) cache: &'a HashMap<String, (u64, u64)>,
+    pub(super) loaded: &'a HashMap<&'b str, (u64, u64)>,
+}
+
+impl Heads<'_, '_> {
+    pub(super) fn get(&self, stream: &str) -> Option<(u64, u64)> {
+        self.batch
+            .get(stream)
+            .or_else(|| self.cache.get(stream))
+            .or_else(|| self.loaded.get(stream))
+            .copied()
+    }
+}
+
+/// What one committed transaction of a batch produced.
+pub(super) struct Segment<'b> {
+    pub(super) outcomes: Vec<(usize, Outcome)>,
+    pub(super) next_position: u64,
+    pub(super) heads: HashMap<&'b str, (u64, u64)>,
+}
+
+pub(super) fn reply(job: Job, outcome: Outcome) {
+    // A caller that stopped waiting (dropped future) is not an error of the log.
+    match (job, outcome) {
+        (Job::Append { reply, .. }, Outcome::Appended(appended)) => {
+            let _ = reply.send(Ok(appended));
+        }
+        (Job::Append { reply, .. }, Outcome::Failed(error)) => {
+            let _ = reply.send(Err(error));
+        }
+        (Job::AckOutbox { reply, .. }, Outcome::Acked) => {
+            let _ = reply.send(Ok(()));
+        }
+        (Job::AckOutbox { reply, .. }, Outcome::Failed(error)) => {
+            let _ = reply.send(Err(error));
+        }
+        (Job::Append { .. }, Outcome::Acked) | (Job::AckOutbox { .. }, Outcome::Appended(_)) => {
+            unreachable!("outcomes are produced per job kind")
+        }
+    }
+}
