@@ -91,6 +91,17 @@ pub fn scenario_order(scenario: Scenario, run: &str, n: u64) -> pb::StartOrderRe
 /// Seeds the benchmark data through the participants' own Seed calls (events): every product's
 /// stock, every user's balance, and the coupons of `orders` (coupon n for order n, owned by
 /// order n's user in `scenario`).
+/// The coupon of order `n`: free, owned by the order's user.
+pub fn coupon(n: u64, scenario: Scenario) -> pb::Coupon {
+    pb::Coupon {
+        coupon_id: coupon_id(n),
+        owner_user_id: user_id(scenario.user(n)),
+        value_minor: 1,
+        status: pb::CouponStatus::Free as i32,
+        locked_by_order_id: String::new(),
+    }
+}
+
 pub async fn seed(
     participants: &ParticipantAddrs,
     orders: std::ops::Range<u64>,
@@ -120,22 +131,13 @@ pub async fn seed(
                 .collect(),
         })
         .await?;
-    let mut coupon =
+    let mut coupons =
         pb::coupon_service_client::CouponServiceClient::new(channel(&participants.coupon).await?);
     let ids: Vec<u64> = orders.collect();
     for chunk in ids.chunks(10_000) {
-        coupon
+        coupons
             .seed_coupons(pb::SeedCouponsRequest {
-                coupons: chunk
-                    .iter()
-                    .map(|&n| pb::Coupon {
-                        coupon_id: coupon_id(n),
-                        owner_user_id: user_id(scenario.user(n)),
-                        value_minor: 1,
-                        status: pb::CouponStatus::Free as i32,
-                        locked_by_order_id: String::new(),
-                    })
-                    .collect(),
+                coupons: chunk.iter().map(|&n| coupon(n, scenario)).collect(),
             })
             .await?;
     }

@@ -69,17 +69,38 @@ struct Args {
     keep: bool,
 }
 
-/// The step of each role that faults target (only compensable steps: a fault on the pivot
-/// would park sagas Stuck on purpose, which this run counts as a violation).
-const FAULT_STEPS: [&str; 4] = ["create_order", "reserve_stock", "lock_coupon", "deduct_balance"];
-/// The role that serves each step.
-const STEP_ROLES: [(&str, &str); 5] = [
-    ("create_order", "order"),
-    ("reserve_stock", "stock"),
-    ("lock_coupon", "coupon"),
-    ("deduct_balance", "balance"),
-    ("confirm_order", "order"),
-];
+/// The order saga as the orchestrator runs it (default timing): which role serves each step,
+/// which steps can be compensated, and the step deadline that pauses and delays exceed.
+fn order_saga() -> (saga_orchestrator::definition::SagaDefinition, Duration) {
+    let timing = saga_orchestrator::order::OrderTiming::default();
+    (
+        saga_orchestrator::order::definition(&timing),
+        Duration::from_millis(timing.step_deadline_ms),
+    )
+}
+
+/// The step of `role` that faults target: its compensable one (a fault on the pivot would park
+/// sagas Stuck on purpose, which this run counts as a violation).
+fn fault_step(role: &str) -> String {
+    order_saga()
+        .0
+        .steps
+        .into_iter()
+        .find(|s| s.participant == role && s.compensable)
+        .map(|s| s.name)
+        .expect("every role serves a compensable step")
+}
+
+/// The role that serves `step`.
+fn role_of(step: &str) -> String {
+    order_saga()
+        .0
+        .steps
+        .into_iter()
+        .find(|s| s.name == step)
+        .map_or_else(|| "?".to_owned(), |s| s.participant)
+}
+
 /// Coupons are seeded in blocks as the order numbers reach them.
 const COUPON_BLOCK: u64 = 5_000;
 /// Deadline of one StartOrder call; unanswered calls are repeated with the same request id.
@@ -131,6 +152,7 @@ fn ms(range: std::ops::Range<u64>, rng: &mut Pcg64) -> Duration {
 /// The schedule: a function of the seed and the duration only.
 fn plan(seed: u64, duration: Duration) -> Vec<Planned> {
     let mut rng = Pcg64::seed_from_u64(seed);
+    let deadline_ms = order_saga().1.as_millis() as u64;
     let mut out = Vec::new();
     let mut at = Duration::from_secs(3);
     let end = duration.saturating_sub(Duration::from_secs(3));
@@ -146,12 +168,12 @@ fn plan(seed: u64, duration: Duration) -> Vec<Planned> {
                 let fault = if rng.random_bool(0.5) {
                     None
                 } else {
-                    let step = FAULT_STEPS[role];
+                    let step = fault_step(ROLES[role]);
                     Some(if rng.random_bool(0.5) {
                         format!("refuse:{step}:{}", rng.random_range(1..30u32))
                     } else {
-                        // Answers after the step deadline (2 s): outcome unknown, effect applied.
-                        format!("delay:{step}:{}", rng.random_range(2_500..4_000u32))
+                        // Answers after the step deadline: outcome unknown, effect applied.
+                        format!("delay:{step}:{}", deadline_ms + rng.random_range(500..2_000u64))
                     })
                 };
                 Action::Kill {
@@ -176,7 +198,7 @@ fn plan(seed: u64, duration: Duration) -> Vec<Planned> {
                 } else {
                     Target::Orchestrator
                 },
-                length: ms(2_500..6_000, &mut rng),
+                length: ms(deadline_ms + 500..deadline_ms + 4_000, &mut rng),
             },
         };
         out.push(Planned { at, action });
@@ -425,13 +447,7 @@ async fn seed_coupon_block(drive: &Drive, coupon: &str, n: u64) {
     }
     let request = pb::SeedCouponsRequest {
         coupons: (block * COUPON_BLOCK..(block + 1) * COUPON_BLOCK)
-            .map(|n| pb::Coupon {
-                coupon_id: workload::coupon_id(n),
-                owner_user_id: workload::user_id(Scenario::Fail20.user(n)),
-                value_minor: 1,
-                status: pb::CouponStatus::Free as i32,
-                locked_by_order_id: String::new(),
-            })
+            .map(|n| workload::coupon(n, Scenario::Fail20))
             .collect(),
     };
     // Seeding is idempotent: repeat until the coupon participant answers.
@@ -1024,10 +1040,7 @@ fn check_logs(work: &Path, sagas: &[pb::Saga]) -> anyhow::Result<(Vec<String>, V
             let stream = format!("step/{}/{}", saga.saga_id, step.name);
             let (_, compensations, applied) = steps.get(&stream).copied().unwrap_or_default();
             let step_state = pb::StepState::try_from(step.state).unwrap_or_default();
-            let role = STEP_ROLES
-                .iter()
-                .find(|(s, _)| *s == step.name)
-                .map_or("?", |(_, r)| *r);
+            let role = role_of(&step.name);
             if step_state == pb::StepState::Compensated && compensations != 1 {
                 violations.push(format!(
                     "saga {} compensated step {} but the {role} log has {compensations} compensation records",
