@@ -15,10 +15,7 @@ use crate::order;
 use crate::projector;
 use crate::state::{Phase, SagaState, Status as SagaStatus};
 
-/// Longest request id.
-pub const REQUEST_ID_LEN_MAX: usize = 128;
-/// Longest user, product, coupon or saga id.
-pub const ID_LEN_MAX: usize = 64;
+use saga_proto::ids::{ID_LEN_MAX, REQUEST_ID_LEN_MAX};
 pub const ITEMS_MAX: usize = 64;
 pub const PAGE_SIZE_MAX: u32 = 1000;
 const PAGE_SIZE_DEFAULT: u32 = 100;
@@ -35,22 +32,12 @@ fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {reason}"))
 }
 
-/// Ids travel in participants' stream names and message keys: printable ASCII without '/'.
+/// An id (`saga_proto::ids`); an optional one may be empty.
 fn check_id(field: &str, value: &str, len_max: usize, required: bool) -> Result<(), Status> {
-    if value.is_empty() {
-        return if required {
-            Err(invalid(field, "must not be empty"))
-        } else {
-            Ok(())
-        };
+    if value.is_empty() && !required {
+        return Ok(());
     }
-    if value.len() > len_max {
-        return Err(invalid(field, format!("longer than {len_max} bytes")));
-    }
-    if !value.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
-        return Err(invalid(field, "must be printable ASCII without spaces or '/'"));
-    }
-    Ok(())
+    saga_proto::ids::check_len(value, len_max).map_err(|why| invalid(field, why))
 }
 
 fn check_reason(reason: &str) -> Result<(), Status> {

@@ -21,12 +21,12 @@ use crate::engine::{AckHandler, Engine, EngineConfig, ack_group};
 use crate::order::{self, OrderInvoker, OrderTiming, ParticipantAddrs};
 use crate::workload::Scenario;
 
-/// Test and chaos knobs of a dev system.
-#[derive(Debug, Clone, Default)]
+/// Test knobs of a dev system.
+#[derive(Clone, Default)]
 pub struct DevOptions {
-    /// Compensations of sagas whose id starts with this fail in every participant's consumer
-    /// (see `saga_participants::consumer::FAULT_PREFIX_ENV`), so they are parked.
-    pub compensation_fault_prefix: Option<String>,
+    /// Wraps every participant's barrier (tests inject faults with
+    /// `saga_participants::faults::FaultPlan::decorate`).
+    pub barrier: Option<saga_participants::BarrierDecorator>,
 }
 
 /// A running all-in-one system.
@@ -88,12 +88,12 @@ impl Dev {
         let mut consumers = Vec::new();
         let mut addrs = Vec::new();
         for role in Role::ALL {
-            let participant = Participant::open(role, &data_dir.join(role.name()))
+            let mut participant = Participant::open(role, &data_dir.join(role.name()))
                 .with_context(|| format!("cannot open the {} log", role.name()))?;
-            let consumer = Arc::new(
-                CompensationConsumer::new(participant.clone(), transport.clone())
-                    .with_fault_prefix(options.compensation_fault_prefix.clone()),
-            );
+            if let Some(decorate) = &options.barrier {
+                participant = participant.with_barrier(decorate);
+            }
+            let consumer = Arc::new(CompensationConsumer::new(participant.clone(), transport.clone()));
             consumers.push(transport.subscribe(consumer.spec(), consumer.clone()).await?);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             addrs.push(listener.local_addr()?.to_string());

@@ -367,9 +367,7 @@ impl Engine {
                     self.drive(&saga_id);
                     return Ok((state, true));
                 }
-                Err(StorageError::Projection { reason, .. })
-                    if reason.contains(projector::DUPLICATE_REQUEST) =>
-                {
+                Err(e) if e.refusal::<projector::DuplicateRequest>().is_some() => {
                     // A concurrent start with the same request id won.
                     if let Some(existing) = self.existing(request_id).await? {
                         return same_or_refused(existing, request_id, &same);

@@ -1,8 +1,9 @@
 //! The orchestrator's read models, kept by the projector in each append's transaction:
 //!
 //! - `req/<request_id>` -> saga id: StartOrder's idempotency. A second `SagaStarted` with a
-//!   known request id is refused inside the transaction (`DUPLICATE_REQUEST: <saga id>`), so
-//!   two concurrent starts with one request id create one saga.
+//!   known request id is refused inside the transaction ([`DuplicateRequest`], read back by
+//!   the engine with `StorageError::refusal`), so two concurrent starts with one request id
+//!   create one saga.
 //! - `idx/<status>/<inverted start time>/<saga id>` and `idx/all/...` (empty values): sagas by
 //!   status, newest first, for ListSagas and for recovery (running and compensating sagas).
 //! - `cur/<saga id>` -> status byte + inverted start time: where the saga's `idx` key is, so
@@ -13,8 +14,13 @@ use saga_storage::{EventView, ProjectError, ProjectionTx, Projector, codec};
 use crate::events::SagaEvent;
 use crate::state::Status;
 
-/// The refusal text prefix of a duplicate request id.
-pub const DUPLICATE_REQUEST: &str = "DUPLICATE_REQUEST: ";
+/// The projector's refusal of a `SagaStarted` whose request id started another saga.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("request id {request_id:?} started saga {saga_id} already")]
+pub struct DuplicateRequest {
+    pub request_id: String,
+    pub saga_id: String,
+}
 
 pub struct SagaProjector;
 
@@ -53,12 +59,12 @@ fn set_status(
             let old = Status::ALL
                 .get(cur[0] as usize)
                 .copied()
-                .ok_or_else(|| ProjectError::Refused(format!("{cur_key} holds status {}", cur[0])))?;
+                .ok_or_else(|| ProjectError::Invalid(format!("{cur_key} holds status {}", cur[0])))?;
             let inverted = u64::from_be_bytes(cur[1..9].try_into().expect("9 bytes"));
             tx.remove(index_key(Some(old), inverted, saga_id))?;
             inverted
         }
-        Some(cur) => return Err(ProjectError::Refused(format!("{cur_key} is {} bytes", cur.len()))),
+        Some(cur) => return Err(ProjectError::Invalid(format!("{cur_key} is {} bytes", cur.len()))),
         None => {
             let inverted = u64::MAX - started_us.max(0) as u64;
             tx.insert(index_key(None, inverted, saga_id), &[][..])?;
@@ -80,16 +86,16 @@ impl Projector for SagaProjector {
             "SagaStarted" => {
                 let SagaEvent::SagaStarted { request_id, .. } = codec::decode::<SagaEvent>(event.payload)?
                 else {
-                    return Err(ProjectError::Refused(
+                    return Err(ProjectError::Invalid(
                         "SagaStarted payload is another event".into(),
                     ));
                 };
                 let key = request_key(&request_id);
                 if let Some(existing) = tx.get(&key)? {
-                    return Err(ProjectError::Refused(format!(
-                        "{DUPLICATE_REQUEST}{}",
-                        String::from_utf8_lossy(&existing)
-                    )));
+                    return Err(ProjectError::refused(DuplicateRequest {
+                        request_id,
+                        saga_id: String::from_utf8_lossy(&existing).into_owned(),
+                    }));
                 }
                 tx.insert(key, event.stream.as_bytes())?;
                 Status::Running
@@ -102,7 +108,7 @@ impl Projector for SagaProjector {
                 SagaEvent::SagaRetried { compensations, .. } if compensations.is_empty() => Status::Running,
                 SagaEvent::SagaRetried { .. } => Status::Compensating,
                 _ => {
-                    return Err(ProjectError::Refused(
+                    return Err(ProjectError::Invalid(
                         "SagaRetried payload is another event".into(),
                     ));
                 }

@@ -1,20 +1,27 @@
-//! AbortSaga on a running saga (its own test binary: the injected participant delay is
-//! process-wide).
+//! AbortSaga on a running saga.
 
 use std::time::Duration;
 
 use saga_orchestrator::dev::{Dev, DevOptions};
 use saga_orchestrator::workload;
-use saga_participants::barrier::{ActFault, inject_act_faults};
+use saga_participants::faults::{ActFault, FaultPlan};
 use saga_proto::v1 as pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aborted_running_saga_compensates_what_it_did() {
     // Reservations answer 500 ms after they are applied: the saga is surely running when the
     // abort arrives.
-    inject_act_faults(ActFault::parse_list("delay:reserve_stock:500").expect("parses"));
+    let slow_reservations = DevOptions {
+        barrier: Some(std::sync::Arc::new(|_, inner| {
+            FaultPlan {
+                act: ActFault::parse_list("delay:reserve_stock:500").expect("parses"),
+                ..FaultPlan::default()
+            }
+            .decorate(inner)
+        })),
+    };
     let dir = tempfile::tempdir().expect("tempdir");
-    let system = Dev::start(dir.path(), "127.0.0.1:0", 100, DevOptions::default())
+    let system = Dev::start(dir.path(), "127.0.0.1:0", 100, slow_reservations)
         .await
         .expect("starts");
     let mut client = system.client().await.expect("connects");

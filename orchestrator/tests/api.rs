@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use saga_orchestrator::dev::{Dev, DevOptions};
 use saga_orchestrator::workload;
+use saga_participants::faults::FaultPlan;
 use saga_proto::v1 as pb;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -296,7 +297,13 @@ async fn a_parked_compensation_makes_the_saga_stuck_and_retry_finishes_it_after_
     let dir = tempfile::tempdir().expect("tempdir");
     // Every compensation fails: the consumers park them after 3 tries.
     let broken = DevOptions {
-        compensation_fault_prefix: Some("ord-".into()),
+        barrier: Some(std::sync::Arc::new(|_, inner| {
+            FaultPlan {
+                compensation_fails_for: Some("ord-".into()),
+                ..FaultPlan::default()
+            }
+            .decorate(inner)
+        })),
     };
     let system = Dev::start(dir.path(), "127.0.0.1:0", 100, broken)
         .await

@@ -13,7 +13,7 @@
 //! role, a transport key that disagrees with the body) is parked at once in its own stream
 //! `poison/<group>/<tag>/<transport key>`, so it never disturbs the consumer log of a valid
 //! message with the same key. Parked bodies are kept up to
-//! [`crate::events::PARKED_BODY_LEN_MAX`] bytes with their length and digest, and the parked
+//! [`crate::consumer_log::PARKED_BODY_LEN_MAX`] bytes with their length and digest, and the parked
 //! list is keyed by the digest: every parked message stays listed.
 //!
 //! Exactly once: the transport delivers at least once, the consumer log skips what succeeded,
@@ -40,8 +40,11 @@ use saga_storage::{AppendRequest, ExpectedVersion, NewEvent, OutboxMessage};
 use tokio::sync::Notify;
 
 use crate::barrier::{BarrierError, Compensated, StepKey};
-use crate::events::{PARKED_BODY_LEN_MAX, ParticipantEvent, body_digest};
-use crate::{Participant, Role};
+use crate::consumer_log::{
+    ConsumeStatus, ConsumerEvent, PARKED_BODY_LEN_MAX, ParkedEntryError, body_digest, parked_message,
+};
+use crate::record::ParticipantEvent;
+use crate::{Participant, Role, keys};
 
 /// Tries before a message is parked (a try that never finished counts).
 pub const TRIES_MAX: u32 = 3;
@@ -49,72 +52,35 @@ pub const TRIES_MAX: u32 = 3;
 /// the body's digest (stream names are bounded by the log).
 const POISON_NAME_LEN_MAX: usize = 64;
 
-/// Where a message stands in the consumer log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsumeStatus {
-    New,
-    /// `tries` started, the last one not finished.
-    Processing {
-        tries: u32,
-    },
-    Failed {
-        tries: u32,
-    },
-    Succeeded {
-        outcome: String,
-    },
-    /// `digest`: of the parked body (`None` for entries of older logs).
-    Parked {
-        tries: u32,
-        digest: Option<u64>,
-    },
+/// Why the consumer log could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerLogError {
+    #[error(transparent)]
+    Storage(#[from] saga_storage::StorageError),
+    #[error(transparent)]
+    Codec(#[from] saga_storage::codec::CodecError),
+    #[error(transparent)]
+    NotAConsumerEvent(#[from] crate::consumer_log::NotAConsumerEvent),
 }
 
-/// Folds a consumer-log stream. An event of another kind is a bug (streams are ours).
-pub fn fold(events: impl IntoIterator<Item = ParticipantEvent>) -> ConsumeStatus {
-    let mut status = ConsumeStatus::New;
-    for event in events {
-        let tries = match status {
-            ConsumeStatus::Processing { tries }
-            | ConsumeStatus::Failed { tries }
-            | ConsumeStatus::Parked { tries, .. } => tries,
-            ConsumeStatus::New | ConsumeStatus::Succeeded { .. } => 0,
-        };
-        status = match event {
-            ParticipantEvent::ConsumeStarted { .. } => ConsumeStatus::Processing { tries: tries + 1 },
-            ParticipantEvent::ConsumeSucceeded { outcome } => ConsumeStatus::Succeeded { outcome },
-            ParticipantEvent::ConsumeFailed { tries, .. } => ConsumeStatus::Failed { tries },
-            ParticipantEvent::MessageParked { tries, .. } => ConsumeStatus::Parked { tries, digest: None },
-            ParticipantEvent::MessageParkedDigest {
-                tries, body_digest, ..
-            } => ConsumeStatus::Parked {
-                tries,
-                digest: Some(body_digest),
-            },
-            // A requeue recorded after the republished message already succeeded (RequeueParked
-            // publishes first) changes nothing.
-            ParticipantEvent::ParkedRequeued | ParticipantEvent::ParkedMessageRequeued { .. } => match status
-            {
-                ConsumeStatus::Parked { .. } => ConsumeStatus::Failed { tries: 0 },
-                other => other,
-            },
-            ParticipantEvent::DuplicateAcknowledged { .. } => status,
-            other => panic!("consumer log holds a non-consumer event: {other:?}"),
-        };
+/// Why a parked message could not be listed or requeued.
+#[derive(Debug, thiserror::Error)]
+pub enum ParkedError {
+    #[error(transparent)]
+    Log(#[from] ConsumerLogError),
+    #[error(transparent)]
+    Entry(#[from] ParkedEntryError),
+    #[error("{log_key}: only {kept} of its {len} bytes were kept; it cannot be sent again")]
+    Truncated { log_key: String, kept: usize, len: u64 },
+    #[error("publishing it again failed: {0}")]
+    Publish(#[from] saga_messaging::MessagingError),
+}
+
+impl From<saga_storage::StorageError> for ParkedError {
+    fn from(error: saga_storage::StorageError) -> Self {
+        ParkedError::Log(error.into())
     }
-    status
 }
-
-/// Fault injection for tests and chaos runs: compensations of sagas whose id starts with this
-/// prefix fail (as a storage outage would), so that the retry and parking paths can be
-/// exercised end to end. The `saga-participant` binary reads it at start-up.
-pub const FAULT_PREFIX_ENV: &str = "SAGA_FAULT_COMPENSATION_FAILS_FOR";
-
-/// Fault injection for crash tests: right after applying a compensation of a saga whose id
-/// starts with this prefix, the handler stops for good, before recording success or
-/// acknowledging, and says so on stderr. A test then kills the process with SIGKILL: the
-/// "killed between consuming and acknowledging" case, with the kill at a known point.
-pub const CRASH_PREFIX_ENV: &str = "SAGA_FAULT_FREEZE_AFTER_APPLY_FOR";
 
 /// Aborts the participant's relay task when the last consumer handle goes away, so that the
 /// log is released (and can be reopened) after a shutdown.
@@ -147,8 +113,6 @@ pub struct CompensationConsumer {
     group: String,
     topic: String,
     ack_topic: String,
-    fault_prefix: Option<String>,
-    crash_prefix: Option<String>,
 }
 
 impl CompensationConsumer {
@@ -171,8 +135,6 @@ impl CompensationConsumer {
             group,
             topic: topics::COMPENSATION_TOPIC.into(),
             ack_topic: topics::COMPENSATION_ACK_TOPIC.into(),
-            fault_prefix: None,
-            crash_prefix: None,
         }
     }
 
@@ -198,19 +160,6 @@ impl CompensationConsumer {
         self
     }
 
-    /// Fault injection (see [`CRASH_PREFIX_ENV`]).
-    pub fn with_crash_prefix(mut self, prefix: Option<String>) -> Self {
-        self.crash_prefix = prefix.filter(|p| !p.is_empty());
-        self
-    }
-
-    /// Fault injection (see [`FAULT_PREFIX_ENV`]): compensations of sagas whose id starts with
-    /// `prefix` fail. `None` or an empty prefix turns it off.
-    pub fn with_fault_prefix(mut self, prefix: Option<String>) -> Self {
-        self.fault_prefix = prefix.filter(|p| !p.is_empty());
-        self
-    }
-
     /// The subscription this consumer needs: the compensation topic, its role's tag.
     pub fn spec(&self) -> saga_messaging::transport::SubscriptionSpec {
         saga_messaging::transport::SubscriptionSpec {
@@ -221,48 +170,41 @@ impl CompensationConsumer {
     }
 
     fn log_stream(&self, tag: &str, key: &str) -> String {
-        format!("consumer/{}/{tag}/{key}", self.group)
+        keys::consumer_stream(&self.group, tag, key)
     }
 
     /// Appends `events` (and `outbox`) to `stream`; wakes the relay for the outbox.
     async fn append(
         &self,
         stream: &str,
-        events: &[ParticipantEvent],
+        event: ConsumerEvent,
         outbox: Option<OutboxMessage>,
-    ) -> Result<(), String> {
-        let mut request = AppendRequest::new(stream, ExpectedVersion::Any);
-        for event in events {
-            request = request.event(NewEvent::encode(event.name(), event).map_err(|e| e.to_string())?);
-        }
+    ) -> Result<(), ConsumerLogError> {
+        let event = ParticipantEvent::from(event);
+        let mut request =
+            AppendRequest::new(stream, ExpectedVersion::Any).event(NewEvent::encode(event.name(), &event)?);
         let has_outbox = outbox.is_some();
         if let Some(message) = outbox {
             request = request.outbox(message);
         }
-        self.participant
-            .log()
-            .append(request)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.participant.log().append(request).await?;
         if has_outbox {
             self.relay.wake.notify_one();
         }
         Ok(())
     }
 
-    async fn status(&self, stream: &str) -> Result<ConsumeStatus, String> {
+    async fn status(&self, stream: &str) -> Result<ConsumeStatus, ConsumerLogError> {
         let records = self
             .participant
             .log()
             .read_stream(stream, 1, saga_storage::log::READ_LEN_MAX)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         let events = records
             .iter()
             .map(|r| r.decode::<ParticipantEvent>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        Ok(fold(events))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(crate::consumer_log::fold(events)?)
     }
 
     /// The acknowledgement of `key` as an outbox message.
@@ -306,17 +248,6 @@ impl CompensationConsumer {
         }
     }
 
-    async fn compensate(&self, key: &StepKey) -> Result<Compensated, BarrierError> {
-        if let Some(prefix) = &self.fault_prefix
-            && key.saga_id.starts_with(prefix.as_str())
-        {
-            return Err(BarrierError::Contended(format!(
-                "injected fault ({FAULT_PREFIX_ENV})"
-            )));
-        }
-        self.participant.compensate(key).await
-    }
-
     /// Parks `delivery` in `stream` with the PARKED acknowledgement of `ack` (if the step is
     /// known) in the same append.
     async fn park(
@@ -328,7 +259,7 @@ impl CompensationConsumer {
         ack: Option<(&StepKey, &AckRoute)>,
     ) -> Outcome {
         let kept = delivery.body.len().min(PARKED_BODY_LEN_MAX);
-        let parked = ParticipantEvent::MessageParkedDigest {
+        let parked = ConsumerEvent::Parked {
             group: self.group.clone(),
             tag: bounded(&delivery.tag),
             key: bounded(&delivery.key),
@@ -343,7 +274,7 @@ impl CompensationConsumer {
         };
         let ack =
             ack.map(|(key, route)| self.ack(key, route, pb::CompensationOutcome::Parked, error.clone()));
-        if let Err(e) = self.append(stream, &[parked], ack).await {
+        if let Err(e) = self.append(stream, parked, ack).await {
             tracing::warn!(key = %delivery.key, error = %e, "could not record parking; retry later");
             return Outcome::RetryLater;
         }
@@ -366,12 +297,7 @@ impl CompensationConsumer {
                 s.to_owned()
             }
         };
-        let stream = format!(
-            "poison/{}/{}/{}",
-            self.group,
-            name(&delivery.tag),
-            name(&delivery.key)
-        );
+        let stream = keys::poison_stream(&self.group, &name(&delivery.tag), &name(&delivery.key));
         self.park(&stream, delivery, 1, error, ack).await
     }
 
@@ -446,7 +372,7 @@ impl CompensationConsumer {
                 return match self
                     .append(
                         &stream,
-                        &[ParticipantEvent::DuplicateAcknowledged { outcome }],
+                        ConsumerEvent::DuplicateAcknowledged { outcome },
                         Some(ack),
                     )
                     .await
@@ -460,10 +386,10 @@ impl CompensationConsumer {
                 // orchestrator's RetrySaga or re-publish after an operator fixed the cause (or,
                 // rarely, a duplicate, which costs at most another TRIES_MAX bounded tries).
                 let requeued = match digest {
-                    Some(body_digest) => ParticipantEvent::ParkedMessageRequeued { body_digest },
-                    None => ParticipantEvent::ParkedRequeued,
+                    Some(body_digest) => ConsumerEvent::Requeued { body_digest },
+                    None => ConsumerEvent::RequeuedWholeBody,
                 };
-                if let Err(e) = self.append(&stream, &[requeued], None).await {
+                if let Err(e) = self.append(&stream, requeued, None).await {
                     tracing::warn!(key = %delivery.key, error = %e, "could not requeue; retry later");
                     return Outcome::RetryLater;
                 }
@@ -480,45 +406,32 @@ impl CompensationConsumer {
                 .await;
         }
         if let Err(e) = self
-            .append(
-                &stream,
-                &[ParticipantEvent::ConsumeStarted { attempt: tries + 1 }],
-                None,
-            )
+            .append(&stream, ConsumerEvent::Started { attempt: tries + 1 }, None)
             .await
         {
             tracing::warn!(key = %delivery.key, error = %e, "could not record processing; retry later");
             return Outcome::RetryLater;
         }
-        match self.compensate(&key).await {
+        match self.participant.compensate(&key).await {
             Ok(compensated) => {
-                if let Some(prefix) = &self.crash_prefix
-                    && key.saga_id.starts_with(prefix.as_str())
-                {
-                    eprintln!(
-                        "injected fault ({CRASH_PREFIX_ENV}): frozen after applying {}",
-                        delivery.key
-                    );
-                    return std::future::pending().await;
-                }
                 let outcome = match compensated {
                     Compensated::Applied => pb::CompensationOutcome::Applied,
                     Compensated::Null => pb::CompensationOutcome::Null,
                     Compensated::AlreadyApplied => pb::CompensationOutcome::AlreadyApplied,
                 };
-                let recorded = ParticipantEvent::ConsumeSucceeded {
+                let recorded = ConsumerEvent::Succeeded {
                     outcome: outcome.as_str_name().into(),
                 };
                 let ack = self.ack(&key, &route, outcome, String::new());
-                match self.append(&stream, &[recorded], Some(ack)).await {
+                match self.append(&stream, recorded, Some(ack)).await {
                     Ok(()) => Outcome::Consumed,
                     // The barrier makes the redelivery harmless.
                     Err(_) => Outcome::RetryLater,
                 }
             }
-            Err(BarrierError::Refused(refusal, detail)) => {
+            Err(BarrierError::Refused(refused)) => {
                 // The undo would break an invariant: retrying cannot help.
-                let error = format!("refused ({}): {detail}", refusal.code());
+                let error = format!("refused ({}): {}", refused.reason, refused.detail);
                 self.park(&stream, &delivery, tries + 1, error, Some((&key, &route)))
                     .await
             }
@@ -532,7 +445,7 @@ impl CompensationConsumer {
                 }
                 tracing::warn!(key = %delivery.key, tries, %error, "compensation failed; retry later");
                 let _ = self
-                    .append(&stream, &[ParticipantEvent::ConsumeFailed { tries, error }], None)
+                    .append(&stream, ConsumerEvent::Failed { tries, error }, None)
                     .await;
                 Outcome::RetryLater
             }
@@ -540,17 +453,20 @@ impl CompensationConsumer {
     }
 
     /// Parked messages in key order, after the `log_key` `after` when given.
-    pub async fn parked(&self, after: Option<&str>, max: usize) -> Result<Vec<pb::ParkedMessage>, String> {
-        let after_key = after.map(|a| format!("parked/{a}"));
+    pub async fn parked(
+        &self,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<pb::ParkedMessage>, ParkedError> {
+        let after_key = after.map(|a| format!("{}{a}", keys::PARKED_PREFIX));
         let entries = self
             .participant
             .log()
-            .projection_scan_prefix("parked/", after_key.as_deref().map(str::as_bytes), max)
-            .await
-            .map_err(|e| e.to_string())?;
+            .projection_scan_prefix(keys::PARKED_PREFIX, after_key.as_deref().map(str::as_bytes), max)
+            .await?;
         let mut out = Vec::with_capacity(entries.len());
         for (key, value) in entries {
-            let log_key = String::from_utf8_lossy(&key["parked/".len()..]).into_owned();
+            let log_key = keys::id_of(&key, keys::PARKED_PREFIX).into_owned();
             out.push(parked_message(log_key, &value)?);
         }
         Ok(out)
@@ -560,23 +476,22 @@ impl CompensationConsumer {
     /// requeue (its tries start again from 0). In that order: a failed publish leaves it parked
     /// and listed; a crash between the two leaves it listed although sent, and the new
     /// delivery requeues it anyway. `log_key` is a [`pb::ParkedMessage::log_key`].
-    pub async fn requeue(&self, log_key: &str) -> Result<Option<pb::ParkedMessage>, String> {
+    pub async fn requeue(&self, log_key: &str) -> Result<Option<pb::ParkedMessage>, ParkedError> {
         let Some(value) = self
             .participant
             .log()
-            .projection_get(format!("parked/{log_key}"))
-            .await
-            .map_err(|e| e.to_string())?
+            .projection_get(format!("{}{log_key}", keys::PARKED_PREFIX))
+            .await?
         else {
             return Ok(None);
         };
         let message = parked_message(log_key.to_owned(), &value)?;
         if message.body.len() as u64 != message.body_len {
-            return Err(format!(
-                "{log_key}: only {} of its {} bytes were kept; it cannot be sent again",
-                message.body.len(),
-                message.body_len
-            ));
+            return Err(ParkedError::Truncated {
+                log_key: log_key.to_owned(),
+                kept: message.body.len(),
+                len: message.body_len,
+            });
         }
         self.transport
             .publish(&[Outgoing {
@@ -585,19 +500,20 @@ impl CompensationConsumer {
                 key: message.key.clone(),
                 body: message.body.clone(),
             }])
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         let (stream, requeued) = match log_key.rsplit_once('@') {
             Some((stream, _)) => (
                 stream,
-                ParticipantEvent::ParkedMessageRequeued {
+                ConsumerEvent::Requeued {
                     body_digest: message.body_digest,
                 },
             ),
             // Entries of older logs: `consumer/<group>/<tag>/<key>`.
-            None => (log_key, ParticipantEvent::ParkedRequeued),
+            None => (log_key, ConsumerEvent::RequeuedWholeBody),
         };
-        self.append(stream, &[requeued], None).await?;
+        self.append(stream, requeued, None)
+            .await
+            .map_err(ParkedError::Log)?;
         Ok(Some(message))
     }
 }
@@ -619,58 +535,6 @@ fn bounded(text: &str) -> String {
         end -= 1;
     }
     text[..end].to_owned()
-}
-
-/// A parked-list entry (the stored parking event) as the API shows it.
-fn parked_message(log_key: String, stored: &[u8]) -> Result<pb::ParkedMessage, String> {
-    let parked = match saga_storage::codec::decode::<ParticipantEvent>(stored).map_err(|e| e.to_string())? {
-        // Entries of older logs kept the whole body: the same entry with a full prefix.
-        ParticipantEvent::MessageParked {
-            group,
-            tag,
-            key,
-            tries,
-            error,
-            body,
-            parked_at_unix_ms,
-        } => ParticipantEvent::MessageParkedDigest {
-            group,
-            tag,
-            key,
-            tries,
-            error,
-            body_len: body.len() as u64,
-            body_digest: body_digest(&body),
-            body_prefix: body,
-            parked_at_unix_ms,
-        },
-        other => other,
-    };
-    match parked {
-        ParticipantEvent::MessageParkedDigest {
-            group,
-            tag,
-            key,
-            tries,
-            error,
-            body_prefix,
-            body_len,
-            body_digest,
-            parked_at_unix_ms,
-        } => Ok(pb::ParkedMessage {
-            log_key,
-            group,
-            tag,
-            key,
-            tries,
-            last_error: error,
-            parked_at_unix_ms,
-            body: body_prefix,
-            body_len,
-            body_digest,
-        }),
-        other => Err(format!("parked list holds a {} event", other.name())),
-    }
 }
 
 impl Handler for CompensationConsumer {

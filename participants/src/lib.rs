@@ -1,27 +1,51 @@
 //! `saga-participants`: the order, stock, coupon and balance services, each an event-sourced
 //! process with its own sled log.
 //!
-//! - [`events`]: every participant event, the read models (stock per product, coupons,
-//!   balances, orders) and the projector that keeps them in each append's transaction and
-//!   guards the invariants that span sagas (no overselling, no negative balance, one lock per
-//!   coupon).
+//! One module per role, each owning its event enum, its read model and projection keys, a
+//! typed `decide` (the guard the projector runs inside the append's transaction, so the
+//! no-oversell check is atomic), an `apply` that cannot fail and asserts what the fold keeps
+//! true, and its gRPC service:
+//! - [`stock`]: units available and reserved per product (never oversold);
+//! - [`coupon`]: coupons locked by at most one order, by their owner;
+//! - [`balance`]: money per user (never negative);
+//! - [`order`]: orders, pending -> confirmed | cancelled.
+//!
+//! What the roles share:
 //! - [`barrier`]: the barrier per (saga id, step) as the fold of the step's own stream:
 //!   repeated actions return the first outcome, null compensations are recorded, late actions
-//!   are refused, compensations apply once.
-//! - [`grpc`]: the `saga.v1` services with input validation and status mapping.
+//!   are refused, compensations apply once; the [`barrier::Barrier`] trait the services and
+//!   the consumer call it through.
+//! - [`refusal`]: business refusals, typed from `decide` to the gRPC status detail.
+//! - [`record`]: [`record::ParticipantEvent`], the sum of every family's events, and how it is
+//!   stored (the on-disk variant order, guarded by a golden test).
+//! - [`keys`]: every stream name and projection key.
+//! - [`projector`]: hands each event to its role's `decide` and `apply` in the transaction.
+//! - [`service`]: validation, status mapping and seeding shared by the role services.
+//! - [`consumer`]: the compensation consumer on any `saga_messaging::transport::Transport`,
+//!   with acknowledgements to the orchestrator; [`consumer_log`]: its consumer log
+//!   (processing / success / fail, parked after 3 tries, never dropped) and parked list;
+//!   [`admin`]: `ConsumerAdmin`, the parked list over gRPC.
+//! - [`faults`] (feature `faults`, tests only): fault injection as a barrier decorator.
 //! - [`Participant`]: opens a role's log and serves its gRPC service (a library entry point, so
 //!   one process can host all four).
 //!
-//! - [`consumer`]: the compensation consumer and its consumer log (processing / success / fail,
-//!   parked after 3 tries, never dropped) on any `saga_messaging::transport::Transport`, with
-//!   acknowledgements to the orchestrator.
-//!
 //! The `saga-participant` binary (`src/bin/saga-participant.rs`) runs one role as a process.
 
+pub mod admin;
+pub mod balance;
 pub mod barrier;
 pub mod consumer;
-pub mod events;
-pub mod grpc;
+pub mod consumer_log;
+pub mod coupon;
+#[cfg(feature = "faults")]
+pub mod faults;
+pub mod keys;
+pub mod order;
+pub mod projector;
+pub mod record;
+pub mod refusal;
+pub mod service;
+pub mod stock;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,6 +53,8 @@ use std::sync::Arc;
 use saga_proto::REQUEST_LEN_MAX;
 use saga_proto::v1 as pb;
 use saga_storage::{EventLog, LogConfig, StorageError};
+
+use crate::barrier::{Barrier, StepBarrier};
 
 /// A participant role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,11 +83,34 @@ impl Role {
     }
 }
 
-/// One participant: its role and its event log.
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An unknown role name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {0:?} (order, stock, coupon or balance)")]
+pub struct UnknownRole(pub String);
+
+impl std::str::FromStr for Role {
+    type Err = UnknownRole;
+
+    fn from_str(name: &str) -> Result<Role, UnknownRole> {
+        Role::parse(name).ok_or_else(|| UnknownRole(name.to_owned()))
+    }
+}
+
+/// Wraps a role's barrier (a decorator such as `faults::FaultPlan::decorate`).
+pub type BarrierDecorator = Arc<dyn Fn(Role, Arc<dyn Barrier>) -> Arc<dyn Barrier> + Send + Sync>;
+
+/// One participant: its role, its event log and the barrier its calls go through.
 #[derive(Clone)]
 pub struct Participant {
     role: Role,
     log: EventLog,
+    barrier: Arc<dyn Barrier>,
 }
 
 impl Participant {
@@ -72,8 +121,16 @@ impl Participant {
 
     /// Opens (or creates) the role's log with `config` (e.g. `accept_lost_tail`).
     pub fn open_with(role: Role, config: LogConfig) -> Result<Participant, StorageError> {
-        let log = EventLog::open_with(config, Some(Arc::new(events::ParticipantProjector)))?;
-        Ok(Participant { role, log })
+        let log = EventLog::open_with(config, Some(Arc::new(projector::ParticipantProjector)))?;
+        let barrier = Arc::new(StepBarrier { log: log.clone() });
+        Ok(Participant { role, log, barrier })
+    }
+
+    /// The participant with `decorate` around its barrier (every service call and every
+    /// compensation goes through it).
+    pub fn with_barrier(mut self, decorate: &BarrierDecorator) -> Participant {
+        self.barrier = decorate(self.role, self.barrier);
+        self
     }
 
     pub fn role(&self) -> Role {
@@ -90,26 +147,30 @@ impl Participant {
     /// answered INVALID_ARGUMENT by field.
     pub fn router(&self, consumer: Option<Arc<consumer::CompensationConsumer>>) -> tonic::service::Routes {
         let log = self.log.clone();
+        let barrier = Arc::clone(&self.barrier);
         let routes = match self.role {
             Role::Order => tonic::service::Routes::new(
-                pb::order_service_server::OrderServiceServer::new(grpc::OrderService { log })
+                pb::order_service_server::OrderServiceServer::new(order::OrderService { log, barrier })
                     .max_decoding_message_size(REQUEST_LEN_MAX),
             ),
             Role::Stock => tonic::service::Routes::new(
-                pb::stock_service_server::StockServiceServer::new(grpc::StockService { log })
+                pb::stock_service_server::StockServiceServer::new(stock::StockService { log, barrier })
                     .max_decoding_message_size(REQUEST_LEN_MAX),
             ),
             Role::Coupon => tonic::service::Routes::new(
-                pb::coupon_service_server::CouponServiceServer::new(grpc::CouponService { log })
+                pb::coupon_service_server::CouponServiceServer::new(coupon::CouponService { log, barrier })
                     .max_decoding_message_size(REQUEST_LEN_MAX),
             ),
             Role::Balance => tonic::service::Routes::new(
-                pb::balance_service_server::BalanceServiceServer::new(grpc::BalanceService { log })
-                    .max_decoding_message_size(REQUEST_LEN_MAX),
+                pb::balance_service_server::BalanceServiceServer::new(balance::BalanceService {
+                    log,
+                    barrier,
+                })
+                .max_decoding_message_size(REQUEST_LEN_MAX),
             ),
         };
         routes.add_service(
-            pb::consumer_admin_server::ConsumerAdminServer::new(grpc::ConsumerAdminService { consumer })
+            pb::consumer_admin_server::ConsumerAdminServer::new(admin::ConsumerAdminService { consumer })
                 .max_decoding_message_size(REQUEST_LEN_MAX),
         )
     }
@@ -138,6 +199,6 @@ impl Participant {
         &self,
         key: &barrier::StepKey,
     ) -> Result<barrier::Compensated, barrier::BarrierError> {
-        barrier::compensate(&self.log, key).await
+        self.barrier.compensate(key).await
     }
 }

@@ -12,7 +12,12 @@ use saga_messaging::transport::{
 };
 use saga_participants::barrier::{self, StepKey};
 use saga_participants::consumer::{CompensationConsumer, TRIES_MAX};
-use saga_participants::events::{Item, ParticipantEvent, StockLevel, stock_key};
+use saga_participants::consumer_log::ConsumerEvent;
+use saga_participants::faults::FaultPlan;
+use saga_participants::keys;
+use saga_participants::order::OrderEvent;
+use saga_participants::record::ParticipantEvent;
+use saga_participants::stock::{Item, StockEvent, StockLevel};
 use saga_participants::{Participant, Role};
 use saga_proto::v1 as pb;
 use saga_storage::{AppendRequest, ExpectedVersion, NewEvent};
@@ -71,14 +76,16 @@ async fn reserve(p: &Participant, saga: &str) -> StepKey {
         saga_id: saga.into(),
         step: "reserve_stock".into(),
     };
-    let action = ParticipantEvent::StockReserved {
+    let action = StockEvent::Reserved {
         order_id: saga.into(),
         items: vec![Item {
             product_id: "p1".into(),
             quantity: 4,
         }],
     };
-    barrier::act(p.log(), &key, action).await.expect("reserves");
+    barrier::act(p.log(), &key, action.into())
+        .await
+        .expect("reserves");
     key
 }
 
@@ -103,7 +110,7 @@ fn compensation(key: &StepKey) -> Outgoing {
 async fn level(p: &Participant) -> StockLevel {
     let bytes = p
         .log()
-        .projection_get(stock_key("p1"))
+        .projection_get(keys::stock("p1"))
         .await
         .expect("reads")
         .expect("present");
@@ -288,7 +295,18 @@ async fn direct(role: Role, fault_prefix: Option<&str>) -> Direct {
         tempfile::tempdir().expect("tempdir"),
         tempfile::tempdir().expect("tempdir"),
     );
-    let participant = Participant::open(role, pdir.path()).expect("opens");
+    let mut participant = Participant::open(role, pdir.path()).expect("opens");
+    if let Some(prefix) = fault_prefix {
+        let prefix = prefix.to_owned();
+        let failing: saga_participants::BarrierDecorator = Arc::new(move |_, inner| {
+            FaultPlan {
+                compensation_fails_for: Some(prefix.clone()),
+                ..FaultPlan::default()
+            }
+            .decorate(inner)
+        });
+        participant = participant.with_barrier(&failing);
+    }
     let inner = Arc::new(
         EmbeddedTransport::open(
             qdir.path(),
@@ -303,10 +321,7 @@ async fn direct(role: Role, fault_prefix: Option<&str>) -> Direct {
         inner: inner.clone(),
         down: std::sync::atomic::AtomicBool::new(false),
     });
-    let consumer = Arc::new(
-        CompensationConsumer::new(participant.clone(), flaky.clone())
-            .with_fault_prefix(fault_prefix.map(String::from)),
-    );
+    let consumer = Arc::new(CompensationConsumer::new(participant.clone(), flaky.clone()));
     let acks = Arc::new(Acks::default());
     let spec = SubscriptionSpec {
         group: "test-orchestrator".into(),
@@ -314,10 +329,10 @@ async fn direct(role: Role, fault_prefix: Option<&str>) -> Direct {
         tags: vec![],
     };
     std::mem::forget(inner.subscribe(spec, acks.clone()).await.expect("subscribes"));
-    let seed = ParticipantEvent::StockSeeded {
+    let seed = ParticipantEvent::from(StockEvent::Seeded {
         product_id: "p1".into(),
         available: 10,
-    };
+    });
     participant
         .log()
         .append(
@@ -441,24 +456,24 @@ async fn compensating_a_confirmed_order_is_refused_and_parked_and_the_log_goes_o
         saga_id: "ord-1".into(),
         step: "create_order".into(),
     };
-    let created = ParticipantEvent::OrderCreated {
+    let created = OrderEvent::Created {
         order_id: "ord-1".into(),
         user_id: "u1".into(),
         items: vec![],
         amount_minor: 5,
         coupon_id: String::new(),
     };
-    barrier::act(s.participant.log(), &create, created)
+    barrier::act(s.participant.log(), &create, created.into())
         .await
         .expect("creates");
     let confirm = StepKey {
         saga_id: "ord-1".into(),
         step: "confirm_order".into(),
     };
-    let confirmed = ParticipantEvent::OrderConfirmed {
+    let confirmed = OrderEvent::Confirmed {
         order_id: "ord-1".into(),
     };
-    barrier::act(s.participant.log(), &confirm, confirmed)
+    barrier::act(s.participant.log(), &confirm, confirmed.into())
         .await
         .expect("confirms");
     deliver_until_consumed(&s.consumer, &compensation_for("order", &create), TRIES_MAX + 2).await;
@@ -485,7 +500,7 @@ async fn tries_that_never_finished_count_and_park_a_poison_message() {
         key.saga_id, key.step
     );
     for attempt in 1..=TRIES_MAX {
-        let started = ParticipantEvent::ConsumeStarted { attempt };
+        let started = ParticipantEvent::from(ConsumerEvent::Started { attempt });
         s.participant
             .log()
             .append(

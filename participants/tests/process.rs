@@ -11,7 +11,8 @@ use saga_messaging::topics;
 use saga_messaging::transport::{
     BoxFuture, Delivery, Handler, Outcome, Outgoing, SubscriptionSpec, Transport,
 };
-use saga_participants::consumer::{CRASH_PREFIX_ENV, FAULT_PREFIX_ENV, TRIES_MAX};
+use saga_participants::consumer::TRIES_MAX;
+use saga_participants::faults::{CRASH_PREFIX_ENV, FAULT_PREFIX_ENV};
 use saga_proto::v1 as pb;
 use saga_tests::{Proc, run_id};
 use tonic::transport::Channel;

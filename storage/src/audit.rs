@@ -233,7 +233,8 @@ fn replay_one(projector: &dyn Projector, tree: &sled::Tree, record: &Record) -> 
         let mut ptx = ProjectionTx { tree: tx };
         match projector.project(&view, &mut ptx) {
             Ok(()) => Ok(Ok(())),
-            Err(ProjectError::Refused(reason)) => Ok(Err(reason)),
+            Err(ProjectError::Refused(refusal)) => Ok(Err(refusal.to_string())),
+            Err(ProjectError::Invalid(reason)) => Ok(Err(reason)),
             Err(ProjectError::Tx(error)) => {
                 Err(sled::transaction::ConflictableTransactionError::<()>::from(error))
             }

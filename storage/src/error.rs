@@ -28,12 +28,22 @@ pub enum StorageError {
     /// The caller's request is malformed (the field is named). Nothing was written.
     #[error("invalid {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
-    /// The projector refused an event of this append. Nothing of this append was written.
+    /// The projector could not apply an event of this append (`ProjectError::Invalid`: its
+    /// payload does not decode, say). Nothing of this append was written.
     #[error("projection refused event {event_type:?} of stream {stream:?}: {reason}")]
     Projection {
         stream: String,
         event_type: String,
         reason: String,
+    },
+    /// A rule of the projector refused an event of this append (`ProjectError::Refused`).
+    /// Nothing of this append was written. [`StorageError::refusal`] gives the projector's
+    /// typed reason back.
+    #[error("event {event_type:?} of stream {stream:?} refused: {refusal}")]
+    Refused {
+        stream: String,
+        event_type: String,
+        refusal: crate::projection::Refusal,
     },
     #[error(transparent)]
     Codec(#[from] CodecError),
@@ -86,4 +96,14 @@ pub enum StorageError {
         path.display()
     )]
     MarkDisagrees { path: PathBuf, reason: String },
+}
+
+impl StorageError {
+    /// The projector's refusal of this append, if it is one of type `R`.
+    pub fn refusal<R: std::error::Error + 'static>(&self) -> Option<&R> {
+        match self {
+            StorageError::Refused { refusal, .. } => refusal.downcast_ref::<R>(),
+            _ => None,
+        }
+    }
 }

@@ -9,6 +9,7 @@
 //!   a `StorageError::Corrupt` naming its position.
 //! - [`audit`]: offline verification of a data dir (checksums, hash chains, index, mark,
 //!   projections against a replay) and reading it for export.
+//! - [`conflict`]: the read -> decide -> append-at-version loop with its bound, once.
 //! - [`codec`]: the payload codec (bincode 2 + serde), the one place that knows it.
 //! - [`projection`]: read models written in the same transaction as their events.
 //! - [`outbox`]: messages written with the events that decide them, for a relay to publish.
@@ -18,6 +19,7 @@
 
 pub mod audit;
 pub mod codec;
+pub mod conflict;
 pub mod error;
 pub mod gate;
 pub mod log;
@@ -26,6 +28,7 @@ pub mod outbox;
 pub mod projection;
 pub mod record_format;
 
+pub use conflict::{CONFLICT_RETRIES_MAX, Contended, Tried, retry_on_conflict};
 pub use error::StorageError;
 pub use log::{
     AppendRequest, Appended, Durability, EventLog, ExpectedVersion, LOG_STREAM, LogConfig, LogStats,

@@ -25,14 +25,30 @@ pub struct EventView<'a> {
     pub payload: &'a [u8],
 }
 
-/// Why a projector did not apply an event.
+/// A projector's own typed reason for refusing an event (a business rule, say "out of stock").
+/// The log carries it to the appender untouched (`StorageError::Refused`), where
+/// `StorageError::refusal::<R>()` gets the projector's type back: no text is parsed on the way.
+pub type Refusal = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a projector did not apply an event. Either way the whole append is refused and nothing
+/// of it is written; other appends of the batch go ahead.
 #[derive(Debug)]
 pub enum ProjectError {
-    /// The event cannot be applied (e.g. its payload does not decode). The whole append is
-    /// refused with `StorageError::Projection`; other appends of the batch go ahead.
-    Refused(String),
+    /// A rule of the read model refuses the event: the appender gets `StorageError::Refused`
+    /// with this value, to act on by type.
+    Refused(Refusal),
+    /// The event cannot be applied at all (its payload does not decode, a read model holds
+    /// bytes the projector cannot read): `StorageError::Projection` with the reason.
+    Invalid(String),
     /// A transaction-level error from sled; propagate it with `?` (the writer retries or fails).
     Tx(UnabortableTransactionError),
+}
+
+impl ProjectError {
+    /// A refusal of the projector's type `R`.
+    pub fn refused(refusal: impl std::error::Error + Send + Sync + 'static) -> ProjectError {
+        ProjectError::Refused(Box::new(refusal))
+    }
 }
 
 impl From<UnabortableTransactionError> for ProjectError {
@@ -43,7 +59,7 @@ impl From<UnabortableTransactionError> for ProjectError {
 
 impl From<crate::codec::CodecError> for ProjectError {
     fn from(error: crate::codec::CodecError) -> Self {
-        ProjectError::Refused(error.to_string())
+        ProjectError::Invalid(error.to_string())
     }
 }
 

@@ -35,6 +35,11 @@ impl AccountEvent {
     }
 }
 
+/// The projector's typed refusal, which the appender gets back by type.
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("balance of {0} would go negative")]
+struct WouldGoNegative(String);
+
 /// Keeps `balance/<stream>` in the projection tree.
 struct BalanceProjector;
 
@@ -46,16 +51,13 @@ impl Projector for BalanceProjector {
             Some(v) => i64::from_be_bytes(
                 v.as_ref()
                     .try_into()
-                    .map_err(|_| ProjectError::Refused("bad".into()))?,
+                    .map_err(|_| ProjectError::Invalid(format!("{key} is not 8 bytes")))?,
             ),
             None => 0,
         };
         change.apply(&mut balance);
         if balance < 0 {
-            return Err(ProjectError::Refused(format!(
-                "balance of {} would go negative",
-                event.stream
-            )));
+            return Err(ProjectError::refused(WouldGoNegative(event.stream.to_owned())));
         }
         tx.insert(key, balance.to_be_bytes().to_vec())?;
         Ok(())
@@ -242,7 +244,12 @@ async fn appends_in_one_call_are_atomic_and_a_refused_projection_writes_nothing(
             .event(AccountEvent::Deposited { amount: 5 }.to_new()),
     );
     let (bad, good) = tokio::join!(bad, good);
-    assert!(matches!(bad, Err(StorageError::Projection { .. })), "got {bad:?}");
+    let bad = bad.expect_err("the withdrawal is refused");
+    assert_eq!(
+        bad.refusal::<WouldGoNegative>(),
+        Some(&WouldGoNegative("a".into())),
+        "got {bad:?}"
+    );
     good.expect("the other append stands");
     assert_eq!(log.stream_version("a").await.expect("v"), 2);
     assert_eq!(projected_balance(&log, "a").await, 6);
@@ -553,7 +560,7 @@ impl Projector for CountingRefuser {
             .last()
             .is_some_and(|b| b.is_ascii_digit() && (b - b'0') % 2 == 1);
         if odd {
-            return Err(ProjectError::Refused(format!("{} is odd", event.stream)));
+            return Err(ProjectError::Invalid(format!("{} is odd", event.stream)));
         }
         Ok(())
     }

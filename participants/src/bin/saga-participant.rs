@@ -8,10 +8,9 @@
 //! With `--rocketmq`, the role's compensation consumer runs (consumer group
 //! `saga-compensation-<role>`, acknowledgements to `saga-compensation-ack`); without it only the
 //! gRPC service runs. Prints `listening on ADDR` once it accepts calls. SIGTERM or Ctrl-C stops
-//! it gracefully. `SAGA_FAULT_COMPENSATION_FAILS_FOR=<saga id prefix>` injects compensation
-//! failures and `SAGA_FAULT_FREEZE_AFTER_APPLY_FOR=<prefix>` a handler that stops after
-//! applying a compensation, before acknowledging it (for a test's SIGKILL); `SAGA_FAULT_ACT=delay:<step>:<ms>,refuse:<step>[:<n>]` slows
-//! or refuses one step's actions (see `barrier::ACT_FAULT_ENV`). Tests and chaos runs only.
+//! it gracefully. Built with the `faults` feature (the tests' build), it reads a fault plan
+//! from `SAGA_FAULT_*` (see `saga_participants::faults`); built without it, it refuses to
+//! start when one is set.
 
 // RocketMQ client futures: see the "Recursion limit" note in saga_messaging::rocketmq.
 #![recursion_limit = "256"]
@@ -24,7 +23,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use saga_messaging::rocketmq::{RocketMqConfig, RocketMqTransport};
 use saga_messaging::transport::Transport as _;
-use saga_participants::consumer::{CRASH_PREFIX_ENV, CompensationConsumer, FAULT_PREFIX_ENV};
+use saga_participants::consumer::CompensationConsumer;
 use saga_participants::{Participant, Role};
 
 #[derive(Parser)]
@@ -67,22 +66,46 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Ok(fault) = std::env::var(saga_participants::barrier::ACT_FAULT_ENV) {
-        let parsed = saga_participants::barrier::ActFault::parse_list(&fault).with_context(|| {
-            format!(
-                "{}: cannot parse {fault:?}",
-                saga_participants::barrier::ACT_FAULT_ENV
-            )
-        })?;
-        saga_participants::barrier::inject_act_faults(parsed);
-    }
-    let role = Role::parse(&args.role).with_context(|| format!("--role: unknown role {:?}", args.role))?;
+    let role: Role = args.role.parse().context("--role")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("tokio runtime")?;
     runtime.block_on(run(role, args))
+}
+
+/// The fault plan of the environment around the participant's barrier (tests and chaos runs;
+/// see `saga_participants::faults`).
+#[cfg(feature = "faults")]
+fn with_fault_plan(participant: Participant) -> anyhow::Result<Participant> {
+    let plan = saga_participants::faults::FaultPlan::from_env()?;
+    if plan.is_empty() {
+        return Ok(participant);
+    }
+    tracing::warn!(?plan, "fault injection on");
+    let plan = std::sync::Mutex::new(Some(plan));
+    let decorate: saga_participants::BarrierDecorator = Arc::new(move |_, inner| {
+        let plan = plan.lock().expect("plan lock").take().expect("decorated once");
+        plan.decorate(inner)
+    });
+    Ok(participant.with_barrier(&decorate))
+}
+
+/// A build without the `faults` feature refuses a fault plan instead of ignoring it (a test
+/// that asks for faults must not silently run without them).
+#[cfg(not(feature = "faults"))]
+fn with_fault_plan(participant: Participant) -> anyhow::Result<Participant> {
+    for name in [
+        "SAGA_FAULT_ACT",
+        "SAGA_FAULT_COMPENSATION_FAILS_FOR",
+        "SAGA_FAULT_FREEZE_AFTER_APPLY_FOR",
+    ] {
+        if std::env::var_os(name).is_some() {
+            anyhow::bail!("{name} is set, but this saga-participant was built without the `faults` feature");
+        }
+    }
+    Ok(participant)
 }
 
 async fn shutdown_signal() {
@@ -103,6 +126,7 @@ async fn run(role: Role, args: Args) -> anyhow::Result<()> {
             args.data_dir.display()
         )
     })?;
+    let participant = with_fault_plan(participant)?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("--listen: cannot bind {}", args.listen))?;
@@ -129,11 +153,7 @@ async fn run(role: Role, args: Args) -> anyhow::Result<()> {
         if let Some(topic) = args.ack_topic.clone() {
             consumer = consumer.with_ack_topic(topic);
         }
-        let consumer = Arc::new(
-            consumer
-                .with_fault_prefix(std::env::var(FAULT_PREFIX_ENV).ok())
-                .with_crash_prefix(std::env::var(CRASH_PREFIX_ENV).ok()),
-        );
+        let consumer = Arc::new(consumer);
         let subscription = transport
             .subscribe(consumer.spec(), consumer.clone())
             .await

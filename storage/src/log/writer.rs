@@ -388,7 +388,17 @@ impl Writer {
                             match projector.project(&view, &mut tx) {
                                 Ok(()) => {}
                                 Err(ProjectError::Tx(error)) => return Err(error.into()),
-                                Err(ProjectError::Refused(reason)) => {
+                                Err(ProjectError::Refused(refusal)) => {
+                                    return Err(ConflictableTransactionError::Abort(LeaveOut {
+                                        index,
+                                        error: StorageError::Refused {
+                                            stream: stream.to_owned(),
+                                            event_type: event.event_type.clone(),
+                                            refusal,
+                                        },
+                                    }));
+                                }
+                                Err(ProjectError::Invalid(reason)) => {
                                     return Err(ConflictableTransactionError::Abort(LeaveOut {
                                         index,
                                         error: StorageError::Projection {

@@ -41,7 +41,9 @@ use saga_orchestrator::events::SagaEvent;
 use saga_orchestrator::order::ParticipantAddrs;
 use saga_orchestrator::state::SagaState;
 use saga_orchestrator::workload::{self, OrderResult, Scenario};
-use saga_participants::events::ParticipantEvent;
+use saga_participants::barrier::StepEvent;
+use saga_participants::consumer_log::ConsumerEvent;
+use saga_participants::record::ParticipantEvent;
 use saga_proto::v1 as pb;
 use saga_storage::audit::AuditLog;
 use saga_tests::{ROLES, bin_path, free_port};
@@ -282,7 +284,7 @@ impl Node {
             .stderr(log)
             .env("RUST_LOG", "warn");
         if let Some(fault) = &self.fault {
-            command.env(saga_participants::barrier::ACT_FAULT_ENV, fault);
+            command.env(saga_participants::faults::ACT_FAULT_ENV, fault);
         }
         let mut child = command.spawn().with_context(|| format!("starts {}", self.name))?;
         let stdout = child.stdout.take().expect("piped");
@@ -908,29 +910,6 @@ async fn run(args: &Args, seed: u64, work: &Path) -> anyhow::Result<Outcome> {
     })
 }
 
-fn is_compensation(event: &ParticipantEvent) -> bool {
-    matches!(
-        event,
-        ParticipantEvent::StockReleased { .. }
-            | ParticipantEvent::CouponUnlocked { .. }
-            | ParticipantEvent::BalanceRefunded { .. }
-            | ParticipantEvent::OrderCancelled { .. }
-            | ParticipantEvent::NullCompensated
-    )
-}
-
-fn is_first_outcome(event: &ParticipantEvent) -> bool {
-    matches!(
-        event,
-        ParticipantEvent::StockReserved { .. }
-            | ParticipantEvent::CouponLocked { .. }
-            | ParticipantEvent::BalanceDeducted { .. }
-            | ParticipantEvent::OrderCreated { .. }
-            | ParticipantEvent::OrderConfirmed { .. }
-            | ParticipantEvent::ActionRefused { .. }
-    )
-}
-
 /// Per step stream `step/<saga>/<step>`: (effects or refusals, compensations).
 type StepCounts = HashMap<String, (u32, u32, bool)>;
 
@@ -944,7 +923,7 @@ fn check_logs(work: &Path, sagas: &[pb::Saga]) -> anyhow::Result<(Vec<String>, V
         let report = if name == "orchestrator" {
             log.verify(Some(&saga_orchestrator::projector::SagaProjector))
         } else {
-            log.verify(Some(&saga_participants::events::ParticipantProjector))
+            log.verify(Some(&saga_participants::projector::ParticipantProjector))
         }
         .with_context(|| format!("verifies {}", dir.display()))?;
         for finding in &report.findings {
@@ -1007,18 +986,22 @@ fn check_logs(work: &Path, sagas: &[pb::Saga]) -> anyhow::Result<(Vec<String>, V
                     continue;
                 }
             };
-            if matches!(event, ParticipantEvent::DuplicateAcknowledged { .. }) {
+            if matches!(
+                event,
+                ParticipantEvent::Consumer(ConsumerEvent::DuplicateAcknowledged { .. })
+            ) {
                 duplicates += 1;
             }
             if !stream.starts_with("step/") {
                 continue;
             }
             let entry = steps.entry(stream.to_owned()).or_default();
-            if is_first_outcome(&event) {
+            let refused = matches!(event, ParticipantEvent::Step(StepEvent::ActionRefused { .. }));
+            if event.is_action() || refused {
                 entry.0 += 1;
-                entry.2 |= !matches!(event, ParticipantEvent::ActionRefused { .. });
+                entry.2 |= !refused;
             }
-            if is_compensation(&event) {
+            if event.is_compensation() {
                 entry.1 += 1;
             }
         }

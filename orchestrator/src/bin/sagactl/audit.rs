@@ -103,7 +103,7 @@ pub fn payload_json(record: &Record) -> Value {
 #[cfg(feature = "dev")]
 fn participant_json(record: &Record) -> Option<Value> {
     record
-        .decode::<saga_participants::events::ParticipantEvent>()
+        .decode::<saga_participants::record::ParticipantEvent>()
         .ok()
         .and_then(|e| serde_json::to_value(e).ok())
 }
@@ -143,7 +143,7 @@ pub fn verify(dir: &Path, as_json: bool) -> Result<bool, String> {
     let report: VerifyReport = match kind {
         LogKind::Orchestrator => log.verify(Some(&saga_orchestrator::projector::SagaProjector)),
         #[cfg(feature = "dev")]
-        LogKind::Participant => log.verify(Some(&saga_participants::events::ParticipantProjector)),
+        LogKind::Participant => log.verify(Some(&saga_participants::projector::ParticipantProjector)),
         _ => log.verify(None),
     }
     .map_err(|e| format!("{}: {e}", dir.display()))?;

@@ -1,0 +1,179 @@
+//! Fault injection for process tests and chaos runs, compiled only with the `faults` feature
+//! (the test crates enable it; a production build has none of this).
+//!
+//! The `saga-participant` binary reads a [`FaultPlan`] from its environment and wraps the
+//! participant's barrier in a [`FaultyBarrier`]; the services and the compensation consumer
+//! call the barrier through the `Barrier` trait and never know. Variables:
+//!
+//! - [`ACT_FAULT_ENV`]: a comma-separated list of `delay:<step>:<ms>` (every action of `<step>`
+//!   answers `<ms>` after it was applied, so the caller's deadline passes after the effect:
+//!   "outcome unknown") and `refuse:<step>[:<times>]` (the first `<times>` actions of `<step>`,
+//!   or all, are refused with INVALID_STATE without recording anything);
+//! - [`FAULT_PREFIX_ENV`]: compensations of sagas whose id starts with this prefix fail (as a
+//!   storage outage would), so the consumer's retry and parking paths run end to end;
+//! - [`CRASH_PREFIX_ENV`]: right after applying a compensation of a saga whose id starts with
+//!   this prefix, the call stops for good, before the consumer records success or
+//!   acknowledges, and says so on stderr; a test then kills the process with SIGKILL (the
+//!   "killed between consuming and acknowledging" case, at a known point).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::barrier::{Barrier, BarrierError, Compensated, StepKey};
+use crate::record::ParticipantEvent;
+use crate::refusal::{Refusal, Refused};
+
+pub const ACT_FAULT_ENV: &str = "SAGA_FAULT_ACT";
+pub const FAULT_PREFIX_ENV: &str = "SAGA_FAULT_COMPENSATION_FAILS_FOR";
+pub const CRASH_PREFIX_ENV: &str = "SAGA_FAULT_FREEZE_AFTER_APPLY_FOR";
+/// Every variable of a fault plan (a binary built without `faults` refuses to start with one).
+pub const ALL_ENV: [&str; 3] = [ACT_FAULT_ENV, FAULT_PREFIX_ENV, CRASH_PREFIX_ENV];
+
+/// One fault of [`ACT_FAULT_ENV`].
+#[derive(Debug)]
+pub enum ActFault {
+    DelayAfterApply { step: String, delay_ms: u64 },
+    Refuse { step: String, times_left: AtomicU64 },
+}
+
+impl ActFault {
+    /// Parses the whole variable; `None` if any entry is malformed.
+    pub fn parse_list(text: &str) -> Option<Vec<ActFault>> {
+        text.split(',')
+            .filter(|p| !p.is_empty())
+            .map(ActFault::parse)
+            .collect()
+    }
+
+    fn parse(text: &str) -> Option<ActFault> {
+        let mut parts = text.split(':');
+        match (parts.next()?, parts.next()?, parts.next(), parts.next()) {
+            ("delay", step, Some(ms), None) => Some(ActFault::DelayAfterApply {
+                step: step.to_owned(),
+                delay_ms: ms.parse().ok()?,
+            }),
+            ("refuse", step, times, None) => Some(ActFault::Refuse {
+                step: step.to_owned(),
+                times_left: AtomicU64::new(match times {
+                    Some(n) => n.parse().ok()?,
+                    None => u64::MAX,
+                }),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The faults a process injects.
+#[derive(Debug, Default)]
+pub struct FaultPlan {
+    pub act: Vec<ActFault>,
+    pub compensation_fails_for: Option<String>,
+    pub freeze_after_apply_for: Option<String>,
+}
+
+/// A variable of the plan that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: cannot parse {value:?}")]
+pub struct BadFaultPlan {
+    pub variable: &'static str,
+    pub value: String,
+}
+
+impl FaultPlan {
+    /// The plan the environment describes (empty when no variable is set).
+    pub fn from_env() -> Result<FaultPlan, BadFaultPlan> {
+        let prefix = |name| std::env::var(name).ok().filter(|p: &String| !p.is_empty());
+        let act = match std::env::var(ACT_FAULT_ENV) {
+            Ok(value) => ActFault::parse_list(&value).ok_or(BadFaultPlan {
+                variable: ACT_FAULT_ENV,
+                value,
+            })?,
+            Err(_) => Vec::new(),
+        };
+        Ok(FaultPlan {
+            act,
+            compensation_fails_for: prefix(FAULT_PREFIX_ENV),
+            freeze_after_apply_for: prefix(CRASH_PREFIX_ENV),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.act.is_empty() && self.compensation_fails_for.is_none() && self.freeze_after_apply_for.is_none()
+    }
+
+    /// `inner` with this plan's faults around it.
+    pub fn decorate(self, inner: Arc<dyn Barrier>) -> Arc<dyn Barrier> {
+        Arc::new(FaultyBarrier { inner, plan: self })
+    }
+
+    fn refuses(&self, step: &str) -> bool {
+        self.act.iter().any(|f| match f {
+            ActFault::Refuse { step: s, times_left } => {
+                s == step
+                    && times_left
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+            }
+            ActFault::DelayAfterApply { .. } => false,
+        })
+    }
+
+    fn delay_ms(&self, step: &str) -> Option<u64> {
+        self.act.iter().find_map(|f| match f {
+            ActFault::DelayAfterApply { step: s, delay_ms } if s == step => Some(*delay_ms),
+            _ => None,
+        })
+    }
+}
+
+/// A barrier with a fault plan around it.
+pub struct FaultyBarrier {
+    inner: Arc<dyn Barrier>,
+    plan: FaultPlan,
+}
+
+#[tonic::async_trait]
+impl Barrier for FaultyBarrier {
+    async fn act(
+        &self,
+        key: &StepKey,
+        action: ParticipantEvent,
+    ) -> Result<(ParticipantEvent, bool), BarrierError> {
+        // Refused before the barrier runs: a refusal promises the caller that nothing happened
+        // (the engine does not compensate a refused step), so only an action that has not
+        // taken effect is refused.
+        if self.plan.refuses(&key.step) {
+            return Err(BarrierError::Refused(Refused::new(
+                Refusal::InvalidState,
+                format!("injected refusal ({ACT_FAULT_ENV})"),
+            )));
+        }
+        let done = self.inner.act(key, action).await?;
+        if let Some(delay_ms) = self.plan.delay_ms(&key.step)
+            && !done.1
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+        }
+        Ok(done)
+    }
+
+    async fn compensate(&self, key: &StepKey) -> Result<Compensated, BarrierError> {
+        let prefixed =
+            |prefix: &Option<String>| prefix.as_deref().is_some_and(|p| key.saga_id.starts_with(p));
+        if prefixed(&self.plan.compensation_fails_for) {
+            return Err(BarrierError::Storage(saga_storage::StorageError::Failed(
+                format!("injected fault ({FAULT_PREFIX_ENV})"),
+            )));
+        }
+        let compensated = self.inner.compensate(key).await?;
+        if prefixed(&self.plan.freeze_after_apply_for) {
+            eprintln!(
+                "injected fault ({CRASH_PREFIX_ENV}): frozen after applying {}:{}",
+                key.saga_id, key.step
+            );
+            return std::future::pending().await;
+        }
+        Ok(compensated)
+    }
+}
