@@ -92,13 +92,7 @@ fn engine_status(error: EngineError) -> Status {
 }
 
 fn saga_status(status: SagaStatus) -> pb::SagaState {
-    match status {
-        SagaStatus::Running => pb::SagaState::Running,
-        SagaStatus::Compensating => pb::SagaState::Compensating,
-        SagaStatus::Completed => pb::SagaState::Completed,
-        SagaStatus::Compensated => pb::SagaState::Compensated,
-        SagaStatus::Stuck => pb::SagaState::Stuck,
-    }
+    status.into()
 }
 
 fn step_state(phase: Phase) -> pb::StepState {
@@ -223,11 +217,9 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         let request = request.into_inner();
         let status = match pb::SagaState::try_from(request.state) {
             Ok(pb::SagaState::Unspecified) => None,
-            Ok(pb::SagaState::Running) => Some(SagaStatus::Running),
-            Ok(pb::SagaState::Compensating) => Some(SagaStatus::Compensating),
-            Ok(pb::SagaState::Completed) => Some(SagaStatus::Completed),
-            Ok(pb::SagaState::Compensated) => Some(SagaStatus::Compensated),
-            Ok(pb::SagaState::Stuck) => Some(SagaStatus::Stuck),
+            Ok(state) => SagaStatus::ALL
+                .into_iter()
+                .find(|s| pb::SagaState::from(*s) == state),
             Err(_) => return Err(invalid("state", format!("unknown state {}", request.state))),
         };
         let page_size = match request.page_size {
@@ -308,12 +300,11 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                     };
                     let folded = match state.as_mut() {
                         None => SagaState::fold(&saga_id, [(event.clone(), record.timestamp_us())])
-                            .and_then(|s| s.ok_or_else(|| "empty".to_owned()))
-                            .map(|s| state = Some(s)),
+                            .map(|s| state = Some(s.expect("one event folds to a state or an error"))),
                         Some(s) => s.apply(&event, record.timestamp_us()),
                     };
-                    if let Err(reason) = folded {
-                        let _ = tx.send(Err(Status::internal(reason))).await;
+                    if let Err(error) = folded {
+                        let _ = tx.send(Err(Status::internal(error.to_string()))).await;
                         return;
                     }
                     let status = state.as_ref().expect("folded").status;

@@ -2,7 +2,6 @@
 //! deadline and retry policy. The engine interprets a definition; it knows nothing about what
 //! the steps mean (the order saga is one definition, in `order`).
 
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 /// How a step's transient failures are retried (always with the same idempotency key).
@@ -33,16 +32,9 @@ impl RetryPolicy {
     }
 }
 
-/// A random number in `0..bound` (from std's per-process random hasher keys; no rand crate for
-/// one jitter value).
+/// A random number in `0..bound`.
 fn jitter(bound: u64) -> u64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-    );
-    hasher.finish() % bound.max(1)
+    fastrand::u64(0..bound.max(1))
 }
 
 /// One step of a saga.
@@ -62,6 +54,11 @@ pub struct StepDef {
     pub deadline_ms: u64,
     pub retry: RetryPolicy,
 }
+
+/// A definition the engine cannot run (refused when it is registered, `Engine::new`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid saga definition: {0}")]
+pub struct InvalidDefinition(pub String);
 
 /// A saga definition.
 #[derive(Debug, Clone, PartialEq, Eq)]

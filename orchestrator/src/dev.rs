@@ -9,16 +9,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use saga_messaging::embedded::{EmbeddedConfig, EmbeddedTransport};
-use saga_messaging::transport::{Consumer, SubscriptionSpec, Transport};
+use saga_messaging::transport::{Consumer, Transport};
 use saga_participants::consumer::CompensationConsumer;
 use saga_participants::{Participant, Role};
 use saga_proto::v1 as pb;
 use tonic::transport::Channel;
 
-use crate::engine::{AckHandler, Engine, EngineConfig, ack_group};
-use crate::order::{self, OrderInvoker, OrderTiming, ParticipantAddrs};
+use crate::engine::{Engine, EngineConfig};
+use crate::node::{Node, NodeConfig, NodeError};
+use crate::order::{OrderTiming, ParticipantAddrs};
 use crate::workload::Scenario;
 
 /// Test knobs of a dev system.
@@ -29,37 +29,75 @@ pub struct DevOptions {
     pub barrier: Option<saga_participants::BarrierDecorator>,
 }
 
+/// Why a dev system did not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("cannot create {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot open the embedded queue: {0}")]
+    Queue(#[source] saga_messaging::MessagingError),
+    #[error("cannot open the {role} log: {source}")]
+    Participant {
+        role: Role,
+        source: saga_storage::StorageError,
+    },
+    #[error("the {role} consumer cannot subscribe: {source}")]
+    Subscribe {
+        role: Role,
+        source: saga_messaging::MessagingError,
+    },
+    #[error("cannot bind {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("orchestrator: {0}")]
+    Node(#[from] NodeError),
+    #[error("seeding the benchmark data: {0}")]
+    Seed(#[source] crate::workload::WorkloadError),
+    #[error(transparent)]
+    Workload(#[from] crate::workload::WorkloadError),
+}
+
 /// A running all-in-one system.
 pub struct Dev {
     pub engine: Engine,
     pub api_addr: SocketAddr,
     pub participants: ParticipantAddrs,
+    node: Node,
     stop: Vec<tokio::sync::oneshot::Sender<()>>,
     servers: Vec<tokio::task::JoinHandle<()>>,
     consumers: Vec<Box<dyn Consumer>>,
-    relay: tokio::task::JoinHandle<()>,
 }
 
+/// Serves `routes` on `listener` in a task until the returned sender fires.
 fn serve_routes(
     routes: tonic::service::Routes,
     listener: tokio::net::TcpListener,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async {
-                    let _ = stopped.await;
-                },
-            )
-            .await;
-        if let Err(error) = served {
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        if let Err(error) = saga_proto::server::serve(routes, listener, stopped).await {
             tracing::error!(%error, "gRPC server failed");
         }
     });
     (stop, server)
+}
+
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener, DevError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| DevError::Bind {
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+fn local_addr(listener: &tokio::net::TcpListener) -> Result<SocketAddr, DevError> {
+    listener.local_addr().map_err(|source| DevError::Bind {
+        addr: "a loopback port".into(),
+        source,
+    })
 }
 
 impl Dev {
@@ -70,9 +108,12 @@ impl Dev {
         listen: &str,
         coupons: u64,
         options: DevOptions,
-    ) -> anyhow::Result<Dev> {
+    ) -> Result<Dev, DevError> {
         let fresh = !data_dir.join("orchestrator").exists();
-        std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+        std::fs::create_dir_all(data_dir).map_err(|source| DevError::DataDir {
+            path: data_dir.to_owned(),
+            source,
+        })?;
         let transport: Arc<dyn Transport> = Arc::new(
             EmbeddedTransport::open(
                 &data_dir.join("queue"),
@@ -81,7 +122,7 @@ impl Dev {
                     retry_delay_max: Duration::from_secs(5),
                 },
             )
-            .context("cannot open the embedded queue")?,
+            .map_err(DevError::Queue)?,
         );
         let mut stop = Vec::new();
         let mut servers = Vec::new();
@@ -89,14 +130,19 @@ impl Dev {
         let mut addrs = Vec::new();
         for role in Role::ALL {
             let mut participant = Participant::open(role, &data_dir.join(role.name()))
-                .with_context(|| format!("cannot open the {} log", role.name()))?;
+                .map_err(|source| DevError::Participant { role, source })?;
             if let Some(decorate) = &options.barrier {
                 participant = participant.with_barrier(decorate);
             }
             let consumer = Arc::new(CompensationConsumer::new(participant.clone(), transport.clone()));
-            consumers.push(transport.subscribe(consumer.spec(), consumer.clone()).await?);
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            addrs.push(listener.local_addr()?.to_string());
+            consumers.push(
+                transport
+                    .subscribe(consumer.spec(), consumer.clone())
+                    .await
+                    .map_err(|source| DevError::Subscribe { role, source })?,
+            );
+            let listener = bind("127.0.0.1:0").await?;
+            addrs.push(local_addr(&listener)?.to_string());
             let (s, server) = serve_routes(participant.router(Some(consumer)), listener);
             stop.push(s);
             servers.push(server);
@@ -108,67 +154,45 @@ impl Dev {
             balance: addrs[3].clone(),
         };
 
-        let log = crate::engine::open_log(saga_storage::LogConfig::new(data_dir.join("orchestrator")))
-            .context("cannot open the orchestrator log")?;
-        let timing = OrderTiming::default();
-        let config = EngineConfig::default();
-        let ack_spec = SubscriptionSpec {
-            group: ack_group(&config.node_id),
-            topic: config.ack_topic.clone(),
-            tags: vec![config.node_id.clone()],
-        };
-        let engine = Engine::new(
-            log,
-            vec![order::definition(&timing)],
-            OrderInvoker::new(&participants)?,
-            config,
-        );
-        let relay = {
-            let engine = engine.clone();
-            let transport = transport.clone();
-            tokio::spawn(async move { engine.run_relay(transport).await })
-        };
-        consumers.push(
-            transport
-                .subscribe(
-                    ack_spec,
-                    Arc::new(AckHandler {
-                        engine: engine.clone(),
-                    }),
-                )
-                .await?,
-        );
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("--listen: cannot bind {listen}"))?;
-        let api_addr = listener.local_addr()?;
-        let (s, server) = serve_routes(crate::api::routes(engine.clone()).await?, listener);
+        let node = Node::start(
+            NodeConfig {
+                log: saga_storage::LogConfig::new(data_dir.join("orchestrator")),
+                participants: participants.clone(),
+                timing: OrderTiming::default(),
+                engine: EngineConfig::default(),
+                ack_group: None,
+            },
+            transport,
+        )
+        .await?;
+        if node.resumed > 0 {
+            tracing::info!(resumed = node.resumed, "resumed unfinished sagas");
+        }
+        let listener = bind(listen).await?;
+        let api_addr = local_addr(&listener)?;
+        let (s, server) = serve_routes(node.routes.clone(), listener);
         stop.push(s);
         servers.push(server);
 
         let dev = Dev {
-            engine,
+            engine: node.engine.clone(),
             api_addr,
             participants,
+            node,
             stop,
             servers,
             consumers,
-            relay,
         };
         if fresh {
             crate::workload::seed(&dev.participants, 0..coupons, Scenario::Fail20)
                 .await
-                .context("seeding the benchmark data")?;
-        }
-        let resumed = dev.engine.recover().await?;
-        if resumed > 0 {
-            tracing::info!(resumed, "resumed unfinished sagas");
+                .map_err(DevError::Seed)?;
         }
         Ok(dev)
     }
 
     /// A client of the system's orchestrator API (a deadline on every call).
-    pub async fn client(&self) -> anyhow::Result<pb::orchestrator_client::OrchestratorClient<Channel>> {
+    pub async fn client(&self) -> Result<pb::orchestrator_client::OrchestratorClient<Channel>, DevError> {
         Ok(pb::orchestrator_client::OrchestratorClient::new(
             crate::workload::channel(&self.api_addr.to_string()).await?,
         ))
@@ -185,16 +209,22 @@ impl Dev {
         for consumer in self.consumers {
             consumer.shutdown().await;
         }
-        self.relay.abort();
+        self.node.shutdown().await;
     }
 }
 
 /// The data directory of a dev run: the given one, or a new temporary one removed at exit.
-pub fn data_dir(given: Option<PathBuf>) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+pub fn data_dir(given: Option<PathBuf>) -> Result<(PathBuf, Option<tempfile::TempDir>), DevError> {
     match given {
         Some(dir) => Ok((dir, None)),
         None => {
-            let temp = tempfile::Builder::new().prefix("saga-dev-").tempdir()?;
+            let temp = tempfile::Builder::new()
+                .prefix("saga-dev-")
+                .tempdir()
+                .map_err(|source| DevError::DataDir {
+                    path: std::env::temp_dir(),
+                    source,
+                })?;
             Ok((temp.path().to_owned(), Some(temp)))
         }
     }

@@ -32,7 +32,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use prost::Message as _;
 use saga_messaging::transport::{BoxFuture, Delivery, Handler, Outcome, Transport};
@@ -43,7 +43,7 @@ use tokio::sync::{Notify, watch};
 use crate::definition::{SagaDefinition, StepDef};
 use crate::events::{CompensationOutcome, FailureKind, SagaEvent};
 use crate::projector;
-use crate::state::{Next, Phase, SagaState, Status};
+use crate::state::{FoldError, Next, Phase, SagaState, Status};
 
 /// The orchestrator's default node id: the tag its acknowledgements carry.
 pub const NODE_ID_DEFAULT: &str = "main";
@@ -78,6 +78,12 @@ pub trait StepInvoker: Send + Sync + 'static {
         step: &StepDef,
         payload: &[u8],
     ) -> BoxFuture<'static, Result<(), StepError>>;
+
+    /// Whether this invoker performs every step of `def`; called once per definition when the
+    /// engine is built, so that a definition the invoker cannot run is refused at start.
+    fn check(&self, _def: &SagaDefinition) -> Result<(), crate::definition::InvalidDefinition> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -135,8 +141,11 @@ pub enum EngineError {
     #[error("unknown saga definition {0:?}")]
     UnknownDefinition(String),
     /// A stored saga stream does not fold (a bug or damage): never skipped.
-    #[error("saga {saga} cannot be replayed: {reason}")]
-    Corrupt { saga: String, reason: String },
+    #[error("saga {saga} cannot be replayed: {error}")]
+    Corrupt {
+        saga: String,
+        error: crate::state::FoldError,
+    },
     #[error("saga {0}: too many concurrent writers")]
     Contended(String),
     /// The request id names a saga started with another input.
@@ -186,19 +195,7 @@ struct Timers {
     running: bool,
 }
 
-pub fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
-}
-
-fn random_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_i64(now_us());
-    h.write_u32(std::process::id());
-    h.finish() as u32
-}
+pub use saga_storage::clock::now_unix_us as now_us;
 
 /// Opens the orchestrator's log with its projector.
 pub fn open_log(config: saga_storage::LogConfig) -> Result<EventLog, StorageError> {
@@ -208,12 +205,21 @@ pub fn open_log(config: saga_storage::LogConfig) -> Result<EventLog, StorageErro
 impl Engine {
     /// An engine over `log` (opened with [`open_log`]). Call [`Engine::recover`] once, and run
     /// [`Engine::run_relay`] and an acknowledgement subscription ([`AckHandler`]).
+    ///
+    /// # Panics
+    /// If `invoker` refuses a definition (`StepInvoker::check`): definitions are code.
     pub fn new(
         log: EventLog,
         definitions: Vec<SagaDefinition>,
         invoker: Arc<dyn StepInvoker>,
         config: EngineConfig,
     ) -> Engine {
+        for def in &definitions {
+            if let Err(error) = invoker.check(def) {
+                // Definitions are code, not input: a definition its invoker cannot run is a bug.
+                panic!("saga definition {:?}: {error}", def.name);
+            }
+        }
         Engine {
             inner: Arc::new(Inner {
                 log,
@@ -230,7 +236,7 @@ impl Engine {
                 timers: Mutex::default(),
                 timers_wake: Arc::new(Notify::new()),
                 last_id_us: Mutex::new(0),
-                node: random_u32(),
+                node: fastrand::u32(..),
             }),
         }
     }
@@ -274,9 +280,9 @@ impl Engine {
                 break;
             }
         }
-        SagaState::fold(saga_id, events).map_err(|reason| EngineError::Corrupt {
+        SagaState::fold(saga_id, events).map_err(|error| EngineError::Corrupt {
             saga: saga_id.to_owned(),
-            reason,
+            error,
         })
     }
 
@@ -359,9 +365,9 @@ impl Engine {
             {
                 Ok(_) => {
                     let state = SagaState::fold(&saga_id, [(started, now_us())])
-                        .map_err(|reason| EngineError::Corrupt {
+                        .map_err(|error| EngineError::Corrupt {
                             saga: saga_id.clone(),
-                            reason,
+                            error,
                         })?
                         .expect("one event folds to a state");
                     self.drive(&saga_id);
@@ -524,9 +530,9 @@ impl Engine {
             let def = self.definition(&state.definition)?;
             let mut durable = state.version;
             let mut pending: Vec<SagaEvent> = Vec::new();
-            let corrupt = |reason: String| EngineError::Corrupt {
+            let corrupt = |error| EngineError::Corrupt {
                 saga: saga_id.to_owned(),
-                reason,
+                error,
             };
             macro_rules! record {
                 ($event:expr) => {{
@@ -568,11 +574,12 @@ impl Engine {
                 match state.next(&def) {
                     Next::Call { step, attempt } => {
                         let name = state.steps[step].name.clone();
-                        let step_def = def
-                            .steps
-                            .iter()
-                            .find(|d| d.name == name)
-                            .ok_or_else(|| corrupt(format!("definition has no step {name}")))?;
+                        let step_def = def.steps.iter().find(|d| d.name == name).ok_or_else(|| {
+                            corrupt(FoldError::NotInDefinition {
+                                definition: def.name.clone(),
+                                step: name.clone(),
+                            })
+                        })?;
                         // Invariant 3: a step without compensation is called for the first time
                         // only once its start is durable; any other call overlaps the append
                         // (invariant 1 covers it). Earlier starts are durable either way.
@@ -753,9 +760,9 @@ impl Engine {
                 _ => return Ok(()),
             };
             let version = state.version;
-            let corrupt = |reason| EngineError::Corrupt {
+            let corrupt = |error| EngineError::Corrupt {
                 saga: key.saga_id.clone(),
-                reason,
+                error,
             };
             state.apply(&event, now_us()).map_err(corrupt)?;
             let mut events = vec![event];

@@ -12,6 +12,8 @@
 //! - [`api`]: the `saga.v1.Orchestrator` gRPC service, with health checking and reflection.
 //! - [`workload`]: the benchmark workload of shared/BENCH.md (data, orders, conservation
 //!   checks), shared by `dev` and the multi-process benchmark.
+//! - [`node`]: the composition root: one node's engine, relay, acknowledgement subscription
+//!   and API, wired once for `serve` and `dev`.
 //! - `dev` (feature `dev`): the all-in-one process behind `saga-orchestrator dev`.
 //!
 //! The binaries: `saga-orchestrator` (`serve`, `dev`) and `sagactl` (the client CLI).
@@ -22,6 +24,7 @@ pub mod definition;
 pub mod dev;
 pub mod engine;
 pub mod events;
+pub mod node;
 pub mod order;
 pub mod projector;
 pub mod state;

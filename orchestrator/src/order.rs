@@ -14,11 +14,73 @@ use saga_messaging::transport::BoxFuture;
 use saga_proto::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::definition::{RetryPolicy, SagaDefinition, StepDef};
+use saga_proto::Role;
+
+use crate::definition::{InvalidDefinition, RetryPolicy, SagaDefinition, StepDef};
 use crate::engine::{StepError, StepInvoker};
 
 /// The definition's name, stored in every order saga's `SagaStarted`.
 pub const DEFINITION: &str = "order";
+
+/// What each step of the order saga does: the invoker's whole vocabulary. A definition names
+/// its steps' actions by [`OrderAction::name`]; [`OrderInvoker`] checks every one of them when
+/// the definition is registered with the engine (`StepInvoker::check`), so a misspelt action
+/// is refused at start, not at the first call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderAction {
+    CreateOrder,
+    ReserveStock,
+    LockCoupon,
+    DeductBalance,
+    ConfirmOrder,
+}
+
+impl OrderAction {
+    pub const ALL: [OrderAction; 5] = [
+        OrderAction::CreateOrder,
+        OrderAction::ReserveStock,
+        OrderAction::LockCoupon,
+        OrderAction::DeductBalance,
+        OrderAction::ConfirmOrder,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OrderAction::CreateOrder => "order.create",
+            OrderAction::ReserveStock => "stock.reserve",
+            OrderAction::LockCoupon => "coupon.lock",
+            OrderAction::DeductBalance => "balance.deduct",
+            OrderAction::ConfirmOrder => "order.confirm",
+        }
+    }
+
+    /// The participant that performs it.
+    pub fn role(self) -> Role {
+        match self {
+            OrderAction::CreateOrder | OrderAction::ConfirmOrder => Role::Order,
+            OrderAction::ReserveStock => Role::Stock,
+            OrderAction::LockCoupon => Role::Coupon,
+            OrderAction::DeductBalance => Role::Balance,
+        }
+    }
+}
+
+impl std::fmt::Display for OrderAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for OrderAction {
+    type Err = InvalidDefinition;
+
+    fn from_str(name: &str) -> Result<OrderAction, InvalidDefinition> {
+        OrderAction::ALL
+            .into_iter()
+            .find(|a| a.name() == name)
+            .ok_or_else(|| InvalidDefinition(format!("unknown action {name:?}")))
+    }
+}
 pub const CREATE_ORDER: &str = "create_order";
 pub const RESERVE_STOCK: &str = "reserve_stock";
 pub const LOCK_COUPON: &str = "lock_coupon";
@@ -50,10 +112,10 @@ impl Default for OrderTiming {
 
 /// The order saga as data.
 pub fn definition(timing: &OrderTiming) -> SagaDefinition {
-    let step = |name: &str, participant: &str, action: &str, compensable: bool| StepDef {
+    let step = |name: &str, action: OrderAction, compensable: bool| StepDef {
         name: name.into(),
-        participant: participant.into(),
-        action: action.into(),
+        participant: action.role().name().into(),
+        action: action.name().into(),
         compensable,
         deadline_ms: timing.step_deadline_ms,
         retry: RetryPolicy {
@@ -71,11 +133,11 @@ pub fn definition(timing: &OrderTiming) -> SagaDefinition {
         name: DEFINITION.into(),
         id_prefix: "ord".into(),
         steps: vec![
-            step(CREATE_ORDER, "order", "order.create", true),
-            step(RESERVE_STOCK, "stock", "stock.reserve", true),
-            step(LOCK_COUPON, "coupon", "coupon.lock", true),
-            step(DEDUCT_BALANCE, "balance", "balance.deduct", true),
-            step(CONFIRM_ORDER, "order", "order.confirm", false),
+            step(CREATE_ORDER, OrderAction::CreateOrder, true),
+            step(RESERVE_STOCK, OrderAction::ReserveStock, true),
+            step(LOCK_COUPON, OrderAction::LockCoupon, true),
+            step(DEDUCT_BALANCE, OrderAction::DeductBalance, true),
+            step(CONFIRM_ORDER, OrderAction::ConfirmOrder, false),
         ],
     }
 }
@@ -102,15 +164,12 @@ impl ParticipantAddrs {
     /// Parses `order=HOST:PORT,stock=HOST:PORT,coupon=HOST:PORT,balance=HOST:PORT`.
     pub fn parse(text: &str) -> Result<ParticipantAddrs, String> {
         let mut found: [Option<String>; 4] = Default::default();
-        const ROLES: [&str; 4] = ["order", "stock", "coupon", "balance"];
         for part in text.split(',').filter(|p| !p.is_empty()) {
             let (role, addr) = part
                 .split_once('=')
                 .ok_or_else(|| format!("{part:?} is not ROLE=HOST:PORT"))?;
-            let i = ROLES
-                .iter()
-                .position(|r| *r == role)
-                .ok_or_else(|| format!("unknown role {role:?} (order, stock, coupon, balance)"))?;
+            let role: Role = role.parse().map_err(|e: saga_proto::UnknownRole| e.to_string())?;
+            let i = Role::ALL.iter().position(|r| *r == role).expect("in ALL");
             found[i] = Some(addr.to_owned());
         }
         let [Some(order), Some(stock), Some(coupon), Some(balance)] = found else {
@@ -188,6 +247,22 @@ fn request<T>(message: T, deadline_ms: u64) -> tonic::Request<T> {
 }
 
 impl StepInvoker for OrderInvoker {
+    /// Every step's action is an [`OrderAction`], performed by the participant it names.
+    fn check(&self, def: &SagaDefinition) -> Result<(), InvalidDefinition> {
+        for step in &def.steps {
+            let action: OrderAction = step.action.parse()?;
+            if step.participant != action.role().name() {
+                return Err(InvalidDefinition(format!(
+                    "step {}: {action} is performed by {}, not {}",
+                    step.name,
+                    action.role(),
+                    step.participant
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn invoke(
         &self,
         saga_id: &str,
@@ -207,7 +282,11 @@ impl StepInvoker for OrderInvoker {
         });
         let deadline_ms = step.deadline_ms;
         let order_id = saga_id.to_owned();
-        let action = step.action.clone();
+        let action = match step.action.parse::<OrderAction>() {
+            Ok(action) => action,
+            // Not reached: `check` refused the definition at registration.
+            Err(e) => return Box::pin(async move { Err(StepError::Business(e.to_string())) }),
+        };
         let (mut orders, mut stock, mut coupon, mut balance) = (
             self.order.clone(),
             self.stock.clone(),
@@ -215,8 +294,8 @@ impl StepInvoker for OrderInvoker {
             self.balance.clone(),
         );
         Box::pin(async move {
-            let result = match action.as_str() {
-                "order.create" => orders
+            let result = match action {
+                OrderAction::CreateOrder => orders
                     .create_order(request(
                         pb::CreateOrderRequest {
                             key,
@@ -230,7 +309,7 @@ impl StepInvoker for OrderInvoker {
                     ))
                     .await
                     .map(drop),
-                "stock.reserve" => stock
+                OrderAction::ReserveStock => stock
                     .reserve_stock(request(
                         pb::ReserveStockRequest {
                             key,
@@ -241,7 +320,7 @@ impl StepInvoker for OrderInvoker {
                     ))
                     .await
                     .map(drop),
-                "coupon.lock" => coupon
+                OrderAction::LockCoupon => coupon
                     .lock_coupon(request(
                         pb::LockCouponRequest {
                             key,
@@ -253,7 +332,7 @@ impl StepInvoker for OrderInvoker {
                     ))
                     .await
                     .map(drop),
-                "balance.deduct" => balance
+                OrderAction::DeductBalance => balance
                     .deduct_balance(request(
                         pb::DeductBalanceRequest {
                             key,
@@ -265,13 +344,42 @@ impl StepInvoker for OrderInvoker {
                     ))
                     .await
                     .map(drop),
-                "order.confirm" => orders
+                OrderAction::ConfirmOrder => orders
                     .confirm_order(request(pb::ConfirmOrderRequest { key, order_id }, deadline_ms))
                     .await
                     .map(drop),
-                other => return Err(StepError::Business(format!("unknown action {other:?}"))),
             };
             result.map_err(|status| classify(&status))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invoker() -> Arc<OrderInvoker> {
+        let addr = "127.0.0.1:1".to_owned();
+        OrderInvoker::new(&ParticipantAddrs {
+            order: addr.clone(),
+            stock: addr.clone(),
+            coupon: addr.clone(),
+            balance: addr,
+        })
+        .expect("lazy channels")
+    }
+
+    #[tokio::test]
+    async fn a_definition_with_an_unknown_or_misplaced_action_is_refused_at_registration() {
+        let invoker = invoker();
+        let mut def = definition(&OrderTiming::default());
+        invoker.check(&def).expect("the order saga is valid");
+        def.steps[1].action = "stock.reserv".into();
+        let error = invoker.check(&def).expect_err("misspelt");
+        assert!(error.0.contains("stock.reserv"), "{error}");
+        def.steps[1].action = OrderAction::ReserveStock.name().into();
+        def.steps[1].participant = Role::Balance.name().into();
+        let error = invoker.check(&def).expect_err("wrong participant");
+        assert!(error.0.contains("performed by stock"), "{error}");
     }
 }

@@ -32,8 +32,27 @@
 //!    write acknowledgements to their own outbox with the consumer-log event, so an ack is lost
 //!    only with the participant's log itself.
 
+use saga_proto::v1 as pb;
+
 use crate::definition::SagaDefinition;
 use crate::events::{FailureKind, SagaEvent};
+
+/// Why an event cannot follow a saga's state: the stream is damaged or foreign (never skipped).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FoldError {
+    #[error("stream {saga_id} does not begin with SagaStarted")]
+    NotStarted { saga_id: String },
+    #[error("{event} after the saga {saga_id} was final")]
+    AfterFinal { saga_id: String, event: &'static str },
+    #[error("a second SagaStarted in saga {saga_id}")]
+    StartedTwice { saga_id: String },
+    #[error("saga {saga_id} has no step {step:?}")]
+    UnknownStep { saga_id: String, step: String },
+    #[error("definition {definition:?} has no step {step:?}")]
+    NotInDefinition { definition: String, step: String },
+    #[error("CompensationResumed of saga {saga_id} that never requested compensation")]
+    ResumedWithoutCompensation { saga_id: String },
+}
 
 /// Where the saga stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,15 +69,9 @@ impl Status {
         matches!(self, Status::Completed | Status::Compensated)
     }
 
-    /// The name used in projection keys and by sagactl.
+    /// The name used in projection keys, logs and by sagactl (`saga_proto`'s one list).
     pub fn name(self) -> &'static str {
-        match self {
-            Status::Running => "running",
-            Status::Compensating => "compensating",
-            Status::Completed => "completed",
-            Status::Compensated => "compensated",
-            Status::Stuck => "stuck",
-        }
+        pb::SagaState::from(self).name()
     }
 
     pub const ALL: [Status; 5] = [
@@ -68,6 +81,40 @@ impl Status {
         Status::Compensated,
         Status::Stuck,
     ];
+}
+
+impl From<Status> for pb::SagaState {
+    fn from(status: Status) -> pb::SagaState {
+        match status {
+            Status::Running => pb::SagaState::Running,
+            Status::Compensating => pb::SagaState::Compensating,
+            Status::Completed => pb::SagaState::Completed,
+            Status::Compensated => pb::SagaState::Compensated,
+            Status::Stuck => pb::SagaState::Stuck,
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is no saga status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown saga status {0:?}")]
+pub struct UnknownStatus(pub String);
+
+impl std::str::FromStr for Status {
+    type Err = UnknownStatus;
+
+    fn from_str(name: &str) -> Result<Status, UnknownStatus> {
+        Status::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| UnknownStatus(name.to_owned()))
+    }
 }
 
 /// Where one step stands.
@@ -174,38 +221,45 @@ impl SagaState {
     pub fn fold(
         saga_id: &str,
         events: impl IntoIterator<Item = (SagaEvent, i64)>,
-    ) -> Result<Option<SagaState>, String> {
+    ) -> Result<Option<SagaState>, FoldError> {
         let mut events = events.into_iter();
         let Some((first, ts)) = events.next() else {
             return Ok(None);
         };
-        let mut state = SagaState::started(saga_id, &first, ts)
-            .ok_or_else(|| format!("stream {saga_id} does not begin with SagaStarted"))?;
+        let mut state = SagaState::started(saga_id, &first, ts).ok_or_else(|| FoldError::NotStarted {
+            saga_id: saga_id.to_owned(),
+        })?;
         for (event, ts) in events {
             state.apply(&event, ts)?;
         }
         Ok(Some(state))
     }
 
-    fn step_mut(&mut self, name: &str) -> Result<&mut StepState, String> {
+    fn step_mut(&mut self, name: &str) -> Result<&mut StepState, FoldError> {
         let saga = &self.saga_id;
         self.steps
             .iter_mut()
             .find(|s| s.name == name)
-            .ok_or_else(|| format!("saga {saga} has no step {name:?}"))
+            .ok_or_else(|| FoldError::UnknownStep {
+                saga_id: saga.clone(),
+                step: name.to_owned(),
+            })
     }
 
     /// Applies one event. Never does I/O; an error means the event cannot follow this state.
-    pub fn apply(&mut self, event: &SagaEvent, timestamp_us: i64) -> Result<(), String> {
+    pub fn apply(&mut self, event: &SagaEvent, timestamp_us: i64) -> Result<(), FoldError> {
         if self.status.is_final() {
-            return Err(format!(
-                "{} after the saga {} was final",
-                event.name(),
-                self.saga_id
-            ));
+            return Err(FoldError::AfterFinal {
+                saga_id: self.saga_id.clone(),
+                event: event.name(),
+            });
         }
         match event {
-            SagaEvent::SagaStarted { .. } => return Err("a second SagaStarted".into()),
+            SagaEvent::SagaStarted { .. } => {
+                return Err(FoldError::StartedTwice {
+                    saga_id: self.saga_id.clone(),
+                });
+            }
             SagaEvent::StepStarted { step, attempt } => {
                 let s = self.step_mut(step)?;
                 s.phase = Phase::Running;
@@ -290,10 +344,9 @@ impl SagaState {
             }
             SagaEvent::CompensationResumed { .. } => {
                 if !self.compensation_requested {
-                    return Err(format!(
-                        "CompensationResumed of saga {} that never requested compensation",
-                        self.saga_id
-                    ));
+                    return Err(FoldError::ResumedWithoutCompensation {
+                        saga_id: self.saga_id.clone(),
+                    });
                 }
                 self.status = Status::Compensating;
                 self.compensations_sent_at_unix_us = timestamp_us;

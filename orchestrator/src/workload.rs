@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use saga_proto::v1 as pb;
 use tonic::transport::Channel;
 
@@ -106,7 +105,7 @@ pub async fn seed(
     participants: &ParticipantAddrs,
     orders: std::ops::Range<u64>,
     scenario: Scenario,
-) -> anyhow::Result<()> {
+) -> Result<(), WorkloadError> {
     let mut stock = pb::stock_service_client::StockServiceClient::new(channel(&participants.stock).await?);
     stock
         .seed_stock(pb::SeedStockRequest {
@@ -145,14 +144,35 @@ pub async fn seed(
 }
 
 /// A connected channel to `addr` with a deadline on every call.
-pub async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+pub async fn channel(addr: &str) -> Result<Channel, WorkloadError> {
+    let connect = |source| WorkloadError::Connect {
+        addr: addr.to_owned(),
+        source,
+    };
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(connect)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .tcp_nodelay(true)
         .connect()
         .await
-        .with_context(|| format!("cannot connect to {addr}"))
+        .map_err(connect)
+}
+
+/// Why a workload call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("call failed: {0}")]
+    Call(#[from] tonic::Status),
+    #[error("StartOrder answered without a saga")]
+    NoSaga,
+    #[error("a driver task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// How one order ended.
@@ -173,7 +193,7 @@ pub async fn run_order(
     scenario: Scenario,
     run: &str,
     n: u64,
-) -> anyhow::Result<OrderResult> {
+) -> Result<OrderResult, WorkloadError> {
     let began = Instant::now();
     let request = scenario_order(scenario, run, n);
     let (user, amount_minor) = (request.user_id.clone(), request.amount_minor);
@@ -182,7 +202,7 @@ pub async fn run_order(
         .await?
         .into_inner()
         .saga
-        .context("StartOrder answered without a saga")?;
+        .ok_or(WorkloadError::NoSaga)?;
     let mut events = client
         .watch_saga(pb::WatchSagaRequest {
             saga_id: saga.saga_id.clone(),
@@ -217,7 +237,7 @@ pub async fn run_orders(
     orders: std::ops::Range<u64>,
     concurrency: usize,
     progress: impl Fn() + Send + Sync + 'static,
-) -> anyhow::Result<Vec<OrderResult>> {
+) -> Result<Vec<OrderResult>, WorkloadError> {
     let client = pb::orchestrator_client::OrchestratorClient::new(channel(api).await?);
     let next = Arc::new(std::sync::atomic::AtomicU64::new(orders.start));
     let end = orders.end;
@@ -233,7 +253,7 @@ pub async fn run_orders(
             loop {
                 let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if n >= end {
-                    return anyhow::Ok(results);
+                    return Ok::<_, WorkloadError>(results);
                 }
                 results.push(run_order(&mut client, scenario, &run, n).await?);
                 progress();
@@ -253,7 +273,7 @@ pub async fn run_orders(
 pub async fn check_conservation(
     participants: &ParticipantAddrs,
     results: &[OrderResult],
-) -> anyhow::Result<Vec<String>> {
+) -> Result<Vec<String>, WorkloadError> {
     let mut problems = Vec::new();
     let completed: Vec<&OrderResult> = results
         .iter()

@@ -30,7 +30,6 @@
 //! ack again (the first may have gone to an orchestrator that lost it).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost::Message as _;
 use saga_messaging::topics;
@@ -268,9 +267,7 @@ impl CompensationConsumer {
             body_prefix: delivery.body[..kept].to_vec(),
             body_len: delivery.body.len() as u64,
             body_digest: body_digest(&delivery.body),
-            parked_at_unix_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64),
+            parked_at_unix_ms: saga_storage::clock::now_unix_ms(),
         };
         let ack =
             ack.map(|(key, route)| self.ack(key, route, pb::CompensationOutcome::Parked, error.clone()));

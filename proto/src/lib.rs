@@ -7,8 +7,11 @@
 //! - `saga/v1/common.proto`: the step idempotency key, business refusals, and the bodies of
 //!   compensation and acknowledgement messages on the compensation transport.
 //!
-//! The `.proto` files are the API's documentation; this crate only compiles them (tonic +
-//! prost, with a vendored protoc) and exposes [`FILE_DESCRIPTOR_SET`] for server reflection.
+//! The `.proto` files are the API's documentation; this crate compiles them (tonic + prost,
+//! with a vendored protoc) and exposes [`FILE_DESCRIPTOR_SET`] for server reflection. It also
+//! holds the vocabulary every side of the contract shares: [`ids`] (the one id rule),
+//! [`Role`], the short names of saga and step states, and [`server`] (how every one of our
+//! gRPC servers serves, and the shutdown signal of our processes).
 
 /// Generated messages, clients and servers of `saga.v1`.
 pub mod v1 {
@@ -73,5 +76,136 @@ pub mod ids {
             return Err(IdError::NotPrintable);
         }
         Ok(())
+    }
+}
+
+/// A participant role: the service a step calls, the compensation message's tag and the
+/// consumer group's suffix. One list for every crate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Order,
+    Stock,
+    Coupon,
+    Balance,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Order, Role::Stock, Role::Coupon, Role::Balance];
+
+    /// The role's name (as tag, group suffix, `--role` value and data dir name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Order => "order",
+            Role::Stock => "stock",
+            Role::Coupon => "coupon",
+            Role::Balance => "balance",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.name() == name)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is not a role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownRole(pub String);
+
+impl std::fmt::Display for UnknownRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "unknown role {:?} (order, stock, coupon or balance)", self.0)
+    }
+}
+
+impl std::error::Error for UnknownRole {}
+
+impl std::str::FromStr for Role {
+    type Err = UnknownRole;
+
+    fn from_str(name: &str) -> Result<Role, UnknownRole> {
+        Role::parse(name).ok_or_else(|| UnknownRole(name.to_owned()))
+    }
+}
+
+/// The short lower-case names of saga and step states, one list for the API's clients
+/// (`sagactl`), the orchestrator's index keys and its logs.
+impl v1::SagaState {
+    pub const NAMED: [v1::SagaState; 5] = [
+        v1::SagaState::Running,
+        v1::SagaState::Compensating,
+        v1::SagaState::Completed,
+        v1::SagaState::Compensated,
+        v1::SagaState::Stuck,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            v1::SagaState::Unspecified => "?",
+            v1::SagaState::Running => "running",
+            v1::SagaState::Compensating => "compensating",
+            v1::SagaState::Completed => "completed",
+            v1::SagaState::Compensated => "compensated",
+            v1::SagaState::Stuck => "stuck",
+        }
+    }
+
+    /// The state of a short name (`running`, ...).
+    pub fn from_name(name: &str) -> Option<v1::SagaState> {
+        v1::SagaState::NAMED.into_iter().find(|s| s.name() == name)
+    }
+}
+
+impl v1::StepState {
+    pub fn name(self) -> &'static str {
+        match self {
+            v1::StepState::Unspecified => "?",
+            v1::StepState::Pending => "pending",
+            v1::StepState::Running => "running",
+            v1::StepState::Succeeded => "succeeded",
+            v1::StepState::Failed => "failed",
+            v1::StepState::Skipped => "skipped",
+            v1::StepState::Compensating => "compensating",
+            v1::StepState::Compensated => "compensated",
+            v1::StepState::CompensationParked => "parked",
+        }
+    }
+}
+
+/// How our gRPC servers serve, once for the orchestrator, the participants and `dev`.
+pub mod server {
+    /// Serves `routes` on `listener` until `shutdown` completes. Accepted connections get
+    /// TCP_NODELAY: without it Nagle's algorithm held small responses back until the client's
+    /// delayed ACK, ~40 ms per call (measured: a saga took 44 ms at concurrency 1).
+    pub async fn serve(
+        routes: tonic::service::Routes,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown,
+            )
+            .await
+    }
+
+    /// Completes on SIGTERM or Ctrl-C (SIGINT): how every process of ours is asked to stop.
+    ///
+    /// # Panics
+    /// If the SIGTERM handler cannot be installed (only outside a Tokio runtime with signals).
+    pub async fn shutdown_signal() {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`audit`]: offline verification of a data dir (checksums, hash chains, index, mark,
 //!   projections against a replay) and reading it for export.
 //! - [`conflict`]: the read -> decide -> append-at-version loop with its bound, once.
+//! - [`clock`]: the one wall clock (microseconds since the epoch).
 //! - [`codec`]: the payload codec (bincode 2 + serde), the one place that knows it.
 //! - [`projection`]: read models written in the same transaction as their events.
 //! - [`outbox`]: messages written with the events that decide them, for a relay to publish.
@@ -18,6 +19,7 @@
 //! - [`error`]: the error type, [`StorageError`], with variants a caller can act on.
 
 pub mod audit;
+pub mod clock;
 pub mod codec;
 pub mod conflict;
 pub mod error;

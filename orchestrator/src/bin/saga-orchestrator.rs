@@ -21,9 +21,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use saga_messaging::rocketmq::{RocketMqConfig, RocketMqTransport};
 use saga_messaging::topics;
-use saga_messaging::transport::{SubscriptionSpec, Transport as _};
-use saga_orchestrator::engine::{AckHandler, Engine, EngineConfig};
-use saga_orchestrator::order::{self, OrderInvoker, OrderTiming, ParticipantAddrs};
+use saga_orchestrator::engine::EngineConfig;
+use saga_orchestrator::node::{Node, NodeConfig, NodeError};
+use saga_orchestrator::order::{OrderTiming, ParticipantAddrs};
 
 #[derive(Parser)]
 #[command(about = "The event-sourced saga orchestrator")]
@@ -152,26 +152,11 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn shutdown_signal() {
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 async fn run_serve(args: Serve) -> anyhow::Result<()> {
-    let addrs =
+    let participants =
         ParticipantAddrs::parse(&args.participants).map_err(|e| anyhow::anyhow!("--participants: {e}"))?;
-    let mut log_config = saga_storage::LogConfig::new(&args.data_dir);
-    log_config.accept_lost_tail = args.accept_lost_tail;
-    let log = saga_orchestrator::engine::open_log(log_config).with_context(|| {
-        format!(
-            "--data-dir: cannot open the event log in {}",
-            args.data_dir.display()
-        )
-    })?;
+    let mut log = saga_storage::LogConfig::new(&args.data_dir);
+    log.accept_lost_tail = args.accept_lost_tail;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("--listen: cannot bind {}", args.listen))?;
@@ -185,56 +170,42 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
             .await
             .context("--rocketmq: cannot start the RocketMQ client")?,
     );
-    let engine = Engine::new(
-        log,
-        vec![order::definition(&args.timing.order_timing())],
-        OrderInvoker::new(&addrs)?,
-        EngineConfig {
-            compensation_topic: args.compensation_topic.clone(),
-            ack_topic: args.ack_topic.clone(),
-            node_id: args.node_id.clone(),
-            compensation_ack_deadline_ms: args.compensation_ack_deadline_ms,
-            compensation_republishes_max: args.compensation_republishes_max,
-            ..EngineConfig::default()
-        },
-    );
-    let relay = {
-        let engine = engine.clone();
-        let transport: Arc<dyn saga_messaging::transport::Transport> = transport.clone();
-        tokio::spawn(async move { engine.run_relay(transport).await })
-    };
-    let acks = transport
-        .subscribe(
-            SubscriptionSpec {
-                group: args
-                    .ack_group
-                    .clone()
-                    .unwrap_or_else(|| saga_orchestrator::engine::ack_group(&args.node_id)),
-                topic: args.ack_topic.clone(),
-                tags: vec![args.node_id.clone()],
+    let node = Node::start(
+        NodeConfig {
+            log,
+            participants,
+            timing: args.timing.order_timing(),
+            engine: EngineConfig {
+                compensation_topic: args.compensation_topic.clone(),
+                ack_topic: args.ack_topic.clone(),
+                node_id: args.node_id.clone(),
+                compensation_ack_deadline_ms: args.compensation_ack_deadline_ms,
+                compensation_republishes_max: args.compensation_republishes_max,
+                ..EngineConfig::default()
             },
-            Arc::new(AckHandler {
-                engine: engine.clone(),
-            }),
-        )
-        .await
-        .context("cannot subscribe to acknowledgements")?;
-    let resumed = engine.recover().await?;
-    let routes = saga_orchestrator::api::routes(engine.clone()).await?;
+            ack_group: args.ack_group.clone(),
+        },
+        transport.clone(),
+    )
+    .await
+    .map_err(|e| match e {
+        NodeError::Log(_) => anyhow::Error::new(e).context(format!(
+            "--data-dir: cannot open the event log in {}",
+            args.data_dir.display()
+        )),
+        other => other.into(),
+    })?;
     println!("listening on {addr}");
     std::io::stdout().flush()?;
-    tracing::info!(%addr, resumed, "orchestrator started");
-    tonic::transport::Server::builder()
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown_signal(),
-        )
-        .await
-        .context("gRPC server")?;
-    acks.shutdown().await;
-    relay.abort();
-    drop(engine);
+    tracing::info!(%addr, resumed = node.resumed, "orchestrator started");
+    saga_proto::server::serve(
+        node.routes.clone(),
+        listener,
+        saga_proto::server::shutdown_signal(),
+    )
+    .await
+    .context("gRPC server")?;
+    node.shutdown().await;
     if let Ok(transport) = Arc::try_unwrap(transport) {
         transport.shutdown().await;
     }
@@ -267,7 +238,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<bool> {
             data_dir.display()
         );
         std::io::stdout().flush()?;
-        shutdown_signal().await;
+        saga_proto::server::shutdown_signal().await;
         system.shutdown().await;
         return Ok(true);
     };

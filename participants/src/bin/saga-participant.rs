@@ -108,15 +108,6 @@ fn with_fault_plan(participant: Participant) -> anyhow::Result<Participant> {
     Ok(participant)
 }
 
-async fn shutdown_signal() {
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 async fn run(role: Role, args: Args) -> anyhow::Result<()> {
     let mut log_config = saga_storage::LogConfig::new(&args.data_dir);
     log_config.accept_lost_tail = args.accept_lost_tail;
@@ -166,7 +157,7 @@ async fn run(role: Role, args: Args) -> anyhow::Result<()> {
     std::io::stdout().flush()?;
     tracing::info!(role = role.name(), %addr, consumer = consumer.is_some(), "participant started");
     participant
-        .serve(listener, consumer, shutdown_signal())
+        .serve(listener, consumer, saga_proto::server::shutdown_signal())
         .await
         .context("gRPC server")?;
 

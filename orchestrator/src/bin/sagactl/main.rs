@@ -145,28 +145,11 @@ fn run_audit(command: AuditCommand, as_json: bool) -> ExitCode {
 }
 
 fn state_name(state: i32) -> &'static str {
-    match pb::SagaState::try_from(state).unwrap_or_default() {
-        pb::SagaState::Unspecified => "?",
-        pb::SagaState::Running => "running",
-        pb::SagaState::Compensating => "compensating",
-        pb::SagaState::Completed => "completed",
-        pb::SagaState::Compensated => "compensated",
-        pb::SagaState::Stuck => "stuck",
-    }
+    pb::SagaState::try_from(state).unwrap_or_default().name()
 }
 
 fn step_state_name(state: i32) -> &'static str {
-    match pb::StepState::try_from(state).unwrap_or_default() {
-        pb::StepState::Unspecified => "?",
-        pb::StepState::Pending => "pending",
-        pb::StepState::Running => "running",
-        pb::StepState::Succeeded => "succeeded",
-        pb::StepState::Failed => "failed",
-        pb::StepState::Skipped => "skipped",
-        pb::StepState::Compensating => "compensating",
-        pb::StepState::Compensated => "compensated",
-        pb::StepState::CompensationParked => "parked",
-    }
+    pb::StepState::try_from(state).unwrap_or_default().name()
 }
 
 fn saga_json(saga: &pb::Saga) -> serde_json::Value {
@@ -249,17 +232,9 @@ async fn connect(server: &str) -> Result<Channel, String> {
 }
 
 fn parse_state(name: &str) -> Result<pb::SagaState, String> {
-    Ok(match name {
-        "running" => pb::SagaState::Running,
-        "compensating" => pb::SagaState::Compensating,
-        "completed" => pb::SagaState::Completed,
-        "compensated" => pb::SagaState::Compensated,
-        "stuck" => pb::SagaState::Stuck,
-        other => {
-            return Err(format!(
-                "--state {other:?}: use running, compensating, completed, compensated or stuck"
-            ));
-        }
+    pb::SagaState::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = pb::SagaState::NAMED.iter().map(|s| s.name()).collect();
+        format!("--state {name:?}: use one of {}", names.join(", "))
     })
 }
 
