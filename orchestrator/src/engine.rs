@@ -37,7 +37,10 @@ use std::time::Duration;
 use prost::Message as _;
 use saga_messaging::transport::{BoxFuture, Delivery, Handler, Outcome, Transport};
 use saga_proto::v1 as pb;
-use saga_storage::{AppendRequest, EventLog, ExpectedVersion, NewEvent, OutboxMessage, StorageError};
+use saga_storage::{
+    AppendRequest, Contended, EventLog, ExpectedVersion, NewEvent, OutboxMessage, StorageError, Tried,
+    retry_on_conflict,
+};
 use tokio::sync::{Notify, watch};
 
 use crate::definition::{SagaDefinition, StepDef};
@@ -53,9 +56,6 @@ pub const NODE_ID_DEFAULT: &str = "main";
 pub fn ack_group(node_id: &str) -> String {
     format!("saga-orchestrator-{node_id}")
 }
-/// Re-decisions of one operation after version conflicts before it gives up (each conflict
-/// means another writer made progress, so this bounds a loop that should never spin).
-const CONFLICTS_MAX: usize = 16;
 /// How long AbortSaga waits for the driver to record the abort (a step call in flight finishes
 /// first, bounded by its deadline).
 const ABORT_WAIT: Duration = Duration::from_secs(30);
@@ -357,33 +357,39 @@ impl Engine {
             steps: def.steps.iter().map(|s| s.name.clone()).collect(),
             skipped,
         };
-        for _ in 0..CONFLICTS_MAX {
-            let saga_id = self.new_id(&def.id_prefix);
-            match self
-                .append(&saga_id, 0, std::slice::from_ref(&started), Vec::new())
-                .await
-            {
-                Ok(_) => {
-                    let state = SagaState::fold(&saga_id, [(started, now_us())])
-                        .map_err(|error| EngineError::Corrupt {
-                            saga: saga_id.clone(),
-                            error,
-                        })?
-                        .expect("one event folds to a state");
-                    self.drive(&saga_id);
-                    return Ok((state, true));
-                }
-                Err(e) if e.refusal::<projector::DuplicateRequest>().is_some() => {
-                    // A concurrent start with the same request id won.
-                    if let Some(existing) = self.existing(request_id).await? {
-                        return same_or_refused(existing, request_id, &same);
+        let (started, same, def) = (&started, &same, &def);
+        retry_on_conflict(
+            || format!("start of request {request_id}"),
+            || async move {
+                // A fresh id per try: a conflict here is an id collision, or a concurrent start.
+                let saga_id = self.new_id(&def.id_prefix);
+                match self
+                    .append(&saga_id, 0, std::slice::from_ref(started), Vec::new())
+                    .await
+                {
+                    Ok(_) => {
+                        let state = SagaState::fold(&saga_id, [(started.clone(), now_us())])
+                            .map_err(|error| EngineError::Corrupt {
+                                saga: saga_id.clone(),
+                                error,
+                            })?
+                            .expect("one event folds to a state");
+                        self.drive(&saga_id);
+                        Ok(Tried::Done((state, true)))
                     }
+                    // A concurrent start with the same request id won.
+                    Err(e) if e.refusal::<projector::DuplicateRequest>().is_some() => {
+                        match self.existing(request_id).await? {
+                            Some(existing) => same_or_refused(existing, request_id, same).map(Tried::Done),
+                            None => Ok(Tried::Conflicted),
+                        }
+                    }
+                    Err(StorageError::VersionConflict { .. }) => Ok(Tried::Conflicted),
+                    Err(e) => Err(e.into()),
                 }
-                Err(StorageError::VersionConflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(EngineError::Contended(format!("start of request {request_id}")))
+            },
+        )
+        .await
     }
 
     async fn existing(&self, request_id: &str) -> Result<Option<SagaState>, EngineError> {
@@ -520,190 +526,23 @@ impl Engine {
         }
     }
 
-    /// Drives one saga until it waits (for acknowledgements or an operator) or is final.
+    /// Drives one saga until it waits (for acknowledgements or an operator) or is final. Each
+    /// pass loads the saga and decides from its state ([`Driver`]); a version conflict (another
+    /// writer appended: an operator's retry, an acknowledgement) ends the pass, and the next
+    /// one decides again from the reloaded stream.
     async fn run_driver(&self, saga_id: &str) -> Result<(), EngineError> {
-        let mut conflicts = 0;
-        'reload: loop {
-            let Some(mut state) = self.load(saga_id).await? else {
-                return Err(EngineError::NotFound(saga_id.to_owned()));
-            };
-            let def = self.definition(&state.definition)?;
-            let mut durable = state.version;
-            let mut pending: Vec<SagaEvent> = Vec::new();
-            let corrupt = |error| EngineError::Corrupt {
-                saga: saga_id.to_owned(),
-                error,
-            };
-            macro_rules! record {
-                ($event:expr) => {{
-                    let event = $event;
-                    state.apply(&event, now_us()).map_err(corrupt)?;
-                    pending.push(event);
-                }};
-            }
-            // The new version of an append; a conflict re-decides from the reloaded stream.
-            macro_rules! settle {
-                ($appended:expr) => {
-                    match $appended {
-                        Ok(version) => version,
-                        Err(StorageError::VersionConflict { .. }) if conflicts < CONFLICTS_MAX => {
-                            conflicts += 1;
-                            continue 'reload;
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                };
-            }
-            macro_rules! flush {
-                ($outbox:expr) => {{
-                    let events = std::mem::take(&mut pending);
-                    durable = settle!(self.append(saga_id, durable, &events, $outbox).await);
-                }};
-            }
-            loop {
-                // Taken on every pass, so that a request for a saga that left Running meanwhile
-                // does not stay in the map.
-                let abort = self.inner.aborts.lock().expect("aborts lock").remove(saga_id);
-                if let Some(reason) = abort {
-                    if state.status == Status::Running && !state.abort_requested && state.abortable(&def) {
-                        record!(SagaEvent::AbortRequested { reason });
-                    } else {
-                        tracing::warn!(saga = %saga_id, status = state.status.name(), "abort ignored: the saga is past its last compensable step or no longer running");
-                    }
+        retry_on_conflict(
+            || format!("driver of saga {saga_id}"),
+            || async move {
+                let mut driver = Driver::load(self, saga_id).await?;
+                match driver.run().await {
+                    Ok(()) => Ok(Tried::Done(())),
+                    Err(Pass::Conflicted) => Ok(Tried::Conflicted),
+                    Err(Pass::Failed(error)) => Err(error),
                 }
-                match state.next(&def) {
-                    Next::Call { step, attempt } => {
-                        let name = state.steps[step].name.clone();
-                        let step_def = def.steps.iter().find(|d| d.name == name).ok_or_else(|| {
-                            corrupt(FoldError::NotInDefinition {
-                                definition: def.name.clone(),
-                                step: name.clone(),
-                            })
-                        })?;
-                        // Invariant 3: a step without compensation is called for the first time
-                        // only once its start is durable; any other call overlaps the append
-                        // (invariant 1 covers it). Earlier starts are durable either way.
-                        let overlap = step_def.compensable || state.steps[step].ever_started;
-                        record!(SagaEvent::StepStarted {
-                            step: name.clone(),
-                            attempt
-                        });
-                        let outcome = if overlap {
-                            // Record the previous outcome and this start while the call runs.
-                            let events = std::mem::take(&mut pending);
-                            let (appended, outcome) = tokio::join!(
-                                self.append(saga_id, durable, &events, Vec::new()),
-                                self.call(saga_id, step_def, &state.payload, attempt)
-                            );
-                            durable = settle!(appended);
-                            outcome
-                        } else {
-                            flush!(Vec::new());
-                            self.call(saga_id, step_def, &state.payload, attempt).await
-                        };
-                        let attempts_left = attempt < step_def.retry.attempts_max;
-                        record!(match outcome {
-                            Ok(()) => SagaEvent::StepSucceeded { step: name },
-                            Err(StepError::Business(error)) => SagaEvent::StepFailed {
-                                step: name,
-                                kind: FailureKind::Business,
-                                error,
-                                retrying: false,
-                            },
-                            Err(StepError::Transient(error)) => SagaEvent::StepFailed {
-                                step: name,
-                                kind: FailureKind::Transient,
-                                error,
-                                retrying: attempts_left,
-                            },
-                            // A step that cannot be undone is retried rather than compensated.
-                            Err(StepError::Unknown(error)) => SagaEvent::StepFailed {
-                                step: name,
-                                kind: FailureKind::Unknown,
-                                error,
-                                retrying: !step_def.compensable && attempts_left,
-                            },
-                        });
-                    }
-                    Next::GiveUp { step } => {
-                        record!(SagaEvent::StepFailed {
-                            step: state.steps[step].name.clone(),
-                            kind: FailureKind::Unknown,
-                            error: "attempts used up; the last attempt's outcome is unknown".into(),
-                            retrying: false,
-                        });
-                    }
-                    Next::Compensate { steps } => {
-                        let names: Vec<String> = steps.iter().map(|&i| state.steps[i].name.clone()).collect();
-                        let reason = if state.failure_reason.is_empty() {
-                            "compensating".to_owned()
-                        } else {
-                            state.failure_reason.clone()
-                        };
-                        let outbox = self.compensation_messages(&state, &def, &names);
-                        let nothing_to_undo = names.is_empty();
-                        record!(SagaEvent::CompensationRequested { steps: names, reason });
-                        if nothing_to_undo {
-                            record!(SagaEvent::SagaCompensated);
-                        }
-                        flush!(outbox);
-                    }
-                    Next::Complete => {
-                        record!(SagaEvent::SagaCompleted);
-                        flush!(Vec::new());
-                    }
-                    Next::FinishCompensated => {
-                        record!(SagaEvent::SagaCompensated);
-                        flush!(Vec::new());
-                    }
-                    Next::MarkStuck { reason } => {
-                        tracing::warn!(saga = %saga_id, %reason, "saga stuck");
-                        record!(SagaEvent::SagaStuck { reason });
-                        flush!(Vec::new());
-                    }
-                    Next::AwaitAcks {
-                        open,
-                        sent_at_unix_us,
-                        republishes,
-                    } => {
-                        let config = &self.inner.config;
-                        let deadline_us = config.ack_deadline_unix_us(sent_at_unix_us, republishes);
-                        let now = now_us();
-                        if now < deadline_us {
-                            if !pending.is_empty() {
-                                settle!(self.append(saga_id, durable, &pending, Vec::new()).await);
-                            }
-                            let wait = Duration::from_micros((deadline_us - now) as u64);
-                            self.schedule(saga_id, tokio::time::Instant::now() + wait);
-                            return Ok(());
-                        }
-                        let names: Vec<String> = open.iter().map(|&i| state.steps[i].name.clone()).collect();
-                        if republishes >= config.compensation_republishes_max {
-                            let reason = format!(
-                                "no acknowledgement of the compensation of {names:?} after {republishes} re-publishes"
-                            );
-                            tracing::warn!(saga = %saga_id, %reason, "saga stuck");
-                            record!(SagaEvent::SagaStuck { reason });
-                            flush!(Vec::new());
-                        } else {
-                            tracing::info!(saga = %saga_id, steps = ?names, republish = republishes + 1, "compensation not acknowledged in time; re-publishing");
-                            let outbox = self.compensation_messages(&state, &def, &names);
-                            record!(SagaEvent::CompensationRepublished {
-                                steps: names,
-                                republish: republishes + 1,
-                            });
-                            flush!(outbox);
-                        }
-                    }
-                    Next::Wait | Next::Done => {
-                        if !pending.is_empty() {
-                            settle!(self.append(saga_id, durable, &pending, Vec::new()).await);
-                        }
-                        return Ok(());
-                    }
-                }
-            }
-        }
+            },
+        )
+        .await
     }
 
     /// Applies a participant's acknowledgement. Acks of unknown sagas (another orchestrator's)
@@ -715,144 +554,151 @@ impl Engine {
         };
         let outcome =
             pb::CompensationOutcome::try_from(ack.outcome).unwrap_or(pb::CompensationOutcome::Unspecified);
-        for _ in 0..CONFLICTS_MAX {
-            let Some(mut state) = self.load(&key.saga_id).await? else {
-                // Acks are routed by the owner's node id, so this is a misrouted ack (a wrong
-                // node id, or a log that lost the saga): loud, never silent.
-                tracing::error!(saga = %key.saga_id, step = %key.step, node = %self.inner.config.node_id, "acknowledgement for a saga this orchestrator does not have");
-                return Ok(());
-            };
-            let Some(step) = state.steps.iter().find(|s| s.name == key.step) else {
-                tracing::warn!(saga = %key.saga_id, step = %key.step, "ack for an unknown step ignored");
-                return Ok(());
-            };
-            let event = match (step.phase, outcome) {
-                (Phase::Compensating | Phase::CompensationParked, pb::CompensationOutcome::Applied) => {
-                    SagaEvent::CompensationApplied {
+        retry_on_conflict(
+            || format!("acknowledgement of {}:{}", key.saga_id, key.step),
+            || async move {
+                let Some(mut state) = self.load(&key.saga_id).await? else {
+                    // Acks are routed by the owner's node id, so this is a misrouted ack (a wrong
+                    // node id, or a log that lost the saga): loud, never silent.
+                    tracing::error!(saga = %key.saga_id, step = %key.step, node = %self.inner.config.node_id, "acknowledgement for a saga this orchestrator does not have");
+                    return Ok(Tried::Done(()));
+                };
+                let Some(step) = state.steps.iter().find(|s| s.name == key.step) else {
+                    tracing::warn!(saga = %key.saga_id, step = %key.step, "ack for an unknown step ignored");
+                    return Ok(Tried::Done(()));
+                };
+                let event = match (step.phase, outcome) {
+                    (Phase::Compensating | Phase::CompensationParked, pb::CompensationOutcome::Applied) => {
+                        SagaEvent::CompensationApplied {
+                            step: key.step.clone(),
+                            outcome: CompensationOutcome::Applied,
+                        }
+                    }
+                    (Phase::Compensating | Phase::CompensationParked, pb::CompensationOutcome::Null) => {
+                        SagaEvent::CompensationApplied {
+                            step: key.step.clone(),
+                            outcome: CompensationOutcome::Null,
+                        }
+                    }
+                    (
+                        Phase::Compensating | Phase::CompensationParked,
+                        pb::CompensationOutcome::AlreadyApplied,
+                    ) => SagaEvent::CompensationApplied {
                         step: key.step.clone(),
-                        outcome: CompensationOutcome::Applied,
+                        outcome: CompensationOutcome::AlreadyApplied,
+                    },
+                    // A PARKED of an earlier sending (relayed late) says nothing about this one.
+                    (Phase::Compensating, pb::CompensationOutcome::Parked)
+                        if ack.round != 0 && ack.round < state.compensation_round =>
+                    {
+                        tracing::info!(saga = %key.saga_id, step = %key.step, round = ack.round, current = state.compensation_round, "PARKED acknowledgement of an earlier round ignored");
+                        return Ok(Tried::Done(()));
                     }
-                }
-                (Phase::Compensating | Phase::CompensationParked, pb::CompensationOutcome::Null) => {
-                    SagaEvent::CompensationApplied {
+                    (Phase::Compensating, pb::CompensationOutcome::Parked) => SagaEvent::CompensationParked {
                         step: key.step.clone(),
-                        outcome: CompensationOutcome::Null,
+                        error: ack.detail.clone(),
+                    },
+                    _ => return Ok(Tried::Done(())),
+                };
+                let version = state.version;
+                let corrupt = |error| EngineError::Corrupt {
+                    saga: key.saga_id.clone(),
+                    error,
+                };
+                state.apply(&event, now_us()).map_err(corrupt)?;
+                let mut events = vec![event];
+                let open = |p: Phase| matches!(p, Phase::Compensating | Phase::CompensationParked);
+                let parked = state.steps.iter().any(|s| s.phase == Phase::CompensationParked);
+                if !state.steps.iter().any(|s| open(s.phase)) {
+                    events.push(SagaEvent::SagaCompensated);
+                } else if state.status == Status::Compensating && parked {
+                    events.push(SagaEvent::SagaStuck {
+                        reason: format!("compensation of {} parked: {}", key.step, ack.detail),
+                    });
+                } else if state.status == Status::Stuck && state.compensation_requested && !parked {
+                    // The compensation made progress (a parked step was acknowledged, or a late
+                    // ack came): nothing needs an operator any more.
+                    events.push(SagaEvent::CompensationResumed {
+                        reason: format!(
+                            "compensation of {} acknowledged ({})",
+                            key.step,
+                            outcome.as_str_name()
+                        ),
+                    });
+                }
+                let resumed = matches!(events.last(), Some(SagaEvent::CompensationResumed { .. }));
+                match self.append(&key.saga_id, version, &events, Vec::new()).await {
+                    Ok(_) => {
+                        if resumed {
+                            // Its acknowledgement deadline runs again.
+                            self.drive(&key.saga_id);
+                        }
+                        Ok(Tried::Done(()))
                     }
+                    Err(StorageError::VersionConflict { .. }) => Ok(Tried::Conflicted),
+                    Err(e) => Err(e.into()),
                 }
-                (
-                    Phase::Compensating | Phase::CompensationParked,
-                    pb::CompensationOutcome::AlreadyApplied,
-                ) => SagaEvent::CompensationApplied {
-                    step: key.step.clone(),
-                    outcome: CompensationOutcome::AlreadyApplied,
-                },
-                // A PARKED of an earlier sending (relayed late) says nothing about this one.
-                (Phase::Compensating, pb::CompensationOutcome::Parked)
-                    if ack.round != 0 && ack.round < state.compensation_round =>
-                {
-                    tracing::info!(saga = %key.saga_id, step = %key.step, round = ack.round, current = state.compensation_round, "PARKED acknowledgement of an earlier round ignored");
-                    return Ok(());
-                }
-                (Phase::Compensating, pb::CompensationOutcome::Parked) => SagaEvent::CompensationParked {
-                    step: key.step.clone(),
-                    error: ack.detail.clone(),
-                },
-                _ => return Ok(()),
-            };
-            let version = state.version;
-            let corrupt = |error| EngineError::Corrupt {
-                saga: key.saga_id.clone(),
-                error,
-            };
-            state.apply(&event, now_us()).map_err(corrupt)?;
-            let mut events = vec![event];
-            let open = |p: Phase| matches!(p, Phase::Compensating | Phase::CompensationParked);
-            let parked = state.steps.iter().any(|s| s.phase == Phase::CompensationParked);
-            if !state.steps.iter().any(|s| open(s.phase)) {
-                events.push(SagaEvent::SagaCompensated);
-            } else if state.status == Status::Compensating && parked {
-                events.push(SagaEvent::SagaStuck {
-                    reason: format!("compensation of {} parked: {}", key.step, ack.detail),
-                });
-            } else if state.status == Status::Stuck && state.compensation_requested && !parked {
-                // The compensation made progress (a parked step was acknowledged, or a late
-                // ack came): nothing needs an operator any more.
-                events.push(SagaEvent::CompensationResumed {
-                    reason: format!(
-                        "compensation of {} acknowledged ({})",
-                        key.step,
-                        outcome.as_str_name()
-                    ),
-                });
-            }
-            let resumed = matches!(events.last(), Some(SagaEvent::CompensationResumed { .. }));
-            match self.append(&key.saga_id, version, &events, Vec::new()).await {
-                Ok(_) => {
-                    if resumed {
-                        // Its acknowledgement deadline runs again.
-                        self.drive(&key.saga_id);
-                    }
-                    return Ok(());
-                }
-                Err(StorageError::VersionConflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(EngineError::Contended(key.saga_id.clone()))
+            },
+        )
+        .await
     }
 
     /// RetrySaga: a stuck saga's parked compensations are sent again, or its failed forward
     /// step is tried again from attempt 1.
     pub async fn retry(&self, saga_id: &str, reason: &str) -> Result<SagaState, EngineError> {
-        for _ in 0..CONFLICTS_MAX {
-            let state = self
-                .load(saga_id)
-                .await?
-                .ok_or_else(|| EngineError::NotFound(saga_id.to_owned()))?;
-            if state.status != Status::Stuck {
-                return Err(EngineError::Precondition(format!(
-                    "saga {saga_id} is {}; only a stuck saga can be retried",
-                    state.status.name()
-                )));
-            }
-            let def = self.definition(&state.definition)?;
-            // Invariant 2: a saga that requested compensation is retried by sending every
-            // compensation still open again (parked or unacknowledged), never forward.
-            let resend: Vec<String> = state
-                .steps
-                .iter()
-                .rev()
-                .filter(|s| {
-                    state.compensation_requested
-                        && matches!(s.phase, Phase::CompensationParked | Phase::Compensating)
-                })
-                .map(|s| s.name.clone())
-                .collect();
-            let outbox = self.compensation_messages(&state, &def, &resend);
-            let event = if state.compensation_requested && resend.is_empty() {
-                // Nothing open (not reached: such a saga is Compensated); resume to finish.
-                SagaEvent::CompensationResumed {
-                    reason: reason.to_owned(),
+        retry_on_conflict(
+            || format!("retry of saga {saga_id}"),
+            || async move {
+                let state = self
+                    .load(saga_id)
+                    .await?
+                    .ok_or_else(|| EngineError::NotFound(saga_id.to_owned()))?;
+                if state.status != Status::Stuck {
+                    return Err(EngineError::Precondition(format!(
+                        "saga {saga_id} is {}; only a stuck saga can be retried",
+                        state.status.name()
+                    )));
                 }
-            } else {
-                SagaEvent::SagaRetried {
-                    reason: reason.to_owned(),
-                    compensations: resend,
+                let def = self.definition(&state.definition)?;
+                // Invariant 2: a saga that requested compensation is retried by sending every
+                // compensation still open again (parked or unacknowledged), never forward.
+                let resend: Vec<String> = state
+                    .steps
+                    .iter()
+                    .rev()
+                    .filter(|s| {
+                        state.compensation_requested
+                            && matches!(s.phase, Phase::CompensationParked | Phase::Compensating)
+                    })
+                    .map(|s| s.name.clone())
+                    .collect();
+                let outbox = self.compensation_messages(&state, &def, &resend);
+                let event = if state.compensation_requested && resend.is_empty() {
+                    // Nothing open (not reached: such a saga is Compensated); resume to finish.
+                    SagaEvent::CompensationResumed {
+                        reason: reason.to_owned(),
+                    }
+                } else {
+                    SagaEvent::SagaRetried {
+                        reason: reason.to_owned(),
+                        compensations: resend,
+                    }
+                };
+                match self.append(saga_id, state.version, &[event], outbox).await {
+                    Ok(_) => {
+                        self.drive(saga_id);
+                        let state = self
+                            .load(saga_id)
+                            .await?
+                            .ok_or_else(|| EngineError::NotFound(saga_id.to_owned()))?;
+                        Ok(Tried::Done(state))
+                    }
+                    Err(StorageError::VersionConflict { .. }) => Ok(Tried::Conflicted),
+                    Err(e) => Err(e.into()),
                 }
-            };
-            match self.append(saga_id, state.version, &[event], outbox).await {
-                Ok(_) => {
-                    self.drive(saga_id);
-                    return self
-                        .load(saga_id)
-                        .await?
-                        .ok_or_else(|| EngineError::NotFound(saga_id.to_owned()));
-                }
-                Err(StorageError::VersionConflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(EngineError::Contended(saga_id.to_owned()))
+            },
+        )
+        .await
     }
 
     /// AbortSaga: asks the saga's driver to stop going forward and compensate. Returns the
@@ -1030,6 +876,259 @@ impl Drop for SagaWatch {
     }
 }
 
+/// How a driver pass ended early: a version conflict (decide again from the reloaded stream) or
+/// an error. `?` on an append inside a pass ends the pass either way.
+enum Pass {
+    Conflicted,
+    Failed(EngineError),
+}
+
+impl<E: Into<EngineError>> From<E> for Pass {
+    fn from(error: E) -> Self {
+        Pass::Failed(error.into())
+    }
+}
+
+/// One pass of a saga's driver: the state loaded from the log, the events decided since
+/// (`pending`, applied to `state` already) and the stream version the log holds (`durable`).
+/// Events are recorded into `pending` and appended at `durable` by [`Driver::flush`], or
+/// overlapped with a step call (invariant 1, in `state`).
+struct Driver<'e> {
+    engine: &'e Engine,
+    saga_id: &'e str,
+    def: Arc<SagaDefinition>,
+    state: SagaState,
+    durable: u64,
+    pending: Vec<SagaEvent>,
+}
+
+impl<'e> Driver<'e> {
+    async fn load(engine: &'e Engine, saga_id: &'e str) -> Result<Driver<'e>, EngineError> {
+        let state = engine
+            .load(saga_id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(saga_id.to_owned()))?;
+        Ok(Driver {
+            engine,
+            saga_id,
+            def: engine.definition(&state.definition)?,
+            durable: state.version,
+            state,
+            pending: Vec::new(),
+        })
+    }
+
+    fn corrupt(&self, error: FoldError) -> EngineError {
+        EngineError::Corrupt {
+            saga: self.saga_id.to_owned(),
+            error,
+        }
+    }
+
+    /// Decides `event`: applies it to the state and queues it for the next append.
+    fn record(&mut self, event: SagaEvent) -> Result<(), EngineError> {
+        self.state
+            .apply(&event, now_us())
+            .map_err(|error| self.corrupt(error))?;
+        self.pending.push(event);
+        Ok(())
+    }
+
+    /// The new durable version after an append of the pending events; a conflict ends the pass.
+    fn settle(&mut self, appended: Result<u64, StorageError>) -> Result<(), Pass> {
+        match appended {
+            Ok(version) => {
+                self.durable = version;
+                Ok(())
+            }
+            Err(StorageError::VersionConflict { .. }) => Err(Pass::Conflicted),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Appends the pending events (and `outbox`, in the same append) at the durable version.
+    async fn flush(&mut self, outbox: Vec<OutboxMessage>) -> Result<(), Pass> {
+        let events = std::mem::take(&mut self.pending);
+        if events.is_empty() && outbox.is_empty() {
+            return Ok(());
+        }
+        let appended = self
+            .engine
+            .append(self.saga_id, self.durable, &events, outbox)
+            .await;
+        self.settle(appended)
+    }
+
+    /// Decides and acts until the saga waits or is final.
+    async fn run(&mut self) -> Result<(), Pass> {
+        loop {
+            self.take_abort()?;
+            match self.state.next(&self.def) {
+                Next::Call { step, attempt } => self.call(step, attempt).await?,
+                Next::GiveUp { step } => {
+                    self.record(SagaEvent::StepFailed {
+                        step: self.state.steps[step].name.clone(),
+                        kind: FailureKind::Unknown,
+                        error: "attempts used up; the last attempt's outcome is unknown".into(),
+                        retrying: false,
+                    })?;
+                }
+                Next::Compensate { steps } => {
+                    let names: Vec<String> =
+                        steps.iter().map(|&i| self.state.steps[i].name.clone()).collect();
+                    let reason = if self.state.failure_reason.is_empty() {
+                        "compensating".to_owned()
+                    } else {
+                        self.state.failure_reason.clone()
+                    };
+                    let outbox = self.engine.compensation_messages(&self.state, &self.def, &names);
+                    let nothing_to_undo = names.is_empty();
+                    self.record(SagaEvent::CompensationRequested { steps: names, reason })?;
+                    if nothing_to_undo {
+                        self.record(SagaEvent::SagaCompensated)?;
+                    }
+                    self.flush(outbox).await?;
+                }
+                Next::Complete => {
+                    self.record(SagaEvent::SagaCompleted)?;
+                    self.flush(Vec::new()).await?;
+                }
+                Next::FinishCompensated => {
+                    self.record(SagaEvent::SagaCompensated)?;
+                    self.flush(Vec::new()).await?;
+                }
+                Next::MarkStuck { reason } => {
+                    tracing::warn!(saga = %self.saga_id, %reason, "saga stuck");
+                    self.record(SagaEvent::SagaStuck { reason })?;
+                    self.flush(Vec::new()).await?;
+                }
+                Next::AwaitAcks {
+                    open,
+                    sent_at_unix_us,
+                    republishes,
+                } => {
+                    let config = &self.engine.inner.config;
+                    let deadline_us = config.ack_deadline_unix_us(sent_at_unix_us, republishes);
+                    let now = now_us();
+                    if now < deadline_us {
+                        self.flush(Vec::new()).await?;
+                        let wait = Duration::from_micros((deadline_us - now) as u64);
+                        self.engine
+                            .schedule(self.saga_id, tokio::time::Instant::now() + wait);
+                        return Ok(());
+                    }
+                    let names: Vec<String> = open.iter().map(|&i| self.state.steps[i].name.clone()).collect();
+                    if republishes >= config.compensation_republishes_max {
+                        let reason = format!(
+                            "no acknowledgement of the compensation of {names:?} after {republishes} re-publishes"
+                        );
+                        tracing::warn!(saga = %self.saga_id, %reason, "saga stuck");
+                        self.record(SagaEvent::SagaStuck { reason })?;
+                    } else {
+                        tracing::info!(saga = %self.saga_id, steps = ?names, republish = republishes + 1, "compensation not acknowledged in time; re-publishing");
+                        let outbox = self.engine.compensation_messages(&self.state, &self.def, &names);
+                        self.record(SagaEvent::CompensationRepublished {
+                            steps: names,
+                            republish: republishes + 1,
+                        })?;
+                        self.flush(outbox).await?;
+                        continue;
+                    }
+                    self.flush(Vec::new()).await?;
+                }
+                Next::Wait | Next::Done => {
+                    self.flush(Vec::new()).await?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Records an abort an operator asked for, if the saga can still be aborted. Taken on every
+    /// pass, so that a request for a saga that left Running meanwhile does not stay in the map.
+    fn take_abort(&mut self) -> Result<(), EngineError> {
+        let abort = self
+            .engine
+            .inner
+            .aborts
+            .lock()
+            .expect("aborts lock")
+            .remove(self.saga_id);
+        if let Some(reason) = abort {
+            if self.state.status == Status::Running
+                && !self.state.abort_requested
+                && self.state.abortable(&self.def)
+            {
+                self.record(SagaEvent::AbortRequested { reason })?;
+            } else {
+                tracing::warn!(saga = %self.saga_id, status = %self.state.status, "abort ignored: the saga is past its last compensable step or no longer running");
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls a step's action and records its outcome.
+    async fn call(&mut self, step: usize, attempt: u32) -> Result<(), Pass> {
+        let def = Arc::clone(&self.def);
+        let name = self.state.steps[step].name.clone();
+        let step_def = def.steps.iter().find(|d| d.name == name).ok_or_else(|| {
+            self.corrupt(FoldError::NotInDefinition {
+                definition: def.name.clone(),
+                step: name.clone(),
+            })
+        })?;
+        // Invariant 3: a step without compensation is called for the first time only once its
+        // start is durable; any other call overlaps the append (invariant 1 covers it). Earlier
+        // starts are durable either way.
+        let overlap = step_def.compensable || self.state.steps[step].ever_started;
+        self.record(SagaEvent::StepStarted {
+            step: name.clone(),
+            attempt,
+        })?;
+        let outcome = if overlap {
+            // Record the previous outcome and this start while the call runs.
+            let events = std::mem::take(&mut self.pending);
+            let (appended, outcome) = tokio::join!(
+                self.engine
+                    .append(self.saga_id, self.durable, &events, Vec::new()),
+                self.engine
+                    .call(self.saga_id, step_def, &self.state.payload, attempt)
+            );
+            self.settle(appended)?;
+            outcome
+        } else {
+            self.flush(Vec::new()).await?;
+            self.engine
+                .call(self.saga_id, step_def, &self.state.payload, attempt)
+                .await
+        };
+        let attempts_left = attempt < step_def.retry.attempts_max;
+        self.record(match outcome {
+            Ok(()) => SagaEvent::StepSucceeded { step: name },
+            Err(StepError::Business(error)) => SagaEvent::StepFailed {
+                step: name,
+                kind: FailureKind::Business,
+                error,
+                retrying: false,
+            },
+            Err(StepError::Transient(error)) => SagaEvent::StepFailed {
+                step: name,
+                kind: FailureKind::Transient,
+                error,
+                retrying: attempts_left,
+            },
+            // A step that cannot be undone is retried rather than compensated.
+            Err(StepError::Unknown(error)) => SagaEvent::StepFailed {
+                step: name,
+                kind: FailureKind::Unknown,
+                error,
+                retrying: !step_def.compensable && attempts_left,
+            },
+        })?;
+        Ok(())
+    }
+}
+
 /// Applies acknowledgements from the acknowledgement topic.
 pub struct AckHandler {
     pub engine: Engine,
@@ -1056,5 +1155,11 @@ impl Handler for AckHandler {
                 }
             }
         })
+    }
+}
+
+impl From<Contended> for EngineError {
+    fn from(contended: Contended) -> Self {
+        EngineError::Contended(contended.to_string())
     }
 }

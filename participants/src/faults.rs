@@ -177,3 +177,86 @@ impl Barrier for FaultyBarrier {
         Ok(compensated)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::barrier::StepBarrier;
+    use crate::stock::{Item, StockEvent};
+    use crate::{Participant, Role};
+
+    fn key(step: &str) -> StepKey {
+        StepKey {
+            saga_id: "ord-1".into(),
+            step: step.into(),
+        }
+    }
+
+    fn reserve() -> ParticipantEvent {
+        StockEvent::Reserved {
+            order_id: "ord-1".into(),
+            items: vec![Item {
+                product_id: "p".into(),
+                quantity: 1,
+            }],
+        }
+        .into()
+    }
+
+    #[tokio::test]
+    async fn the_decorator_refuses_before_the_barrier_and_delays_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let participant = Participant::open(Role::Stock, dir.path()).expect("opens");
+        let inner: Arc<dyn Barrier> = Arc::new(StepBarrier {
+            log: participant.log().clone(),
+        });
+        let plan = FaultPlan {
+            act: ActFault::parse_list("refuse:reserve_stock:1,delay:other_step:300").expect("parses"),
+            ..FaultPlan::default()
+        };
+        let barrier = plan.decorate(inner);
+        let seed = StockEvent::Seeded {
+            product_id: "p".into(),
+            available: 5,
+        };
+        crate::service::seed_one(
+            participant.log(),
+            crate::keys::seed_stream("product", "p"),
+            seed.into(),
+        )
+        .await
+        .expect("seeds");
+        // Refused once, with nothing recorded: the step stream stays empty.
+        let refused = barrier.act(&key("reserve_stock"), reserve()).await;
+        assert!(matches!(refused, Err(BarrierError::Refused(ref r)) if r.reason == Refusal::InvalidState));
+        assert_eq!(
+            crate::barrier::state(participant.log(), &key("reserve_stock"))
+                .await
+                .expect("reads"),
+            crate::barrier::StepState::Empty
+        );
+        // The second call reaches the barrier and is applied, without delay.
+        let began = Instant::now();
+        let (_, replayed) = barrier
+            .act(&key("reserve_stock"), reserve())
+            .await
+            .expect("applies");
+        assert!(!replayed);
+        assert!(
+            began.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            began.elapsed()
+        );
+        // A delayed step answers after its delay, applied (the caller's deadline may pass).
+        let began = Instant::now();
+        let (_, replayed) = barrier.act(&key("other_step"), reserve()).await.expect("applies");
+        assert!(!replayed);
+        assert!(
+            began.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            began.elapsed()
+        );
+    }
+}
