@@ -120,12 +120,7 @@ impl Writer {
     /// Commits one batch. Returns it for the flusher, or `None` when it was answered already.
     pub(super) fn process(&mut self, batch: &mut Vec<Job>) -> Option<Committed> {
         if self.durable.borrow().failed {
-            for job in batch.drain(..) {
-                reply(
-                    job,
-                    Outcome::Failed(StorageError::Failed("an earlier flush failed".into())),
-                );
-            }
+            refuse_all(batch, "an earlier flush failed");
             return None;
         }
         if let Some(gate) = &self.gate
@@ -133,12 +128,7 @@ impl Writer {
         {
             // A simulated crash: the batch never reaches sled, and nothing after it may.
             self.durable.send_modify(|d| d.failed = true);
-            for job in batch.drain(..) {
-                reply(
-                    job,
-                    Outcome::Failed(StorageError::Failed("crash simulated by the writer gate".into())),
-                );
-            }
+            refuse_all(batch, "crash simulated by the writer gate");
             return None;
         }
         let timestamp_us = now_us();
@@ -175,20 +165,7 @@ impl Writer {
         self.shared.batches.fetch_add(1, Ordering::Relaxed);
         let needs_flush = next_position != self.next_position;
         self.next_position = next_position;
-        let mut appends = Vec::new();
-        for (job, outcome) in batch.iter().zip(&outcomes).rev() {
-            if appends.len() == mark::RECENT_LEN_MAX {
-                break;
-            }
-            if let (Job::Append { request, .. }, Outcome::Appended(appended)) = (job, outcome) {
-                appends.push(RecentAppend {
-                    first_position: appended.first_position,
-                    last_position: appended.last_position,
-                    stream: request.stream.clone(),
-                });
-            }
-        }
-        appends.sort_by_key(|a| a.first_position);
+        let appends = recent_appends(batch, &outcomes);
         Some(Committed {
             seq: self.seq,
             position: next_position - 1,
@@ -211,27 +188,7 @@ impl Writer {
         batch: &[Job],
         timestamp_us: i64,
     ) -> Result<(Vec<Outcome>, u64, u64), CommitFailed> {
-        let mut left_out: HashMap<usize, StorageError> = HashMap::new();
-        // Heads of streams not in the cache, loaded before the transaction: sled's concurrency
-        // control is one process-wide fair RwLock, and a plain read inside a transaction
-        // closure can deadlock against another thread's commit waiting for the write lock.
-        let mut loaded: HashMap<&str, (u64, u64)> = HashMap::new();
-        for (index, job) in batch.iter().enumerate() {
-            if let Job::Append { request, .. } = job {
-                let stream = request.stream.as_str();
-                if self.heads.contains_key(stream) || loaded.contains_key(stream) {
-                    continue;
-                }
-                match load_head(&self.trees, stream) {
-                    Ok(head) => {
-                        loaded.insert(stream, head);
-                    }
-                    Err(error) => {
-                        left_out.insert(index, error);
-                    }
-                }
-            }
-        }
+        let (loaded, mut left_out) = self.load_missing_heads(batch);
         let mut outcomes: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
         // Heads written by the committed segments of this batch (merged into the cache at
         // the end, so that the cache's bound never drops a head a later segment needs).
@@ -272,10 +229,62 @@ impl Writer {
                 }
             }
         }
-        // The last record written is the last record of the stream of the batch's last append.
+        self.remember_heads(batch, &outcomes, batch_heads);
+        let outcomes = outcomes
+            .into_iter()
+            .enumerate()
+            .map(|(index, outcome)| match outcome {
+                Some(outcome) => outcome,
+                None => Outcome::Failed(
+                    left_out
+                        .remove(&index)
+                        .expect("a job without outcome was left out with an error"),
+                ),
+            })
+            .collect();
+        Ok((outcomes, position, self.last_checksum))
+    }
+
+    /// Loads the heads of the batch's streams that are not cached, before any transaction:
+    /// sled's concurrency control is one process-wide fair RwLock, and a plain read inside a
+    /// transaction closure can deadlock against another thread's commit waiting for the write
+    /// lock. A job whose head cannot be read is left out with the error.
+    fn load_missing_heads<'b>(
+        &self,
+        batch: &'b [Job],
+    ) -> (HashMap<&'b str, (u64, u64)>, HashMap<usize, StorageError>) {
+        let mut loaded = HashMap::new();
+        let mut left_out = HashMap::new();
+        for (index, job) in batch.iter().enumerate() {
+            if let Job::Append { request, .. } = job {
+                let stream = request.stream.as_str();
+                if self.heads.contains_key(stream) || loaded.contains_key(stream) {
+                    continue;
+                }
+                match load_head(&self.trees, stream) {
+                    Ok(head) => {
+                        loaded.insert(stream, head);
+                    }
+                    Err(error) => {
+                        left_out.insert(index, error);
+                    }
+                }
+            }
+        }
+        (loaded, left_out)
+    }
+
+    /// Takes the heads the batch wrote into the cache (emptied first past its bound), and the
+    /// checksum of the batch's last record: the last record of the stream of its last append.
+    fn remember_heads<'b>(
+        &mut self,
+        batch: &'b [Job],
+        outcomes: &[Option<Outcome>],
+        batch_heads: HashMap<&'b str, (u64, u64)>,
+    ) {
         let last_stream = batch
             .iter()
-            .zip(&outcomes)
+            .zip(outcomes)
             .rev()
             .find_map(|(job, outcome)| match (job, outcome) {
                 (Job::Append { request, .. }, Some(Outcome::Appended(_))) => Some(request.stream.as_str()),
@@ -290,19 +299,6 @@ impl Writer {
         for (stream, head) in batch_heads {
             self.heads.insert(stream.to_owned(), head);
         }
-        let outcomes = outcomes
-            .into_iter()
-            .enumerate()
-            .map(|(index, outcome)| match outcome {
-                Some(outcome) => outcome,
-                None => Outcome::Failed(
-                    left_out
-                        .remove(&index)
-                        .expect("a job without outcome was left out with an error"),
-                ),
-            })
-            .collect();
-        Ok((outcomes, position, self.last_checksum))
     }
 
     /// One transaction over the jobs `range` of `batch` (minus those left out), from global
@@ -320,6 +316,12 @@ impl Writer {
         let t = &self.trees;
         let result = (&t.events, &t.streams, &t.outbox, &t.projections).transaction(
             |(events, streams, outbox, projections)| {
+                let tx = TxTrees {
+                    events,
+                    streams,
+                    outbox,
+                    projections,
+                };
                 // Heads written by this attempt.
                 let mut new_heads: HashMap<&'b str, (u64, u64)> = HashMap::new();
                 let mut position = position;
@@ -332,7 +334,7 @@ impl Writer {
                     let (request, encoded_outbox) = match job {
                         Job::AckOutbox { ids, .. } => {
                             for id in ids {
-                                outbox.remove(&id.to_key())?;
+                                tx.outbox.remove(&id.to_key())?;
                             }
                             outcomes.push((index, Outcome::Acked));
                             continue;
@@ -341,7 +343,7 @@ impl Writer {
                     };
                     let stream = request.stream.as_str();
                     let head = new_heads.get(stream).copied().or_else(|| heads.get(stream));
-                    let Some((mut version, mut prev_checksum)) = head else {
+                    let Some(head) = head else {
                         // Loading this stream's head failed for an earlier job of the batch
                         // (that job carries the error).
                         outcomes.push((
@@ -352,85 +354,29 @@ impl Writer {
                         ));
                         continue;
                     };
-                    if !request.expected.admits(version) {
+                    if !request.expected.admits(head.0) {
                         outcomes.push((
                             index,
                             Outcome::Failed(StorageError::VersionConflict {
                                 stream: stream.to_owned(),
                                 expected: request.expected,
-                                actual: version,
+                                actual: head.0,
                             }),
                         ));
                         continue;
                     }
-                    let first_position = position;
-                    for event in &request.events {
-                        version += 1;
-                        let (bytes, checksum) = record_format::encode(&RecordFields {
-                            position,
-                            version,
-                            timestamp_us,
-                            prev_checksum,
-                            stream,
-                            event_type: &event.event_type,
-                            payload: &event.payload,
-                        });
-                        if let Some(projector) = &self.projector {
-                            let view = EventView {
-                                position,
-                                stream,
-                                version,
-                                event_type: &event.event_type,
-                                timestamp_us,
-                                payload: &event.payload,
-                            };
-                            let mut tx = ProjectionTx { tree: projections };
-                            match projector.project(&view, &mut tx) {
-                                Ok(()) => {}
-                                Err(ProjectError::Tx(error)) => return Err(error.into()),
-                                Err(ProjectError::Refused(refusal)) => {
-                                    return Err(ConflictableTransactionError::Abort(LeaveOut {
-                                        index,
-                                        error: StorageError::Refused {
-                                            stream: stream.to_owned(),
-                                            event_type: event.event_type.clone(),
-                                            refusal,
-                                        },
-                                    }));
-                                }
-                                Err(ProjectError::Invalid(reason)) => {
-                                    return Err(ConflictableTransactionError::Abort(LeaveOut {
-                                        index,
-                                        error: StorageError::Projection {
-                                            stream: stream.to_owned(),
-                                            event_type: event.event_type.clone(),
-                                            reason,
-                                        },
-                                    }));
-                                }
-                            }
-                        }
-                        events.insert(&position.to_be_bytes(), bytes)?;
-                        streams.insert(stream_key(stream, version), &position.to_be_bytes())?;
-                        prev_checksum = checksum;
-                        position += 1;
-                    }
-                    new_heads.insert(stream, (version, prev_checksum));
-                    for (i, body) in encoded_outbox.iter().enumerate() {
-                        let id = OutboxId {
-                            position: first_position,
-                            index: i as u16,
-                        };
-                        outbox.insert(&id.to_key(), body.as_slice())?;
-                    }
-                    outcomes.push((
+                    let append = AppendAt {
                         index,
-                        Outcome::Appended(Appended {
-                            stream_version: version,
-                            first_position,
-                            last_position: position - 1,
-                        }),
-                    ));
+                        request,
+                        encoded_outbox,
+                        head,
+                        position,
+                        timestamp_us,
+                    };
+                    let (appended, new_head) = self.write_append(&tx, append)?;
+                    position = appended.last_position + 1;
+                    new_heads.insert(stream, new_head);
+                    outcomes.push((index, Outcome::Appended(appended)));
                 }
                 Ok(Segment {
                     outcomes,
@@ -445,6 +391,128 @@ impl Writer {
             Err(TransactionError::Storage(error)) => Err(error),
         }
     }
+}
+
+/// The trees of one transaction.
+pub(super) struct TxTrees<'t> {
+    pub(super) events: &'t TransactionalTree,
+    pub(super) streams: &'t TransactionalTree,
+    pub(super) outbox: &'t TransactionalTree,
+    pub(super) projections: &'t TransactionalTree,
+}
+
+/// One append to write inside a transaction: where its stream stands (`head`: version and
+/// checksum of its last record) and where the log stands (`position`: the next position).
+pub(super) struct AppendAt<'b> {
+    pub(super) index: usize,
+    pub(super) request: &'b AppendRequest,
+    pub(super) encoded_outbox: &'b [Vec<u8>],
+    pub(super) head: (u64, u64),
+    pub(super) position: u64,
+    pub(super) timestamp_us: i64,
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<LeaveOut>>;
+
+impl Writer {
+    /// Writes one append's records (each through the projector first), its stream index
+    /// entries and its outbox messages (keyed by its first position). Returns what was
+    /// appended and the stream's new head; a projector's refusal aborts the transaction with
+    /// the job to leave out.
+    fn write_append(&self, tx: &TxTrees<'_>, append: AppendAt<'_>) -> TxResult<(Appended, (u64, u64))> {
+        let stream = append.request.stream.as_str();
+        let (mut version, mut prev_checksum) = append.head;
+        let mut position = append.position;
+        for event in &append.request.events {
+            version += 1;
+            let (bytes, checksum) = record_format::encode(&RecordFields {
+                position,
+                version,
+                timestamp_us: append.timestamp_us,
+                prev_checksum,
+                stream,
+                event_type: &event.event_type,
+                payload: &event.payload,
+            });
+            let view = EventView {
+                position,
+                stream,
+                version,
+                event_type: &event.event_type,
+                timestamp_us: append.timestamp_us,
+                payload: &event.payload,
+            };
+            self.project(tx, append.index, &view)?;
+            tx.events.insert(&position.to_be_bytes(), bytes)?;
+            tx.streams
+                .insert(stream_key(stream, version), &position.to_be_bytes())?;
+            prev_checksum = checksum;
+            position += 1;
+        }
+        for (i, body) in append.encoded_outbox.iter().enumerate() {
+            let id = OutboxId {
+                position: append.position,
+                index: i as u16,
+            };
+            tx.outbox.insert(&id.to_key(), body.as_slice())?;
+        }
+        let appended = Appended {
+            stream_version: version,
+            first_position: append.position,
+            last_position: position - 1,
+        };
+        Ok((appended, (version, prev_checksum)))
+    }
+
+    /// Runs the projector on one event inside the transaction; a refusal leaves job `index`
+    /// out of the batch, with the error its caller gets.
+    fn project(&self, tx: &TxTrees<'_>, index: usize, view: &EventView<'_>) -> TxResult<()> {
+        let Some(projector) = &self.projector else {
+            return Ok(());
+        };
+        let mut ptx = ProjectionTx { tree: tx.projections };
+        let leave_out = |error| ConflictableTransactionError::Abort(LeaveOut { index, error });
+        match projector.project(view, &mut ptx) {
+            Ok(()) => Ok(()),
+            Err(ProjectError::Tx(error)) => Err(error.into()),
+            Err(ProjectError::Refused(refusal)) => Err(leave_out(StorageError::Refused {
+                stream: view.stream.to_owned(),
+                event_type: view.event_type.to_owned(),
+                refusal,
+            })),
+            Err(ProjectError::Invalid(reason)) => Err(leave_out(StorageError::Projection {
+                stream: view.stream.to_owned(),
+                event_type: view.event_type.to_owned(),
+                reason,
+            })),
+        }
+    }
+}
+
+/// Answers every job of `batch` with `StorageError::Failed(why)`.
+fn refuse_all(batch: &mut Vec<Job>, why: &str) {
+    for job in batch.drain(..) {
+        reply(job, Outcome::Failed(StorageError::Failed(why.into())));
+    }
+}
+
+/// The batch's last appends (at most `mark::RECENT_LEN_MAX`), oldest first, for the mark.
+fn recent_appends(batch: &[Job], outcomes: &[Outcome]) -> Vec<RecentAppend> {
+    let mut appends = Vec::new();
+    for (job, outcome) in batch.iter().zip(outcomes).rev() {
+        if appends.len() == mark::RECENT_LEN_MAX {
+            break;
+        }
+        if let (Job::Append { request, .. }, Outcome::Appended(appended)) = (job, outcome) {
+            appends.push(RecentAppend {
+                first_position: appended.first_position,
+                last_position: appended.last_position,
+                stream: request.stream.clone(),
+            });
+        }
+    }
+    appends.sort_by_key(|a| a.first_position);
+    appends
 }
 
 /// Where the writer finds a stream's head during a batch: written by an earlier segment of
