@@ -22,7 +22,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use saga_storage::{AppendRequest, EventLog, ExpectedVersion, LogConfig, NewEvent, Record};
+use saga_storage::{
+    AppendRequest, EventLog, ExpectedVersion, LogConfig, NewEvent, Position, Record, StreamVersion,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -221,7 +223,11 @@ impl Worker {
         loop {
             let records = self
                 .log
-                .read_stream(&self.group_stream, from_version, saga_storage::log::READ_LEN_MAX)
+                .read_stream(
+                    &self.group_stream,
+                    StreamVersion::new(from_version),
+                    saga_storage::log::READ_LEN_MAX,
+                )
                 .await
                 .map_err(storage_error)?;
             if records.is_empty() {
@@ -243,7 +249,7 @@ impl Worker {
                 }
             }
         }
-        let mut tail = self.log.subscribe(next_position);
+        let mut tail = self.log.subscribe(Position::new(next_position));
         loop {
             let next_retry = retries
                 .iter()
@@ -272,7 +278,7 @@ impl Worker {
                     let (position, pending) = next_retry.expect("a retry was due");
                     let record = self
                         .log
-                        .read_all(position, 1)
+                        .read_all(Position::new(position), 1)
                         .map_err(storage_error)?
                         .pop()
                         .ok_or_else(|| MessagingError::Unavailable(format!("message at {position} is gone")))?;
@@ -301,7 +307,8 @@ impl Worker {
         if !self.spec.accepts(&tag) {
             return Ok(());
         }
-        let position = record.position();
+        // Stored in the group's events as a plain number.
+        let position = record.position().get();
         let delivery = Delivery {
             topic: self.spec.topic.clone(),
             tag,

@@ -5,7 +5,7 @@ use std::pin::Pin;
 
 use prost::Message as _;
 use saga_proto::v1 as pb;
-use saga_storage::StorageError;
+use saga_storage::{Position, StorageError, StreamVersion};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -127,7 +127,7 @@ pub fn saga_to_proto(state: &SagaState) -> pb::Saga {
                 last_error: s.last_error.clone(),
             })
             .collect(),
-        version: state.version,
+        version: state.version.get(),
         started_at_unix_ms: state.started_at_unix_us / 1000,
         updated_at_unix_ms: state.updated_at_unix_us / 1000,
         failure_reason: state.failure_reason.clone(),
@@ -143,9 +143,9 @@ pub fn log_event(record: &saga_storage::Record) -> pb::LogEvent {
         .and_then(|e| serde_json::to_string(&e).ok())
         .unwrap_or_default();
     pb::LogEvent {
-        position: record.position(),
+        position: record.position().get(),
         stream: record.stream().to_owned(),
-        version: record.version(),
+        version: record.version().get(),
         event_type: record.event_type().to_owned(),
         timestamp_unix_us: record.timestamp_us(),
         payload: record.payload().to_vec(),
@@ -280,7 +280,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNK);
         tokio::spawn(async move {
             let mut state: Option<SagaState> = None;
-            let mut next = 1u64;
+            let mut next = StreamVersion::FIRST;
             loop {
                 let records = match log.read_stream(&saga_id, next, STREAM_CHUNK).await {
                     Ok(records) => records,
@@ -290,7 +290,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                     }
                 };
                 for record in &records {
-                    next = record.version() + 1;
+                    next = record.version().next();
                     let event = match record.decode::<SagaEvent>() {
                         Ok(event) => event,
                         Err(e) => {
@@ -311,8 +311,8 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                     if record.version() >= from_version {
                         let message = pb::SagaEvent {
                             saga_id: saga_id.clone(),
-                            version: record.version(),
-                            position: record.position(),
+                            version: record.version().get(),
+                            position: record.position().get(),
                             event_type: record.event_type().to_owned(),
                             timestamp_unix_us: record.timestamp_us(),
                             state: saga_status(status) as i32,
@@ -351,7 +351,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         let log = self.engine.log().clone();
         // Without `follow`, the replay ends at the log's end as of this call.
         let end = log.durable_position();
-        let mut subscription = log.subscribe(request.from_position.max(1));
+        let mut subscription = log.subscribe(Position::new(request.from_position));
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNK);
         tokio::spawn(async move {
             loop {

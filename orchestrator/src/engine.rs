@@ -38,8 +38,8 @@ use prost::Message as _;
 use saga_messaging::transport::{BoxFuture, Delivery, Handler, Outcome, Transport};
 use saga_proto::v1 as pb;
 use saga_storage::{
-    AppendRequest, Contended, EventLog, ExpectedVersion, NewEvent, OutboxMessage, StorageError, Tried,
-    retry_on_conflict,
+    AppendRequest, Contended, EventLog, ExpectedVersion, NewEvent, OutboxMessage, StorageError,
+    StreamVersion, Tried, retry_on_conflict,
 };
 use tokio::sync::{Notify, watch};
 
@@ -270,7 +270,11 @@ impl Engine {
             let records = self
                 .inner
                 .log
-                .read_stream(saga_id, events.len() as u64 + 1, saga_storage::log::READ_LEN_MAX)
+                .read_stream(
+                    saga_id,
+                    StreamVersion::new(events.len() as u64 + 1),
+                    saga_storage::log::READ_LEN_MAX,
+                )
                 .await?;
             let n = records.len();
             for record in records {
@@ -301,16 +305,11 @@ impl Engine {
     async fn append(
         &self,
         saga_id: &str,
-        version: u64,
+        version: StreamVersion,
         events: &[SagaEvent],
         outbox: Vec<OutboxMessage>,
-    ) -> Result<u64, StorageError> {
-        let expected = if version == 0 {
-            ExpectedVersion::NoStream
-        } else {
-            ExpectedVersion::Exact(version)
-        };
-        let mut request = AppendRequest::new(saga_id, expected);
+    ) -> Result<StreamVersion, StorageError> {
+        let mut request = AppendRequest::new(saga_id, ExpectedVersion::at(version));
         for event in events {
             request = request.event(NewEvent::encode(event.name(), event)?);
         }
@@ -323,7 +322,7 @@ impl Engine {
             self.inner.relay_wake.notify_one();
         }
         if let Some(tx) = self.inner.watchers.lock().expect("watchers lock").get(saga_id) {
-            tx.send_replace(appended.stream_version);
+            tx.send_replace(appended.stream_version.get());
         }
         Ok(appended.stream_version)
     }
@@ -364,7 +363,12 @@ impl Engine {
                 // A fresh id per try: a conflict here is an id collision, or a concurrent start.
                 let saga_id = self.new_id(&def.id_prefix);
                 match self
-                    .append(&saga_id, 0, std::slice::from_ref(started), Vec::new())
+                    .append(
+                        &saga_id,
+                        StreamVersion::NONE,
+                        std::slice::from_ref(started),
+                        Vec::new(),
+                    )
                     .await
                 {
                     Ok(_) => {
@@ -898,7 +902,7 @@ struct Driver<'e> {
     saga_id: &'e str,
     def: Arc<SagaDefinition>,
     state: SagaState,
-    durable: u64,
+    durable: StreamVersion,
     pending: Vec<SagaEvent>,
 }
 
@@ -935,7 +939,7 @@ impl<'e> Driver<'e> {
     }
 
     /// The new durable version after an append of the pending events; a conflict ends the pass.
-    fn settle(&mut self, appended: Result<u64, StorageError>) -> Result<(), Pass> {
+    fn settle(&mut self, appended: Result<StreamVersion, StorageError>) -> Result<(), Pass> {
         match appended {
             Ok(version) => {
                 self.durable = version;

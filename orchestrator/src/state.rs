@@ -33,6 +33,7 @@
 //!    only with the participant's log itself.
 
 use saga_proto::v1 as pb;
+use saga_storage::StreamVersion;
 
 use crate::definition::SagaDefinition;
 use crate::events::{FailureKind, SagaEvent};
@@ -153,8 +154,8 @@ pub struct SagaState {
     pub payload: Vec<u8>,
     pub status: Status,
     pub steps: Vec<StepState>,
-    /// Number of events folded (the stream version).
-    pub version: u64,
+    /// The stream version folded (its number of events).
+    pub version: StreamVersion,
     pub started_at_unix_us: i64,
     pub updated_at_unix_us: i64,
     pub failure_reason: String,
@@ -204,7 +205,7 @@ impl SagaState {
                     ever_started: false,
                 })
                 .collect(),
-            version: 1,
+            version: StreamVersion::FIRST,
             started_at_unix_us: timestamp_us,
             updated_at_unix_us: timestamp_us,
             failure_reason: String::new(),
@@ -361,7 +362,7 @@ impl SagaState {
                 self.compensation_round += 1;
             }
         }
-        self.version += 1;
+        self.version = self.version.next();
         self.updated_at_unix_us = timestamp_us;
         Ok(())
     }

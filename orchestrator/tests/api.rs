@@ -226,7 +226,7 @@ async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
     while let Some(event) = replay.message().await.expect("stream") {
         events.push(event);
     }
-    assert_eq!(events.len() as u64, system.engine.log().durable_position());
+    assert_eq!(system.engine.log().durable_position(), events.len() as u64);
     assert!(events.iter().enumerate().all(|(i, e)| e.position == i as u64 + 1));
     let mut last = std::collections::HashMap::new();
     for e in &events {

@@ -17,6 +17,7 @@ use saga_orchestrator::order::{self, OrderTiming};
 use saga_orchestrator::state::Status;
 use saga_proto::v1 as pb;
 use saga_storage::LogConfig;
+use saga_storage::Position;
 use saga_storage::gate::{GatePoint, WriterGate};
 
 /// What the fake participants did: the steps applied and not undone.
@@ -78,7 +79,7 @@ impl StepInvoker for FakeInvoker {
 }
 
 async fn wait_for_started(log: &saga_storage::EventLog, saga_id: &str, step: &str) {
-    let mut tail = log.subscribe(1);
+    let mut tail = log.subscribe(Position::new(1));
     loop {
         let record = tail.next().await.expect("tail");
         if record.stream() == saga_id
@@ -379,7 +380,7 @@ async fn retry_of_a_stuck_compensating_saga_resends_open_compensations_and_never
         .append(
             saga_storage::AppendRequest::new(
                 &id,
-                saga_storage::ExpectedVersion::Exact(compensating.version + 1),
+                saga_storage::ExpectedVersion::Exact(compensating.version.next()),
             )
             .event(saga_storage::NewEvent::encode(stuck.name(), &stuck).expect("encodes")),
         )

@@ -19,6 +19,7 @@ use saga_storage::{
 use crate::keys;
 use crate::record::ParticipantEvent;
 use crate::refusal::{Refusal, Refused};
+use saga_storage::StreamVersion;
 
 /// The barrier's own events in a step stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,9 +145,9 @@ pub enum BarrierError {
     Contended(#[from] Contended),
 }
 
-async fn read(log: &EventLog, key: &StepKey) -> Result<(StepState, u64), BarrierError> {
-    let records = log.read_stream(&key.stream(), 1, 16).await?;
-    let version = records.len() as u64;
+async fn read(log: &EventLog, key: &StepKey) -> Result<(StepState, StreamVersion), BarrierError> {
+    let records = log.read_stream(&key.stream(), StreamVersion::new(1), 16).await?;
+    let version = StreamVersion::new(records.len() as u64);
     let events = records
         .iter()
         .map(|r| r.decode::<ParticipantEvent>())
@@ -188,7 +189,7 @@ pub async fn act(
                 (StepState::Empty, _) => {}
             }
             let refused = match log
-                .append(append_request(key, ExpectedVersion::NoStream, &action)?)
+                .append(append_request(key, ExpectedVersion::NoStream, action)?)
                 .await
             {
                 Err(e @ StorageError::Refused { .. }) => match e.refusal::<Refused>() {

@@ -44,6 +44,7 @@ use crate::consumer_log::{
 };
 use crate::record::ParticipantEvent;
 use crate::{Participant, Role, keys};
+use saga_storage::StreamVersion;
 
 /// Tries before a message is parked (a try that never finished counts).
 pub const TRIES_MAX: u32 = 3;
@@ -197,7 +198,7 @@ impl CompensationConsumer {
         let records = self
             .participant
             .log()
-            .read_stream(stream, 1, saga_storage::log::READ_LEN_MAX)
+            .read_stream(stream, StreamVersion::new(1), saga_storage::log::READ_LEN_MAX)
             .await?;
         let events = records
             .iter()

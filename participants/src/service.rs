@@ -14,6 +14,7 @@ use tonic::Status;
 use crate::barrier::{BarrierError, StepKey};
 use crate::record::ParticipantEvent;
 use crate::stock::Item;
+use saga_storage::StreamVersion;
 
 /// Most items in one order or reservation.
 pub const ITEMS_MAX: usize = 64;
@@ -150,7 +151,10 @@ pub(crate) async fn seed_one(
     {
         Ok(_) => Ok(true),
         Err(StorageError::VersionConflict { .. }) => {
-            let existing = log.read_stream(&stream, 1, 1).await.map_err(storage_status)?;
+            let existing = log
+                .read_stream(&stream, StreamVersion::new(1), 1)
+                .await
+                .map_err(storage_status)?;
             let same = existing
                 .first()
                 .map(|r| r.decode::<ParticipantEvent>())

@@ -6,6 +6,8 @@ use prost::Message as _;
 use saga_participants::barrier::{Compensated, StepKey};
 use saga_participants::{Participant, Role};
 use saga_proto::v1 as pb;
+use saga_storage::Position;
+use saga_storage::StreamVersion;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -137,7 +139,7 @@ async fn repeated_action_returns_first_outcome_and_changes_nothing_again() {
     let events = p
         .participant
         .log()
-        .read_stream("step/s1/reserve_stock", 1, 10)
+        .read_stream("step/s1/reserve_stock", StreamVersion::new(1), 10)
         .await
         .expect("reads");
     assert_eq!(events.len(), 1, "one event for the key");
@@ -166,7 +168,7 @@ async fn compensation_without_action_is_null_and_a_late_action_is_refused() {
     let types: Vec<String> = p
         .participant
         .log()
-        .read_stream("step/s2/reserve_stock", 1, 10)
+        .read_stream("step/s2/reserve_stock", StreamVersion::new(1), 10)
         .await
         .expect("reads")
         .iter()
@@ -551,7 +553,7 @@ fn check(
     expect: Expect,
     answer: Result<(), tonic::Status>,
     participant: &Participant,
-    before: u64,
+    before: Position,
 ) {
     let status = match (answer, expect) {
         (Ok(()), Expect::Noop) => {

@@ -20,6 +20,7 @@ use saga_participants::record::ParticipantEvent;
 use saga_participants::stock::{Item, StockEvent, StockLevel};
 use saga_participants::{Participant, Role};
 use saga_proto::v1 as pb;
+use saga_storage::StreamVersion;
 use saga_storage::{AppendRequest, ExpectedVersion, NewEvent};
 
 /// Collects the acknowledgements the consumer publishes.
@@ -123,7 +124,7 @@ async fn consumer_log(p: &Participant, key: &StepKey) -> Vec<String> {
         key.saga_id, key.step
     );
     p.log()
-        .read_stream(&stream, 1, 100)
+        .read_stream(&stream, StreamVersion::new(1), 100)
         .await
         .expect("reads")
         .iter()

@@ -14,6 +14,7 @@ use saga_messaging::transport::{
 use saga_participants::consumer::TRIES_MAX;
 use saga_participants::faults::{CRASH_PREFIX_ENV, FAULT_PREFIX_ENV};
 use saga_proto::v1 as pb;
+use saga_storage::StreamVersion;
 use saga_tests::{Proc, run_id};
 use tonic::transport::Channel;
 
@@ -459,7 +460,7 @@ async fn barrier_rules_hold_in_a_separate_process_through_the_broker() {
     let types = |stream: String| {
         let log = log.clone();
         async move {
-            log.read_stream(&stream, 1, 10)
+            log.read_stream(&stream, StreamVersion::new(1), 10)
                 .await
                 .expect("reads")
                 .iter()

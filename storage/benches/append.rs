@@ -12,7 +12,9 @@
 
 use std::time::{Duration, Instant};
 
-use saga_storage::{AppendRequest, Durability, EventLog, ExpectedVersion, LogConfig, NewEvent};
+use saga_storage::{
+    AppendRequest, Durability, EventLog, ExpectedVersion, LogConfig, NewEvent, StreamVersion,
+};
 
 struct Args {
     writers: Vec<usize>,
@@ -83,13 +85,13 @@ async fn run(writers: usize, args: &Args) {
             let payload = payload.clone();
             tokio::spawn(async move {
                 let stream = format!("bench-{w}");
-                let mut version = 0;
+                let mut version = StreamVersion::NONE;
                 let mut latencies_us = Vec::new();
                 while Instant::now() < deadline {
                     let t = Instant::now();
                     let appended = log
                         .append(
-                            AppendRequest::new(&stream, ExpectedVersion::Exact(version))
+                            AppendRequest::new(&stream, ExpectedVersion::at(version))
                                 .event(NewEvent::new("BenchEvent", payload.clone())),
                         )
                         .await

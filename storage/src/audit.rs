@@ -12,6 +12,7 @@ use sled::IVec;
 
 use crate::error::StorageError;
 use crate::log::{LOG_STREAM, Record, check_mark, decode_position, open_sled, stream_key};
+use crate::position::Position;
 use crate::projection::{EventView, ProjectError, ProjectionTx, Projector};
 
 /// Most findings a verification collects before it stops looking.
@@ -76,20 +77,23 @@ impl AuditLog {
         })
     }
 
-    /// The records from position `from` on, in order, each verified (checksum and position).
-    pub fn records(&self, from: u64) -> impl Iterator<Item = Result<Record, StorageError>> + '_ {
-        self.events.range(from.max(1).to_be_bytes()..).map(|entry| {
-            let (key, value) = entry?;
-            let position = decode_position("events", &key, &key)?;
-            Record::verify(position, value)
-        })
+    /// The records from position `from` on (`NONE`: from the first), in order, each verified
+    /// (checksum and position).
+    pub fn records(&self, from: Position) -> impl Iterator<Item = Result<Record, StorageError>> + '_ {
+        self.events
+            .range(from.or_first().get().to_be_bytes()..)
+            .map(|entry| {
+                let (key, value) = entry?;
+                let position = decode_position("events", &key, &key)?;
+                Record::verify(position, value)
+            })
     }
 
-    /// The last position (0 for an empty log).
-    pub fn last_position(&self) -> Result<u64, StorageError> {
+    /// The last position (`NONE` for an empty log).
+    pub fn last_position(&self) -> Result<Position, StorageError> {
         match self.events.last()? {
-            Some((key, _)) => decode_position("events", &key, &key),
-            None => Ok(0),
+            Some((key, _)) => decode_position("events", &key, &key).map(Position::new),
+            None => Ok(Position::NONE),
         }
     }
 
@@ -141,7 +145,7 @@ impl AuditLog {
             let stream = record.stream();
             let (last_version, last_checksum, last_position) =
                 heads.get(stream).copied().unwrap_or((0, 0, 0));
-            if record.version() != last_version + 1 {
+            if record.version().get() != last_version + 1 {
                 add(
                     &mut findings,
                     Some(position),
@@ -169,7 +173,7 @@ impl AuditLog {
                     ),
                 );
             }
-            match self.streams.get(stream_key(stream, record.version()))? {
+            match self.streams.get(stream_key(stream, record.version().get()))? {
                 Some(value) if value.as_ref() == position.to_be_bytes() => {}
                 other => add(
                     &mut findings,
@@ -181,7 +185,10 @@ impl AuditLog {
                     ),
                 ),
             }
-            heads.insert(stream.to_owned(), (record.version(), record.checksum(), position));
+            heads.insert(
+                stream.to_owned(),
+                (record.version().get(), record.checksum(), position),
+            );
             if let (Some(projector), Some(replay)) = (projector, &replay)
                 && stream != LOG_STREAM
                 && let Err(what) = replay_one(projector, replay, &record)

@@ -13,7 +13,7 @@ pub enum StorageError {
     VersionConflict {
         stream: String,
         expected: ExpectedVersion,
-        actual: u64,
+        actual: crate::StreamVersion,
     },
     /// The record at this global position failed verification. Never skipped, never a panic.
     #[error("corrupt record at position {position}: {reason}")]

@@ -13,6 +13,7 @@
 //! - [`clock`]: the one wall clock (microseconds since the epoch).
 //! - [`codec`]: the payload codec (bincode 2 + serde), the one place that knows it.
 //! - [`projection`]: read models written in the same transaction as their events.
+//! - [`position`]: [`Position`] and [`StreamVersion`], the log's two counters.
 //! - [`outbox`]: messages written with the events that decide them, for a relay to publish.
 //! - [`mark`]: the durable mark beside the log, so that a lost tail is detected at open.
 //! - [`gate`]: a test hook that holds the writer at a named point (crash-window tests).
@@ -27,6 +28,7 @@ pub mod gate;
 pub mod log;
 pub mod mark;
 pub mod outbox;
+pub mod position;
 pub mod projection;
 pub mod record_format;
 
@@ -37,4 +39,5 @@ pub use log::{
     LostTailAccepted, NewEvent, Record, Subscription,
 };
 pub use outbox::{OutboxEntry, OutboxId, OutboxMessage};
+pub use position::{Position, StreamVersion};
 pub use projection::{EventView, ProjectError, ProjectionTx, Projector};

@@ -66,6 +66,7 @@ use crate::error::StorageError;
 use crate::gate::{GatePoint, GateVerdict, WriterGate};
 use crate::mark::{self, Found, Mark, MarkWriter, RecentAppend};
 use crate::outbox::{OUTBOX_PER_APPEND_MAX, OutboxEntry, OutboxId, OutboxMessage};
+use crate::position::{Position, StreamVersion};
 use crate::projection::{EventView, ProjectError, ProjectionTx, Projector};
 
 mod flusher;
@@ -332,23 +333,23 @@ impl EventLog {
         answer.await.map_err(|_| StorageError::Closed)?
     }
 
-    /// The stream's current version (0 if it does not exist), as durable.
-    pub async fn stream_version(&self, stream: &str) -> Result<u64, StorageError> {
+    /// The stream's current version (`NONE` if it does not exist), as durable.
+    pub async fn stream_version(&self, stream: &str) -> Result<StreamVersion, StorageError> {
         let version = last_version(&self.shared.trees.streams, stream)?.map_or(0, |(version, _)| version);
         self.wait_durable_read().await?;
-        Ok(version)
+        Ok(StreamVersion::new(version))
     }
 
-    /// Up to `max` records of `stream` from `from_version` (1-based), in order. Verifies each
-    /// record and the hash chain between consecutive records.
+    /// Up to `max` records of `stream` from `from` (`NONE` reads from the first), in order.
+    /// Verifies each record and the hash chain between consecutive records.
     pub async fn read_stream(
         &self,
         stream: &str,
-        from_version: u64,
+        from: StreamVersion,
         max: usize,
     ) -> Result<Vec<Record>, StorageError> {
         let max = max.min(READ_LEN_MAX);
-        let from_version = from_version.max(1);
+        let from_version = from.or_first().get();
         let trees = &self.shared.trees;
         let start = stream_key(stream, from_version);
         let end = stream_key(stream, u64::MAX);
@@ -368,7 +369,7 @@ impl EventLog {
             let position = decode_position("streams", &key, &value)?;
             let record = self.record_at(position)?;
             let expected_version = from_version + records.len() as u64;
-            if record.stream() != stream || record.version() != expected_version {
+            if record.stream() != stream || record.version().get() != expected_version {
                 return Err(StorageError::Corrupt {
                     position,
                     reason: format!(
@@ -393,31 +394,32 @@ impl EventLog {
         Ok(records)
     }
 
-    /// Up to `max` durable records of the whole log from global position `from` (1-based).
-    pub fn read_all(&self, from: u64, max: usize) -> Result<Vec<Record>, StorageError> {
+    /// Up to `max` durable records of the whole log from global position `from` (`NONE`
+    /// reads from the first).
+    pub fn read_all(&self, from: Position, max: usize) -> Result<Vec<Record>, StorageError> {
         let durable = self.shared.durable.borrow().position;
         read_range(
             &self.shared.trees.events,
-            from.max(1),
+            from.or_first().get(),
             durable,
             max.min(READ_LEN_MAX),
         )
     }
 
-    /// The highest durable global position (0 for an empty log).
-    pub fn durable_position(&self) -> u64 {
-        self.shared.durable.borrow().position
+    /// The highest durable global position (`NONE` for an empty log).
+    pub fn durable_position(&self) -> Position {
+        Position::new(self.shared.durable.borrow().position)
     }
 
     /// A live tail of the log from global position `from`: first the records already durable,
     /// then each new one as it becomes durable. Every position is delivered exactly once, in
     /// order: catch-up and live reads are the same read of the `events` tree, bounded by the
     /// durable position, so there is no hand-over where a record could be skipped or repeated.
-    pub fn subscribe(&self, from: u64) -> Subscription {
+    pub fn subscribe(&self, from: Position) -> Subscription {
         Subscription {
             events: self.shared.trees.events.clone(),
             durable: self.shared.durable.clone(),
-            next: from.max(1),
+            next: from.or_first().get(),
             buffer: std::collections::VecDeque::new(),
         }
     }
@@ -502,10 +504,10 @@ impl EventLog {
     }
 
     /// Waits until the durable position is at least `position` (or the log fails).
-    pub async fn wait_durable_position(&self, position: u64) -> Result<(), StorageError> {
+    pub async fn wait_durable_position(&self, position: Position) -> Result<(), StorageError> {
         let mut durable = self.shared.durable.clone();
         let seen = durable
-            .wait_for(|d| d.position >= position || d.failed)
+            .wait_for(|d| d.position >= position.get() || d.failed)
             .await
             .map_err(|_| StorageError::Closed)?;
         if seen.failed {

@@ -16,9 +16,9 @@ use sled::transaction::{TransactionalTree, UnabortableTransactionError};
 /// An event as the projector sees it, before it is visible to anyone else.
 #[derive(Debug, Clone, Copy)]
 pub struct EventView<'a> {
-    pub position: u64,
+    pub position: crate::Position,
     pub stream: &'a str,
-    pub version: u64,
+    pub version: crate::StreamVersion,
     pub event_type: &'a str,
     pub timestamp_us: i64,
     /// The payload as stored (decode with `crate::codec::decode`).

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use saga_storage::Position;
 use saga_storage::audit::AuditLog;
 use saga_storage::record_format::{self, RecordFields};
 use saga_storage::{
@@ -50,13 +51,13 @@ fn forge(dir: &std::path::Path, position: u64, payload: &[u8]) {
     drop(db);
     let audit = AuditLog::open(dir).expect("opens");
     let record = audit
-        .records(position)
+        .records(Position::new(position))
         .next()
         .expect("a record")
         .expect("verifies before forging");
     let (bytes, _) = record_format::encode(&RecordFields {
         position,
-        version: record.version(),
+        version: record.version().get(),
         timestamp_us: record.timestamp_us(),
         prev_checksum: record.prev_checksum(),
         stream: record.stream(),
@@ -98,7 +99,7 @@ async fn a_forged_record_with_a_recomputed_checksum_is_caught_by_the_hash_chain(
     let audit = AuditLog::open(dir.path()).unwrap();
     // The forged record passes its own checksum ...
     audit
-        .records(2)
+        .records(Position::new(2))
         .next()
         .unwrap()
         .expect("its own checksum is consistent");

@@ -2,6 +2,7 @@
 //! never silently skipped.
 
 use saga_storage::{AppendRequest, EventLog, ExpectedVersion, LogConfig, NewEvent, StorageError};
+use saga_storage::{Position, StreamVersion};
 
 async fn write_log(dir: &std::path::Path, n: u64) {
     let log = EventLog::open(LogConfig::new(dir)).expect("opens");
@@ -67,18 +68,21 @@ async fn a_flipped_byte_is_corrupt_at_its_position_on_every_read_path() {
         bytes[mid] ^= 0x40;
     });
     let log = EventLog::open(LogConfig::new(dir.path())).expect("reopens: damage is found on read");
-    assert_corrupt_at(log.read_all(1, 100), 5);
-    assert!(log.read_all(1, 4).is_ok(), "records before the damage still read");
+    assert_corrupt_at(log.read_all(Position::new(1), 100), 5);
     assert!(
-        log.read_all(6, 100).is_ok(),
+        log.read_all(Position::new(1), 4).is_ok(),
+        "records before the damage still read"
+    );
+    assert!(
+        log.read_all(Position::new(6), 100).is_ok(),
         "records after the damage still read"
     );
-    assert_corrupt_at(log.read_stream("s0", 1, 100).await, 5);
+    assert_corrupt_at(log.read_stream("s0", StreamVersion::new(1), 100).await, 5);
     assert!(
-        log.read_stream("s1", 1, 100).await.is_ok(),
+        log.read_stream("s1", StreamVersion::new(1), 100).await.is_ok(),
         "other streams are unaffected"
     );
-    let mut sub = log.subscribe(1);
+    let mut sub = log.subscribe(Position::new(1));
     let mut delivered = 0;
     let err = loop {
         match sub.next().await {
@@ -107,9 +111,9 @@ async fn truncated_or_misplaced_records_are_corrupt() {
         db.flush().expect("flushes");
     }
     let log = EventLog::open(LogConfig::new(dir.path())).expect("reopens");
-    assert_corrupt_at(log.read_all(1, 100), 2);
-    assert_corrupt_at(log.read_all(3, 100), 4);
-    assert_corrupt_at(log.read_stream("s1", 1, 100).await, 2);
+    assert_corrupt_at(log.read_all(Position::new(1), 100), 2);
+    assert_corrupt_at(log.read_all(Position::new(3), 100), 4);
+    assert_corrupt_at(log.read_stream("s1", StreamVersion::new(1), 100).await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,6 +123,8 @@ async fn a_payload_that_does_not_decode_is_corrupt_at_its_position() {
     log.append(AppendRequest::new("s", ExpectedVersion::Any).event(NewEvent::new("Raw", vec![0xFF; 3])))
         .await
         .expect("appends");
-    let records = log.read_all(1, 10).expect("reads: the envelope is fine");
+    let records = log
+        .read_all(Position::new(1), 10)
+        .expect("reads: the envelope is fine");
     assert_corrupt_at(records[0].decode::<String>(), 1);
 }

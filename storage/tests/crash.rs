@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
 use saga_storage::{AppendRequest, EventLog, ExpectedVersion, LogConfig, NewEvent};
+use saga_storage::{Position, StreamVersion};
 
 const CHILD_ENV: &str = "CRASH_CHILD_DIR";
 const STREAMS: usize = 8;
@@ -35,10 +36,10 @@ fn crash_child_appends_until_killed() {
                     let mut version = log.stream_version(&stream).await.expect("version");
                     loop {
                         // Each event's payload is its own version: checkable after the crash.
-                        let request = AppendRequest::new(&stream, ExpectedVersion::Exact(version)).events(
-                            (1..=EVENTS_PER_APPEND)
-                                .map(|i| NewEvent::encode("Counted", &(version + i)).expect("encodes")),
-                        );
+                        let request = AppendRequest::new(&stream, ExpectedVersion::at(version))
+                            .events((1..=EVENTS_PER_APPEND).map(|i| {
+                                NewEvent::encode("Counted", &(version.get() + i)).expect("encodes")
+                            }));
                         let appended = log.append(request).await.expect("child appends");
                         version = appended.stream_version;
                         let mut out = std::io::stdout().lock();
@@ -127,15 +128,15 @@ async fn sigkill_while_appending_loses_no_acknowledged_event_and_shows_nothing_h
                 "round {round}: {stream} has v{version}, but v{acked} was acknowledged"
             );
             assert_eq!(
-                version % EVENTS_PER_APPEND,
+                version.get() % EVENTS_PER_APPEND,
                 0,
                 "round {round}: {stream} holds part of an append"
             );
             let records = log
-                .read_stream(&stream, 1, 100_000)
+                .read_stream(&stream, StreamVersion::new(1), 100_000)
                 .await
                 .expect("reads verified stream");
-            assert_eq!(records.len() as u64, version);
+            assert_eq!(records.len() as u64, version.get());
             for (i, record) in records.iter().enumerate() {
                 assert_eq!(
                     record.decode::<u64>().expect("payload decodes"),
@@ -145,7 +146,9 @@ async fn sigkill_while_appending_loses_no_acknowledged_event_and_shows_nothing_h
             }
             total += records.len();
         }
-        let all = log.read_all(1, 100_000).expect("whole log verifies");
+        let all = log
+            .read_all(Position::new(1), 100_000)
+            .expect("whole log verifies");
         assert_eq!(all.len(), total, "round {round}: log and stream index agree");
         for (i, record) in all.iter().enumerate() {
             assert_eq!(
@@ -259,7 +262,7 @@ async fn a_lost_tail_after_sigkill_is_refused_with_its_positions_unless_accepted
     config.accept_lost_tail = true;
     let log = EventLog::open(config).expect("opens with the loss accepted");
     let recorded = log
-        .read_stream(saga_storage::LOG_STREAM, 1, 10)
+        .read_stream(saga_storage::LOG_STREAM, StreamVersion::new(1), 10)
         .await
         .expect("reads the log's own stream");
     assert_eq!(recorded.len(), 1);

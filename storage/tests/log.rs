@@ -8,6 +8,7 @@ use saga_storage::{
     AppendRequest, EventLog, EventView, ExpectedVersion, LogConfig, NewEvent, OutboxMessage, ProjectError,
     ProjectionTx, Projector, StorageError, codec,
 };
+use saga_storage::{Position, StreamVersion};
 use serde::{Deserialize, Serialize};
 
 /// A tiny aggregate: an account whose balance is a fold of its events.
@@ -111,7 +112,10 @@ async fn replay_of_stream_and_log_equals_fold_and_survives_reopen() {
     // Reopen: what we read is what is on disk.
     let log = open(&dir);
     for (stream, balance) in &folded {
-        let records = log.read_stream(stream, 1, 10_000).await.expect("reads stream");
+        let records = log
+            .read_stream(stream, StreamVersion::new(1), 10_000)
+            .await
+            .expect("reads stream");
         let mut replayed = 0;
         for (i, record) in records.iter().enumerate() {
             assert_eq!(record.version(), i as u64 + 1);
@@ -132,7 +136,7 @@ async fn replay_of_stream_and_log_equals_fold_and_survives_reopen() {
             records.len() as u64
         );
     }
-    let all = log.read_all(1, 10_000).expect("reads log");
+    let all = log.read_all(Position::new(1), 10_000).expect("reads log");
     assert_eq!(all.len(), expected_events.len());
     for (i, (record, (stream, event))) in all.iter().zip(&expected_events).enumerate() {
         assert_eq!(record.position(), i as u64 + 1, "positions are gap-free from 1");
@@ -140,7 +144,10 @@ async fn replay_of_stream_and_log_equals_fold_and_survives_reopen() {
         assert_eq!(&record.decode::<AccountEvent>().expect("decodes"), event);
     }
     // Reading from the middle continues the chain check from the record before.
-    let tail = log.read_stream("acct-0", 3, 2).await.expect("reads from v3");
+    let tail = log
+        .read_stream("acct-0", StreamVersion::new(3), 2)
+        .await
+        .expect("reads from v3");
     assert_eq!(tail.iter().map(|r| r.version()).collect::<Vec<_>>(), vec![3, 4]);
 }
 
@@ -150,11 +157,11 @@ async fn two_writers_at_the_same_version_one_wins_one_conflicts() {
     let log = open(&dir);
     for round in 0..50u64 {
         let a = log.append(
-            AppendRequest::new("race", ExpectedVersion::Exact(round))
+            AppendRequest::new("race", ExpectedVersion::at(StreamVersion::new(round)))
                 .event(AccountEvent::Deposited { amount: 1 }.to_new()),
         );
         let b = log.append(
-            AppendRequest::new("race", ExpectedVersion::Exact(round))
+            AppendRequest::new("race", ExpectedVersion::at(StreamVersion::new(round)))
                 .event(AccountEvent::Deposited { amount: 1000 }.to_new()),
         );
         let (a, b) = tokio::join!(a, b);
@@ -167,7 +174,10 @@ async fn two_writers_at_the_same_version_one_wins_one_conflicts() {
             StorageError::VersionConflict { actual, .. } => assert_eq!(actual, round + 1),
             other => panic!("loser must see a version conflict, got {other}"),
         }
-        let records = log.read_stream("race", round + 1, 10).await.expect("reads");
+        let records = log
+            .read_stream("race", StreamVersion::new(round + 1), 10)
+            .await
+            .expect("reads");
         assert_eq!(records.len(), 1, "exactly the winner's event was written");
         assert_eq!(
             records[0].decode::<AccountEvent>().expect("decodes"),
@@ -206,7 +216,10 @@ async fn many_writers_retrying_on_conflict_lose_no_event() {
     for t in tasks {
         conflicts += t.await.expect("task");
     }
-    let records = log.read_stream("shared", 1, 10_000).await.expect("reads");
+    let records = log
+        .read_stream("shared", StreamVersion::new(1), 10_000)
+        .await
+        .expect("reads");
     assert_eq!(
         records.len() as i64,
         WRITERS * PER_WRITER,
@@ -235,7 +248,7 @@ async fn appends_in_one_call_are_atomic_and_a_refused_projection_writes_nothing(
     // event of this append may be written, while a concurrent append to another stream in the
     // same batch still goes through.
     let bad = log.append(
-        AppendRequest::new("a", ExpectedVersion::Exact(2))
+        AppendRequest::new("a", ExpectedVersion::Exact(StreamVersion::new(2)))
             .event(AccountEvent::Deposited { amount: 1 }.to_new())
             .event(AccountEvent::Withdrawn { amount: 100 }.to_new()),
     );
@@ -254,7 +267,7 @@ async fn appends_in_one_call_are_atomic_and_a_refused_projection_writes_nothing(
     assert_eq!(log.stream_version("a").await.expect("v"), 2);
     assert_eq!(projected_balance(&log, "a").await, 6);
     assert_eq!(projected_balance(&log, "b").await, 5);
-    let all = log.read_all(1, 100).expect("reads");
+    let all = log.read_all(Position::new(1), 100).expect("reads");
     assert_eq!(all.len(), 3, "positions stay gap-free after a refused append");
     assert_eq!(
         all.iter().map(|r| r.position()).collect::<Vec<_>>(),
@@ -297,7 +310,7 @@ async fn invalid_appends_name_the_field_and_write_nothing() {
         }
     }
     assert_eq!(log.durable_position(), 0);
-    assert!(log.read_all(1, 10).expect("reads").is_empty());
+    assert!(log.read_all(Position::new(1), 10).expect("reads").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,7 +326,7 @@ async fn subscription_delivers_every_position_once_in_order_across_catch_up_and_
         .await
         .expect("appends");
     }
-    let mut sub = log.subscribe(1);
+    let mut sub = log.subscribe(Position::new(1));
     // ...and concurrent writers while it catches up.
     let writers: Vec<_> = (0..4)
         .map(|w| {
@@ -461,12 +474,18 @@ async fn two_logs_in_one_process_append_to_new_streams_without_deadlock() {
             tasks.push(tokio::spawn(async move {
                 for s in (w..50).step_by(8) {
                     log.append(
-                        AppendRequest::new(format!("cold-{s}"), ExpectedVersion::Exact(1))
-                            .event(AccountEvent::Deposited { amount: 1 }.to_new()),
+                        AppendRequest::new(
+                            format!("cold-{s}"),
+                            ExpectedVersion::Exact(StreamVersion::new(1)),
+                        )
+                        .event(AccountEvent::Deposited { amount: 1 }.to_new()),
                     )
                     .await
                     .expect("appends");
-                    let _ = log.read_stream(&format!("cold-{s}"), 1, 10).await.expect("reads");
+                    let _ = log
+                        .read_stream(&format!("cold-{s}"), StreamVersion::new(1), 10)
+                        .await
+                        .expect("reads");
                 }
             }));
         }
@@ -480,7 +499,7 @@ async fn two_logs_in_one_process_append_to_new_streams_without_deadlock() {
         .await
         .expect("no deadlock: every append finished");
     for log in &logs {
-        assert_eq!(log.read_all(1, 1000).expect("reads").len(), 100);
+        assert_eq!(log.read_all(Position::new(1), 1000).expect("reads").len(), 100);
     }
 }
 
@@ -506,7 +525,10 @@ async fn reads_between_commit_and_flush_wait_for_the_flush() {
     let writer = log.clone();
     let append = tokio::spawn(async move {
         writer
-            .append(AppendRequest::new("acct", ExpectedVersion::Exact(1)).event(deposit.to_new()))
+            .append(
+                AppendRequest::new("acct", ExpectedVersion::Exact(StreamVersion::new(1)))
+                    .event(deposit.to_new()),
+            )
             .await
     });
     let held = gate.held(std::time::Duration::from_secs(10)).await;
@@ -515,12 +537,19 @@ async fn reads_between_commit_and_flush_wait_for_the_flush() {
 
     let reader = log.clone();
     let mut reads = tokio::spawn(async move {
-        let records = reader.read_stream("acct", 1, 10).await.expect("reads");
+        let records = reader
+            .read_stream("acct", StreamVersion::new(1), 10)
+            .await
+            .expect("reads");
         let durable_after_stream_read = reader.durable_position();
         let balance = projected_balance(&reader, "acct").await;
         let durable_after_projection_read = reader.durable_position();
         (
-            records.iter().map(|r| r.position()).max().unwrap_or(0),
+            records
+                .iter()
+                .map(|r| r.position())
+                .max()
+                .unwrap_or(Position::NONE),
             durable_after_stream_read,
             balance,
             durable_after_projection_read,

@@ -74,7 +74,7 @@ impl Flusher {
                 if let Outcome::Appended(appended) = &outcome {
                     self.shared.appends.fetch_add(1, Ordering::Relaxed);
                     self.shared.events.fetch_add(
-                        appended.last_position - appended.first_position + 1,
+                        appended.last_position.get() - appended.first_position.get() + 1,
                         Ordering::Relaxed,
                     );
                 }

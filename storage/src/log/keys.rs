@@ -49,7 +49,7 @@ pub(super) fn load_head(trees: &Trees, stream: &str) -> Result<(u64, u64), Stora
             reason: "indexed record is missing".into(),
         })?;
     let record = Record::verify(position, bytes)?;
-    if record.version() != version || record.stream() != stream {
+    if record.version().get() != version || record.stream() != stream {
         return Err(StorageError::Corrupt {
             position,
             reason: format!("index says {stream:?} v{version}, record disagrees"),

@@ -67,7 +67,7 @@ impl Subscription {
     }
 
     /// The position of the next record this subscription will deliver.
-    pub fn next_position(&self) -> u64 {
-        self.next - self.buffer.len() as u64
+    pub fn next_position(&self) -> Position {
+        Position::new(self.next - self.buffer.len() as u64)
     }
 }

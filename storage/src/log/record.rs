@@ -42,11 +42,11 @@ impl Record {
         std::str::from_utf8(&self.bytes[start..end]).expect("validated as UTF-8 by record_format::decode")
     }
 
-    pub fn position(&self) -> u64 {
-        self.layout.position
+    pub fn position(&self) -> Position {
+        Position::new(self.layout.position)
     }
-    pub fn version(&self) -> u64 {
-        self.layout.version
+    pub fn version(&self) -> StreamVersion {
+        StreamVersion::new(self.layout.version)
     }
     pub fn stream(&self) -> &str {
         self.str_at(self.layout.stream)
@@ -74,7 +74,7 @@ impl Record {
     /// Decodes the payload with the project's codec.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, StorageError> {
         codec::decode(self.payload()).map_err(|e| StorageError::Corrupt {
-            position: self.position(),
+            position: self.position().get(),
             reason: format!("payload of {}: {e}", self.event_type()),
         })
     }

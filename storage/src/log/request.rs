@@ -13,16 +13,25 @@ pub enum ExpectedVersion {
     Any,
     /// The stream must not exist yet (version 0).
     NoStream,
-    /// The stream must be at exactly this version (its number of events; 0 = no stream).
-    Exact(u64),
+    /// The stream must be at exactly this version (`StreamVersion::NONE`: no stream).
+    Exact(StreamVersion),
 }
 
 impl ExpectedVersion {
+    /// Exactly `version`, as a fold read it (`NONE`: the stream must not exist yet).
+    pub fn at(version: StreamVersion) -> ExpectedVersion {
+        if version == StreamVersion::NONE {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(version)
+        }
+    }
+
     pub(super) fn admits(self, actual: u64) -> bool {
         match self {
             ExpectedVersion::Any => true,
             ExpectedVersion::NoStream => actual == 0,
-            ExpectedVersion::Exact(v) => actual == v,
+            ExpectedVersion::Exact(v) => actual == v.get(),
         }
     }
 }
@@ -115,8 +124,8 @@ impl AppendRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
     /// The stream's version after the append (the version of its last event).
-    pub stream_version: u64,
+    pub stream_version: StreamVersion,
     /// Global positions of the append's first and last events.
-    pub first_position: u64,
-    pub last_position: u64,
+    pub first_position: Position,
+    pub last_position: Position,
 }

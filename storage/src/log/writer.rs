@@ -15,6 +15,12 @@ pub(super) enum Job {
     },
 }
 
+/// A stream's head: the version and the checksum of its last record.
+pub(super) type Head = (u64, u64);
+
+/// Jobs left out of a batch, with the error each is answered.
+pub(super) type LeftOut = HashMap<usize, StorageError>;
+
 /// Most stream heads the writer caches; past it the cache is emptied (heads are re-derived on
 /// demand), so memory stays bounded however many streams exist.
 pub(super) const HEAD_CACHE_LEN_MAX: usize = 100_000;
@@ -51,7 +57,7 @@ pub(super) struct Writer {
     pub(super) last_checksum: u64,
     pub(super) seq: u64,
     /// stream -> (version, checksum of its last record), for committed data only.
-    pub(super) heads: HashMap<String, (u64, u64)>,
+    pub(super) heads: HashMap<String, Head>,
     pub(super) gate: Option<Arc<WriterGate>>,
     /// Handed to the flusher when it starts.
     pub(super) mark: Option<MarkWriter>,
@@ -192,7 +198,7 @@ impl Writer {
         let mut outcomes: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
         // Heads written by the committed segments of this batch (merged into the cache at
         // the end, so that the cache's bound never drops a head a later segment needs).
-        let mut batch_heads: HashMap<&str, (u64, u64)> = HashMap::new();
+        let mut batch_heads: HashMap<&str, Head> = HashMap::new();
         let mut position = self.next_position;
         let (mut start, mut end) = (0, batch.len());
         while start < batch.len() {
@@ -249,10 +255,7 @@ impl Writer {
     /// sled's concurrency control is one process-wide fair RwLock, and a plain read inside a
     /// transaction closure can deadlock against another thread's commit waiting for the write
     /// lock. A job whose head cannot be read is left out with the error.
-    fn load_missing_heads<'b>(
-        &self,
-        batch: &'b [Job],
-    ) -> (HashMap<&'b str, (u64, u64)>, HashMap<usize, StorageError>) {
+    fn load_missing_heads<'b>(&self, batch: &'b [Job]) -> (HashMap<&'b str, Head>, LeftOut) {
         let mut loaded = HashMap::new();
         let mut left_out = HashMap::new();
         for (index, job) in batch.iter().enumerate() {
@@ -280,7 +283,7 @@ impl Writer {
         &mut self,
         batch: &'b [Job],
         outcomes: &[Option<Outcome>],
-        batch_heads: HashMap<&'b str, (u64, u64)>,
+        batch_heads: HashMap<&'b str, Head>,
     ) {
         let last_stream = batch
             .iter()
@@ -323,7 +326,7 @@ impl Writer {
                     projections,
                 };
                 // Heads written by this attempt.
-                let mut new_heads: HashMap<&'b str, (u64, u64)> = HashMap::new();
+                let mut new_heads: HashMap<&'b str, Head> = HashMap::new();
                 let mut position = position;
                 let mut outcomes = Vec::with_capacity(range.len());
                 for index in range.clone() {
@@ -360,7 +363,7 @@ impl Writer {
                             Outcome::Failed(StorageError::VersionConflict {
                                 stream: stream.to_owned(),
                                 expected: request.expected,
-                                actual: head.0,
+                                actual: StreamVersion::new(head.0),
                             }),
                         ));
                         continue;
@@ -374,7 +377,7 @@ impl Writer {
                         timestamp_us,
                     };
                     let (appended, new_head) = self.write_append(&tx, append)?;
-                    position = appended.last_position + 1;
+                    position = appended.last_position.next().get();
                     new_heads.insert(stream, new_head);
                     outcomes.push((index, Outcome::Appended(appended)));
                 }
@@ -407,7 +410,7 @@ pub(super) struct AppendAt<'b> {
     pub(super) index: usize,
     pub(super) request: &'b AppendRequest,
     pub(super) encoded_outbox: &'b [Vec<u8>],
-    pub(super) head: (u64, u64),
+    pub(super) head: Head,
     pub(super) position: u64,
     pub(super) timestamp_us: i64,
 }
@@ -419,7 +422,7 @@ impl Writer {
     /// entries and its outbox messages (keyed by its first position). Returns what was
     /// appended and the stream's new head; a projector's refusal aborts the transaction with
     /// the job to leave out.
-    fn write_append(&self, tx: &TxTrees<'_>, append: AppendAt<'_>) -> TxResult<(Appended, (u64, u64))> {
+    fn write_append(&self, tx: &TxTrees<'_>, append: AppendAt<'_>) -> TxResult<(Appended, Head)> {
         let stream = append.request.stream.as_str();
         let (mut version, mut prev_checksum) = append.head;
         let mut position = append.position;
@@ -435,9 +438,9 @@ impl Writer {
                 payload: &event.payload,
             });
             let view = EventView {
-                position,
+                position: Position::new(position),
                 stream,
-                version,
+                version: StreamVersion::new(version),
                 event_type: &event.event_type,
                 timestamp_us: append.timestamp_us,
                 payload: &event.payload,
@@ -457,9 +460,9 @@ impl Writer {
             tx.outbox.insert(&id.to_key(), body.as_slice())?;
         }
         let appended = Appended {
-            stream_version: version,
-            first_position: append.position,
-            last_position: position - 1,
+            stream_version: StreamVersion::new(version),
+            first_position: Position::new(append.position),
+            last_position: Position::new(position - 1),
         };
         Ok((appended, (version, prev_checksum)))
     }
@@ -505,8 +508,8 @@ fn recent_appends(batch: &[Job], outcomes: &[Outcome]) -> Vec<RecentAppend> {
         }
         if let (Job::Append { request, .. }, Outcome::Appended(appended)) = (job, outcome) {
             appends.push(RecentAppend {
-                first_position: appended.first_position,
-                last_position: appended.last_position,
+                first_position: appended.first_position.get(),
+                last_position: appended.last_position.get(),
                 stream: request.stream.clone(),
             });
         }
@@ -518,13 +521,13 @@ fn recent_appends(batch: &[Job], outcomes: &[Outcome]) -> Vec<RecentAppend> {
 /// Where the writer finds a stream's head during a batch: written by an earlier segment of
 /// the batch, cached, or loaded before the batch.
 pub(super) struct Heads<'a, 'b> {
-    pub(super) batch: &'a HashMap<&'b str, (u64, u64)>,
-    pub(super) cache: &'a HashMap<String, (u64, u64)>,
-    pub(super) loaded: &'a HashMap<&'b str, (u64, u64)>,
+    pub(super) batch: &'a HashMap<&'b str, Head>,
+    pub(super) cache: &'a HashMap<String, Head>,
+    pub(super) loaded: &'a HashMap<&'b str, Head>,
 }
 
 impl Heads<'_, '_> {
-    pub(super) fn get(&self, stream: &str) -> Option<(u64, u64)> {
+    pub(super) fn get(&self, stream: &str) -> Option<Head> {
         self.batch
             .get(stream)
             .or_else(|| self.cache.get(stream))
@@ -537,7 +540,7 @@ impl Heads<'_, '_> {
 pub(super) struct Segment<'b> {
     pub(super) outcomes: Vec<(usize, Outcome)>,
     pub(super) next_position: u64,
-    pub(super) heads: HashMap<&'b str, (u64, u64)>,
+    pub(super) heads: HashMap<&'b str, Head>,
 }
 
 pub(super) fn reply(job: Job, outcome: Outcome) {

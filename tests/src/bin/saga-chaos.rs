@@ -45,6 +45,7 @@ use saga_participants::barrier::StepEvent;
 use saga_participants::consumer_log::ConsumerEvent;
 use saga_participants::record::ParticipantEvent;
 use saga_proto::v1 as pb;
+use saga_storage::Position;
 use saga_storage::audit::AuditLog;
 use saga_tests::{ROLES, bin_path, free_port};
 use tonic::transport::Channel;
@@ -938,7 +939,7 @@ fn check_logs(work: &Path, sagas: &[pb::Saga]) -> anyhow::Result<(Vec<String>, V
     // The orchestrator's log folds to what its API reported.
     let log = AuditLog::open(&work.join("orchestrator"))?;
     let mut streams: HashMap<String, Vec<(SagaEvent, i64)>> = HashMap::new();
-    for record in log.records(1) {
+    for record in log.records(Position::FIRST) {
         let record = record?;
         if record.stream() == saga_storage::LOG_STREAM {
             continue;
@@ -975,7 +976,7 @@ fn check_logs(work: &Path, sagas: &[pb::Saga]) -> anyhow::Result<(Vec<String>, V
     let mut duplicates = 0u64;
     for role in ROLES {
         let log = AuditLog::open(&work.join(role))?;
-        for record in log.records(1) {
+        for record in log.records(Position::FIRST) {
             let record = record?;
             let stream = record.stream();
             let event: ParticipantEvent = match record.decode() {

@@ -14,6 +14,7 @@ use saga_storage::{LOG_STREAM, LostTailAccepted, Record};
 use serde_json::{Value, json};
 
 use saga_orchestrator::events::SagaEvent;
+use saga_storage::Position;
 
 /// What kind of process wrote a log, from its streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +55,7 @@ fn stream_kind(stream: &str) -> Option<LogKind> {
 
 /// The kind of the log, from its first record that is not the log's own.
 pub fn kind_of(log: &AuditLog) -> Result<LogKind, String> {
-    for record in log.records(1) {
+    for record in log.records(Position::FIRST) {
         let record = record.map_err(|e| e.to_string())?;
         if let Some(kind) = stream_kind(record.stream()) {
             return Ok(kind);
@@ -183,7 +184,7 @@ pub fn verify(dir: &Path, as_json: bool) -> Result<bool, String> {
 /// `audit export`: one JSON line per record from `from`.
 pub fn export(dir: &Path, from: u64) -> Result<(), String> {
     let log = open(dir)?;
-    for record in log.records(from) {
+    for record in log.records(Position::new(from)) {
         let record = record.map_err(|e| e.to_string())?;
         println!("{}", record_json(&record));
     }
@@ -206,7 +207,7 @@ pub fn saga(saga_id: &str, dirs: &[PathBuf], as_json: bool) -> Result<(), String
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| dir.display().to_string());
-        for record in log.records(1) {
+        for record in log.records(Position::FIRST) {
             let record = record.map_err(|e| format!("{}: {e}", dir.display()))?;
             if saga_of(&record) == Some(saga_id) {
                 entries.push(Entry {
