@@ -20,13 +20,15 @@
 //!
 //! # Cost and staleness
 //!
-//! The flusher writes the mark after every flush that made records durable, right after it
-//! answered that flush's appends: one `pwrite` of a few hundred bytes to a few KiB into the
-//! page cache (about 10 us with the encoding; the fsync of the log is 0.1-1 ms), off the
-//! answers' latency. It `fdatasync`s the mark at most every [`SYNC_INTERVAL`]. So:
-//! - when the process is killed (SIGKILL, panic, OOM), the mark is exact but for the one flush
-//!   the kill may have interrupted between its answers and its mark: the page cache survives
-//!   the process;
+//! The flusher writes the mark after every flush that made records durable, before it
+//! answers that flush's appends or shows their records to readers: one `pwrite` of a few
+//! hundred bytes to a few KiB into the page cache (about 10 us with the encoding; the fsync of
+//! the log is 0.1-1 ms). It `fdatasync`s the mark at most every [`SYNC_INTERVAL`], after the
+//! answers ([`MarkWriter::sync_if_due`]). So:
+//! - when the process is killed (SIGKILL, panic, OOM), the mark is exact: the page cache
+//!   survives the process, and no record was acknowledged or read before the mark named it
+//!   (an earlier version wrote the mark after the answers, and a kill between the two let a
+//!   cut log lose acknowledged records silently: `storage/tests/crash.rs` caught it);
 //! - after a power loss it may lag by the records flushed in the last [`SYNC_INTERVAL`]: a
 //!   lost tail within that window is not detected. It never runs ahead of the log: it is
 //!   written only after sled's flush returned.
@@ -239,7 +241,7 @@ impl MarkWriter {
     }
 
     /// Records that the log is durable up to `position` (the record there has `checksum`),
-    /// after `appends`. Syncs the file when the last sync is older than [`SYNC_INTERVAL`].
+    /// after `appends`: into the page cache, synced later by [`MarkWriter::sync_if_due`].
     pub fn write(
         &mut self,
         position: u64,
@@ -264,6 +266,11 @@ impl MarkWriter {
             .write_all_at(&slot, offset)
             .map_err(|e| StorageError::Failed(format!("write the durable mark: {e}")))?;
         self.unsynced = true;
+        Ok(())
+    }
+
+    /// fdatasyncs the mark when the last sync is older than [`SYNC_INTERVAL`].
+    pub fn sync_if_due(&mut self) -> Result<(), StorageError> {
         if self.last_sync.elapsed() >= SYNC_INTERVAL {
             self.sync()?;
         }

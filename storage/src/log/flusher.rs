@@ -60,10 +60,19 @@ impl Flusher {
         let last = ready.last().expect("finish is called with at least one batch");
         let (seq, position, checksum) = (last.seq, last.position, last.checksum);
         let wrote_records = ready.iter().any(|c| c.needs_flush);
-        let appends: Vec<RecentAppend> = match (&self.mark, wrote_records) {
-            (Some(_), true) => ready.iter().flat_map(|c| c.appends.iter().cloned()).collect(),
-            _ => Vec::new(),
-        };
+        // The durable mark, before anyone learns of these records (answers, readers): a kill
+        // after this point leaves a mark that names every record acknowledged or read.
+        if let Some(mark) = &mut self.mark
+            && wrote_records
+        {
+            let appends: Vec<RecentAppend> = ready.iter().flat_map(|c| c.appends.iter().cloned()).collect();
+            if let Err(error) = mark.write(position, checksum, &appends) {
+                // The records are durable, but the evidence of how far is not: fail this
+                // flush's appends like a failed flush, and stop.
+                self.stop(ready, error.to_string());
+                return;
+            }
+        }
         self.durable.send_replace(Durable {
             seq,
             position,
@@ -81,17 +90,26 @@ impl Flusher {
                 reply(job, outcome);
             }
         }
-        // The durable mark, after the answers (it is off their latency): a kill between the
-        // answers and this write leaves the mark one flush behind, which `mark` allows for.
+        // The mark's fdatasync (power-loss staleness, see `mark`) is off the answers' latency.
         if let Some(mark) = &mut self.mark
-            && wrote_records
-            && let Err(error) = mark.write(position, checksum, &appends)
+            && let Err(error) = mark.sync_if_due()
         {
-            // The records are durable; only the evidence of how far is not. The log must not
-            // go on without its mark.
-            tracing::error!(%error, "durable mark not written; the log stops accepting writes");
+            tracing::error!(%error, "durable mark not synced; the log stops accepting writes");
             self.failure = Some(error.to_string());
             self.durable.send_modify(|d| d.failed = true);
+        }
+    }
+
+    /// Stops the log after a failure of this flush: its appends are answered `FlushFailed`
+    /// (their outcome is unknown to the caller), later ones `Failed`.
+    fn stop(&mut self, ready: &mut Vec<Committed>, reason: String) {
+        tracing::error!(%reason, "event log stops accepting writes");
+        self.failure = Some(reason.clone());
+        self.durable.send_modify(|d| d.failed = true);
+        for batch in ready.drain(..) {
+            for (job, _) in batch.jobs {
+                reply(job, Outcome::Failed(StorageError::FlushFailed(reason.clone())));
+            }
         }
     }
 }
