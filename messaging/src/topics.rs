@@ -12,6 +12,18 @@ pub const SMOKE_TOPIC: &str = "saga-smoke";
 /// Every topic scripts/dev-env creates up front.
 pub const ALL_TOPICS: &[&str] = &[COMPENSATION_TOPIC, COMPENSATION_ACK_TOPIC, SMOKE_TOPIC];
 
+/// The key of a compensation and of its acknowledgement: `<saga_id>:<step>` (a step name holds
+/// no ':', so the last ':' splits it).
+pub fn message_key(saga_id: &str, step: &str) -> String {
+    format!("{saga_id}:{step}")
+}
+
+/// The saga id and step of a [`message_key`], if the key has that shape.
+pub fn parse_message_key(key: &str) -> Option<(&str, &str)> {
+    let (saga_id, step) = key.rsplit_once(':')?;
+    (!saga_id.is_empty() && !step.is_empty()).then_some((saga_id, step))
+}
+
 /// Queues per topic: enough for a few consumer instances per group on one broker.
 pub const QUEUES_PER_TOPIC: i32 = 8;
 

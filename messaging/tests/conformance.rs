@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use saga_messaging::embedded::{EmbeddedConfig, EmbeddedTransport};
 use saga_messaging::rocketmq::{RocketMqConfig, RocketMqTransport};
@@ -15,6 +15,7 @@ use saga_messaging::topics;
 use saga_messaging::transport::{
     BoxFuture, Delivery, Handler, Outcome, Outgoing, SubscriptionSpec, Transport,
 };
+use saga_tests::run_id;
 
 /// Opens and closes one provider's transport; "reopen" is a restart of the consumer side.
 trait Provider {
@@ -97,22 +98,6 @@ impl Provider for RocketMq {
     fn retries(&self) -> u32 {
         1 // the broker redelivers after ~10 s, then ~40 s: one retry keeps the test short
     }
-}
-
-/// Unique per call: tags, groups and keys of one scenario never meet another's (the broker's
-/// topics keep messages of earlier runs).
-fn run_id() -> String {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos();
-    format!(
-        "{}x{}x{}",
-        std::process::id(),
-        nanos % 1_000_000_000_000,
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    )
 }
 
 /// Records deliveries; asks for `RetryLater` on the first `retries[key]` deliveries of a key.

@@ -12,7 +12,6 @@ use tonic::{Request, Response, Status};
 use crate::engine::{Engine, EngineError};
 use crate::events::SagaEvent;
 use crate::order;
-use crate::projector;
 use crate::state::{Phase, SagaState, Status as SagaStatus};
 
 use saga_proto::ids::{ID_LEN_MAX, REQUEST_ID_LEN_MAX};
@@ -227,7 +226,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
             n if n > PAGE_SIZE_MAX => return Err(invalid("page_size", format!("at most {PAGE_SIZE_MAX}"))),
             n => n,
         } as usize;
-        let prefix = projector::index_prefix(status);
+        let prefix = crate::keys::index_prefix(status);
         if !request.page_token.is_empty() && !request.page_token.starts_with(&prefix) {
             return Err(invalid("page_token", "not a token of this listing"));
         }
@@ -242,7 +241,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         let mut sagas = Vec::with_capacity(page_size.min(page.len()));
         let mut last_key = String::new();
         for (key, _) in page.iter().take(page_size) {
-            let Some(saga_id) = projector::saga_of_index_key(key) else {
+            let Some(saga_id) = crate::keys::saga_of_index(key) else {
                 continue;
             };
             if let Some(state) = self.engine.load(saga_id).await.map_err(engine_status)? {

@@ -295,7 +295,7 @@ impl Engine {
         Ok(self
             .inner
             .log
-            .projection_get(projector::request_key(request_id))
+            .projection_get(crate::keys::request(request_id))
             .await?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
@@ -489,7 +489,7 @@ impl Engine {
             .map(|step| OutboxMessage {
                 topic: self.inner.config.compensation_topic.clone(),
                 tag: step.participant.clone(),
-                key: format!("{}:{}", state.saga_id, step.name),
+                key: saga_messaging::topics::message_key(&state.saga_id, &step.name),
                 body: pb::CompensationRequest {
                     key: Some(pb::StepKey {
                         saga_id: state.saga_id.clone(),
@@ -766,7 +766,7 @@ impl Engine {
     pub async fn recover(&self) -> Result<usize, EngineError> {
         let mut count = 0;
         for status in [Status::Running, Status::Compensating] {
-            let prefix = projector::index_prefix(Some(status));
+            let prefix = crate::keys::index_prefix(Some(status));
             let mut after: Option<Vec<u8>> = None;
             loop {
                 let page = self
@@ -777,7 +777,7 @@ impl Engine {
                 let Some((last, _)) = page.last() else { break };
                 after = Some(last.to_vec());
                 for (key, _) in &page {
-                    if let Some(saga_id) = projector::saga_of_index_key(key) {
+                    if let Some(saga_id) = crate::keys::saga_of_index(key) {
                         self.drive(saga_id);
                         count += 1;
                     }

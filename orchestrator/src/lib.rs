@@ -7,7 +7,7 @@
 //!   append as the decision, relays the outbox to the compensation transport, applies
 //!   participants' acknowledgements, and resumes every unfinished saga after a restart.
 //! - [`projector`]: read models kept in each append's transaction (request ids for
-//!   idempotent starts, sagas by status for listing and recovery).
+//!   idempotent starts, sagas by status for listing and recovery); [`keys`]: their keys.
 //! - [`order`]: the order saga's definition and the invoker that calls the participants.
 //! - [`api`]: the `saga.v1.Orchestrator` gRPC service, with health checking and reflection.
 //! - [`workload`]: the benchmark workload of shared/BENCH.md (data, orders, conservation
@@ -24,6 +24,7 @@ pub mod definition;
 pub mod dev;
 pub mod engine;
 pub mod events;
+pub mod keys;
 pub mod node;
 pub mod order;
 pub mod projector;

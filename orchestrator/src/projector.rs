@@ -12,6 +12,7 @@
 use saga_storage::{EventView, ProjectError, ProjectionTx, Projector, codec};
 
 use crate::events::SagaEvent;
+use crate::keys;
 use crate::state::Status;
 
 /// The projector's refusal of a `SagaStarted` whose request id started another saga.
@@ -24,25 +25,6 @@ pub struct DuplicateRequest {
 
 pub struct SagaProjector;
 
-pub fn request_key(request_id: &str) -> String {
-    format!("req/{request_id}")
-}
-
-/// The index prefix of one status, or of every saga (`None`).
-pub fn index_prefix(status: Option<Status>) -> String {
-    format!("idx/{}/", status.map_or("all", Status::name))
-}
-
-fn index_key(status: Option<Status>, inverted_us: u64, saga_id: &str) -> String {
-    format!("{}{inverted_us:016x}/{saga_id}", index_prefix(status))
-}
-
-/// The saga id at the end of an index key.
-pub fn saga_of_index_key(key: &[u8]) -> Option<&str> {
-    let key = std::str::from_utf8(key).ok()?;
-    key.rsplit('/').next()
-}
-
 fn status_code(status: Status) -> u8 {
     Status::ALL.iter().position(|s| *s == status).expect("in ALL") as u8
 }
@@ -53,7 +35,7 @@ fn set_status(
     status: Status,
     started_us: i64,
 ) -> Result<(), ProjectError> {
-    let cur_key = format!("cur/{saga_id}");
+    let cur_key = keys::current(saga_id);
     let inverted = match tx.get(&cur_key)? {
         Some(cur) if cur.len() == 9 => {
             let old = Status::ALL
@@ -61,17 +43,17 @@ fn set_status(
                 .copied()
                 .ok_or_else(|| ProjectError::Invalid(format!("{cur_key} holds status {}", cur[0])))?;
             let inverted = u64::from_be_bytes(cur[1..9].try_into().expect("9 bytes"));
-            tx.remove(index_key(Some(old), inverted, saga_id))?;
+            tx.remove(keys::index(Some(old), inverted, saga_id))?;
             inverted
         }
         Some(cur) => return Err(ProjectError::Invalid(format!("{cur_key} is {} bytes", cur.len()))),
         None => {
             let inverted = u64::MAX - started_us.max(0) as u64;
-            tx.insert(index_key(None, inverted, saga_id), &[][..])?;
+            tx.insert(keys::index(None, inverted, saga_id), &[][..])?;
             inverted
         }
     };
-    tx.insert(index_key(Some(status), inverted, saga_id), &[][..])?;
+    tx.insert(keys::index(Some(status), inverted, saga_id), &[][..])?;
     let mut cur = [0u8; 9];
     cur[0] = status_code(status);
     cur[1..].copy_from_slice(&inverted.to_be_bytes());
@@ -90,7 +72,7 @@ impl Projector for SagaProjector {
                         "SagaStarted payload is another event".into(),
                     ));
                 };
-                let key = request_key(&request_id);
+                let key = keys::request(&request_id);
                 if let Some(existing) = tx.get(&key)? {
                     return Err(ProjectError::refused(DuplicateRequest {
                         request_id,

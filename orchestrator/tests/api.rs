@@ -8,42 +8,8 @@ use saga_orchestrator::dev::{Dev, DevOptions};
 use saga_orchestrator::workload;
 use saga_participants::faults::FaultPlan;
 use saga_proto::v1 as pb;
+use saga_tests::wait_state;
 use tonic::Code;
-use tonic::transport::Channel;
-
-async fn wait_state(
-    client: &mut pb::orchestrator_client::OrchestratorClient<Channel>,
-    saga_id: &str,
-    wanted: pb::SagaState,
-) -> pb::Saga {
-    let mut events = client
-        .watch_saga(pb::WatchSagaRequest {
-            saga_id: saga_id.into(),
-            from_version: 1,
-        })
-        .await
-        .expect("watches")
-        .into_inner();
-    let watched = async {
-        while let Some(event) = events.message().await.expect("stream") {
-            if event.state == wanted as i32 {
-                return;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), watched)
-        .await
-        .unwrap_or_else(|_| panic!("saga {saga_id} never reached {wanted:?}"));
-    client
-        .get_saga(pb::GetSagaRequest {
-            saga_id: saga_id.into(),
-        })
-        .await
-        .expect("gets")
-        .into_inner()
-        .saga
-        .expect("saga")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
@@ -145,9 +111,27 @@ async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
             .expect("saga");
         ids.push(saga.saga_id);
     }
-    wait_state(&mut client, &ids[0], pb::SagaState::Completed).await;
-    wait_state(&mut client, &ids[1], pb::SagaState::Completed).await;
-    let compensated = wait_state(&mut client, &ids[2], pb::SagaState::Compensated).await;
+    wait_state(
+        &mut client,
+        &ids[0],
+        Some(pb::SagaState::Completed),
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_state(
+        &mut client,
+        &ids[1],
+        Some(pb::SagaState::Completed),
+        Duration::from_secs(60),
+    )
+    .await;
+    let compensated = wait_state(
+        &mut client,
+        &ids[2],
+        Some(pb::SagaState::Compensated),
+        Duration::from_secs(60),
+    )
+    .await;
     assert!(
         compensated.failure_reason.contains("INSUFFICIENT_BALANCE"),
         "{compensated:?}"
@@ -316,7 +300,13 @@ async fn a_parked_compensation_makes_the_saga_stuck_and_retry_finishes_it_after_
         .into_inner()
         .saga
         .expect("saga");
-    let stuck = wait_state(&mut client, &saga.saga_id, pb::SagaState::Stuck).await;
+    let stuck = wait_state(
+        &mut client,
+        &saga.saga_id,
+        Some(pb::SagaState::Stuck),
+        Duration::from_secs(60),
+    )
+    .await;
     assert!(
         stuck
             .steps
@@ -360,7 +350,13 @@ async fn a_parked_compensation_makes_the_saga_stuck_and_retry_finishes_it_after_
         })
         .await
         .expect("retries");
-    let done = wait_state(&mut client, &saga.saga_id, pb::SagaState::Compensated).await;
+    let done = wait_state(
+        &mut client,
+        &saga.saga_id,
+        Some(pb::SagaState::Compensated),
+        Duration::from_secs(60),
+    )
+    .await;
     assert!(
         done.steps
             .iter()

@@ -229,7 +229,7 @@ impl CompensationConsumer {
         OutboxMessage {
             topic: route.topic.clone(),
             tag: route.tag.clone(),
-            key: format!("{}:{}", key.saga_id, key.step),
+            key: topics::message_key(&key.saga_id, &key.step),
             body,
         }
     }
@@ -332,7 +332,7 @@ impl CompensationConsumer {
             let error = format!("invalid step key: {field} {why}");
             return self.park_poison(&delivery, error, None).await;
         }
-        let body_key = format!("{}:{}", key.saga_id, key.step);
+        let body_key = topics::message_key(&key.saga_id, &key.step);
         if delivery.key != body_key {
             let error = format!(
                 "transport key {:?} disagrees with the body's step key {body_key:?}",
@@ -518,8 +518,7 @@ impl CompensationConsumer {
 
 /// `<saga_id>:<step>`, if the transport key has that shape.
 fn parse_transport_key(key: &str) -> Option<StepKey> {
-    let (saga_id, step) = key.rsplit_once(':')?;
-    (!saga_id.is_empty() && !step.is_empty()).then(|| StepKey {
+    topics::parse_message_key(key).map(|(saga_id, step)| StepKey {
         saga_id: saga_id.to_owned(),
         step: step.to_owned(),
     })

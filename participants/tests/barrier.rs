@@ -6,8 +6,8 @@ use prost::Message as _;
 use saga_participants::barrier::{Compensated, StepKey};
 use saga_participants::{Participant, Role};
 use saga_proto::v1 as pb;
-use saga_storage::Position;
-use saga_storage::StreamVersion;
+use saga_storage::{Position, StreamVersion};
+use saga_tests::stock_level;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -77,21 +77,6 @@ fn refusal_of(status: &tonic::Status) -> pb::RefusalReason {
     pb::RefusalReason::try_from(refusal.reason).expect("known reason")
 }
 
-async fn stock(
-    client: &mut pb::stock_service_client::StockServiceClient<Channel>,
-    product: &str,
-) -> (i64, i64) {
-    let s = client
-        .get_stock(pb::GetStockRequest {
-            product_ids: vec![product.into()],
-        })
-        .await
-        .expect("reads")
-        .into_inner()
-        .stock;
-    (s[0].available, s[0].reserved)
-}
-
 async fn seed_stock(
     client: &mut pb::stock_service_client::StockServiceClient<Channel>,
     product: &str,
@@ -135,7 +120,7 @@ async fn repeated_action_returns_first_outcome_and_changes_nothing_again() {
         .expect("replays")
         .into_inner();
     assert!(again.replayed);
-    assert_eq!(stock(&mut client, "p1").await, (7, 3));
+    assert_eq!(stock_level(&mut client, "p1").await, (7, 3));
     let events = p
         .participant
         .log()
@@ -164,7 +149,11 @@ async fn compensation_without_action_is_null_and_a_late_action_is_refused() {
         .await
         .expect_err("late action is refused");
     assert_eq!(refusal_of(&late), pb::RefusalReason::AlreadyCompensated);
-    assert_eq!(stock(&mut client, "p1").await, (10, 0), "nothing left reserved");
+    assert_eq!(
+        stock_level(&mut client, "p1").await,
+        (10, 0),
+        "nothing left reserved"
+    );
     let types: Vec<String> = p
         .participant
         .log()
@@ -207,7 +196,11 @@ async fn repeated_compensation_undoes_once() {
             .iter()
             .all(|o| matches!(o, Compensated::Applied | Compensated::AlreadyApplied))
     );
-    assert_eq!(stock(&mut client, "p1").await, (10, 0), "released exactly once");
+    assert_eq!(
+        stock_level(&mut client, "p1").await,
+        (10, 0),
+        "released exactly once"
+    );
     p.stop().await;
 }
 
@@ -253,7 +246,7 @@ async fn concurrent_sagas_never_oversell_and_refusals_are_remembered() {
         }
     }
     assert_eq!(ok, 10, "exactly the available units were reserved");
-    assert_eq!(stock(&mut client, "last").await, (0, 10));
+    assert_eq!(stock_level(&mut client, "last").await, (0, 10));
     // A refused key keeps its refusal, even after a compensation frees a unit.
     p.participant
         .compensate(&StepKey {
@@ -458,7 +451,7 @@ async fn invalid_requests_name_the_field_and_change_nothing() {
         before,
         "nothing was written"
     );
-    assert_eq!(stock(&mut client, "p1").await, (10, 0));
+    assert_eq!(stock_level(&mut client, "p1").await, (10, 0));
     p.stop().await;
 }
 

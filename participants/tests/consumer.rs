@@ -22,6 +22,7 @@ use saga_participants::{Participant, Role};
 use saga_proto::v1 as pb;
 use saga_storage::StreamVersion;
 use saga_storage::{AppendRequest, ExpectedVersion, NewEvent};
+use saga_tests::compensation_request;
 
 /// Collects the acknowledgements the consumer publishes.
 #[derive(Default)]
@@ -90,24 +91,6 @@ async fn reserve(p: &Participant, saga: &str) -> StepKey {
     key
 }
 
-fn compensation(key: &StepKey) -> Outgoing {
-    Outgoing {
-        topic: topics::COMPENSATION_TOPIC.into(),
-        tag: "stock".into(),
-        key: format!("{}:{}", key.saga_id, key.step),
-        body: pb::CompensationRequest {
-            key: Some(pb::StepKey {
-                saga_id: key.saga_id.clone(),
-                step: key.step.clone(),
-            }),
-            role: "stock".into(),
-            requested_at_unix_ms: 0,
-            ..Default::default()
-        }
-        .encode_to_vec(),
-    }
-}
-
 async fn level(p: &Participant) -> StockLevel {
     let bytes = p
         .log()
@@ -145,12 +128,22 @@ async fn compensation_delivered_twice_is_applied_once_and_acked_twice() {
     );
     s.flaky
         .inner
-        .publish(&[compensation(&key)])
+        .publish(&[compensation_request(
+            topics::COMPENSATION_TOPIC,
+            "stock",
+            &key.saga_id,
+            &key.step,
+        )])
         .await
         .expect("publishes");
     s.flaky
         .inner
-        .publish(&[compensation(&key)])
+        .publish(&[compensation_request(
+            topics::COMPENSATION_TOPIC,
+            "stock",
+            &key.saga_id,
+            &key.step,
+        )])
         .await
         .expect("publishes the duplicate");
     let acks = s.acks.wait_for(2).await;
@@ -183,7 +176,12 @@ async fn compensation_that_keeps_failing_is_parked_after_3_tries_never_dropped()
     let key = reserve(&s.participant, "bad-1").await;
     s.flaky
         .inner
-        .publish(&[compensation(&key)])
+        .publish(&[compensation_request(
+            topics::COMPENSATION_TOPIC,
+            "stock",
+            &key.saga_id,
+            &key.step,
+        )])
         .await
         .expect("publishes");
     let acks = s.acks.wait_for(1).await;
@@ -195,7 +193,7 @@ async fn compensation_that_keeps_failing_is_parked_after_3_tries_never_dropped()
     assert_eq!(parked[0].key, "bad-1:reserve_stock");
     assert_eq!(
         parked[0].body,
-        compensation(&key).body,
+        compensation_request(topics::COMPENSATION_TOPIC, "stock", &key.saga_id, &key.step).body,
         "the original message is kept"
     );
     assert_eq!(
@@ -222,10 +220,7 @@ async fn compensation_that_keeps_failing_is_parked_after_3_tries_never_dropped()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_compensation_is_parked_at_once() {
     let s = setup(None).await;
-    let mut garbage = compensation(&StepKey {
-        saga_id: "x".into(),
-        step: "reserve_stock".into(),
-    });
+    let mut garbage = compensation_request(topics::COMPENSATION_TOPIC, "stock", "x", "reserve_stock");
     garbage.key = "garbage".into();
     garbage.body = vec![0xFF, 0xFF, 0xFF];
     s.flaky.inner.publish(&[garbage]).await.expect("publishes");
@@ -361,22 +356,6 @@ fn delivery(message: Outgoing) -> Delivery {
     }
 }
 
-fn compensation_for(role: &str, key: &StepKey) -> Outgoing {
-    let mut message = compensation(key);
-    message.tag = role.into();
-    message.body = pb::CompensationRequest {
-        key: Some(pb::StepKey {
-            saga_id: key.saga_id.clone(),
-            step: key.step.clone(),
-        }),
-        role: role.into(),
-        requested_at_unix_ms: 0,
-        ..Default::default()
-    }
-    .encode_to_vec();
-    message
-}
-
 /// Delivers until the consumer stops asking for a redelivery (as a transport would), at most
 /// `times` deliveries.
 async fn deliver_until_consumed(consumer: &CompensationConsumer, message: &Outgoing, times: u32) -> u32 {
@@ -397,7 +376,12 @@ async fn a_parked_ack_whose_publish_fails_is_relayed_later() {
     let s = direct(Role::Stock, Some("bad-")).await;
     let key = reserve(&s.participant, "bad-1").await;
     s.flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
-    deliver_until_consumed(&s.consumer, &compensation(&key), TRIES_MAX + 2).await;
+    deliver_until_consumed(
+        &s.consumer,
+        &compensation_request(topics::COMPENSATION_TOPIC, "stock", &key.saga_id, &key.step),
+        TRIES_MAX + 2,
+    )
+    .await;
     assert_eq!(s.consumer.parked(None, 10).await.expect("lists").len(), 1);
     assert!(
         s.acks.seen.lock().unwrap().is_empty(),
@@ -416,7 +400,7 @@ async fn an_applied_ack_whose_publish_fails_is_relayed_later() {
     let s = direct(Role::Stock, None).await;
     let key = reserve(&s.participant, "saga-1").await;
     s.flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut message = compensation(&key);
+    let mut message = compensation_request(topics::COMPENSATION_TOPIC, "stock", &key.saga_id, &key.step);
     let mut request = pb::CompensationRequest::decode(message.body.as_slice()).expect("decodes");
     request.round = 7;
     message.body = request.encode_to_vec();
@@ -433,10 +417,7 @@ async fn an_applied_ack_whose_publish_fails_is_relayed_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_message_with_a_step_key_is_parked_and_acknowledged_parked() {
     let s = direct(Role::Stock, None).await;
-    let mut garbage = compensation(&StepKey {
-        saga_id: "saga-7".into(),
-        step: "reserve_stock".into(),
-    });
+    let mut garbage = compensation_request(topics::COMPENSATION_TOPIC, "stock", "saga-7", "reserve_stock");
     garbage.body = vec![0xFF, 0xFF, 0xFF];
     deliver_until_consumed(&s.consumer, &garbage, 1).await;
     let acks = s.acks.wait_for(1).await;
@@ -477,7 +458,12 @@ async fn compensating_a_confirmed_order_is_refused_and_parked_and_the_log_goes_o
     barrier::act(s.participant.log(), &confirm, confirmed.into())
         .await
         .expect("confirms");
-    deliver_until_consumed(&s.consumer, &compensation_for("order", &create), TRIES_MAX + 2).await;
+    deliver_until_consumed(
+        &s.consumer,
+        &compensation_request(topics::COMPENSATION_TOPIC, "order", &create.saga_id, &create.step),
+        TRIES_MAX + 2,
+    )
+    .await;
     let acks = s.acks.wait_for(1).await;
     assert_eq!(acks[0].outcome, pb::CompensationOutcome::Parked as i32);
     assert!(
@@ -511,7 +497,12 @@ async fn tries_that_never_finished_count_and_park_a_poison_message() {
             .await
             .expect("appends");
     }
-    deliver_until_consumed(&s.consumer, &compensation(&key), 1).await;
+    deliver_until_consumed(
+        &s.consumer,
+        &compensation_request(topics::COMPENSATION_TOPIC, "stock", &key.saga_id, &key.step),
+        1,
+    )
+    .await;
     let acks = s.acks.wait_for(1).await;
     assert_eq!(acks[0].outcome, pb::CompensationOutcome::Parked as i32);
     assert_eq!(
@@ -530,7 +521,7 @@ async fn tries_that_never_finished_count_and_park_a_poison_message() {
 async fn a_delivery_whose_transport_key_disagrees_with_its_body_is_parked() {
     let s = direct(Role::Stock, None).await;
     let key = reserve(&s.participant, "saga-4").await;
-    let mut message = compensation(&key);
+    let mut message = compensation_request(topics::COMPENSATION_TOPIC, "stock", &key.saga_id, &key.step);
     message.key = "saga-5:reserve_stock".into();
     deliver_until_consumed(&s.consumer, &message, 1).await;
     let parked = s.consumer.parked(None, 10).await.expect("lists");
@@ -556,7 +547,12 @@ async fn a_delivery_whose_transport_key_disagrees_with_its_body_is_parked() {
 async fn a_requeue_whose_publish_fails_leaves_the_message_parked() {
     let s = direct(Role::Stock, Some("bad-")).await;
     let key = reserve(&s.participant, "bad-2").await;
-    deliver_until_consumed(&s.consumer, &compensation(&key), TRIES_MAX + 2).await;
+    deliver_until_consumed(
+        &s.consumer,
+        &compensation_request(topics::COMPENSATION_TOPIC, "stock", &key.saga_id, &key.step),
+        TRIES_MAX + 2,
+    )
+    .await;
     let parked = s.consumer.parked(None, 10).await.expect("lists");
     assert_eq!(parked.len(), 1);
     s.flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -574,10 +570,7 @@ async fn a_requeue_whose_publish_fails_leaves_the_message_parked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_conflicting_messages_are_parked_and_all_visible() {
     let s = direct(Role::Stock, None).await;
-    let mut huge = compensation(&StepKey {
-        saga_id: "saga-8".into(),
-        step: "reserve_stock".into(),
-    });
+    let mut huge = compensation_request(topics::COMPENSATION_TOPIC, "stock", "saga-8", "reserve_stock");
     huge.body = vec![0xFF; saga_storage::codec::PAYLOAD_LEN_MAX + 10];
     deliver_until_consumed(&s.consumer, &huge, 2).await;
     let mut other = huge.clone();
@@ -620,7 +613,12 @@ async fn a_compensation_with_an_invalid_step_key_is_parked_not_retried_for_ever(
             saga_id,
             step: step.into(),
         };
-        deliver_until_consumed(&s.consumer, &compensation(&key), 1).await;
+        deliver_until_consumed(
+            &s.consumer,
+            &compensation_request(topics::COMPENSATION_TOPIC, "stock", &key.saga_id, &key.step),
+            1,
+        )
+        .await;
     }
     let parked = s.consumer.parked(None, 10).await.expect("lists");
     assert_eq!(
@@ -642,7 +640,7 @@ async fn a_compensation_with_an_invalid_step_key_is_parked_not_retried_for_ever(
 async fn malformed_messages_from_a_foreign_producer_are_parked_with_the_reason() {
     let s = direct(Role::Stock, None).await;
     let key = reserve(&s.participant, "saga-f").await;
-    let valid = compensation(&key);
+    let valid = compensation_request(topics::COMPENSATION_TOPIC, "stock", &key.saga_id, &key.step);
     let with = |change: &dyn Fn(&mut Outgoing)| {
         let mut message = valid.clone();
         change(&mut message);

@@ -8,14 +8,12 @@ use std::time::Duration;
 use prost::Message as _;
 use saga_messaging::rocketmq::{RocketMqConfig, RocketMqTransport};
 use saga_messaging::topics;
-use saga_messaging::transport::{
-    BoxFuture, Delivery, Handler, Outcome, Outgoing, SubscriptionSpec, Transport,
-};
+use saga_messaging::transport::{BoxFuture, Delivery, Handler, Outcome, SubscriptionSpec, Transport};
 use saga_participants::consumer::TRIES_MAX;
 use saga_participants::faults::{CRASH_PREFIX_ENV, FAULT_PREFIX_ENV};
 use saga_proto::v1 as pb;
 use saga_storage::StreamVersion;
-use saga_tests::{Proc, run_id};
+use saga_tests::{Proc, compensation_request, run_id, stock_level};
 use tonic::transport::Channel;
 
 /// Starts `saga-participant` as the stock role. `rocketmq`: name server and the test's run id.
@@ -63,21 +61,6 @@ fn reserve(saga: &str, product: &str) -> pb::ReserveStockRequest {
     }
 }
 
-async fn level(
-    client: &mut pb::stock_service_client::StockServiceClient<Channel>,
-    product: &str,
-) -> (i64, i64) {
-    let stock = client
-        .get_stock(pb::GetStockRequest {
-            product_ids: vec![product.into()],
-        })
-        .await
-        .expect("reads")
-        .into_inner()
-        .stock;
-    (stock[0].available, stock[0].reserved)
-}
-
 async fn seed(client: &mut pb::stock_service_client::StockServiceClient<Channel>, product: &str) {
     client
         .seed_stock(pb::SeedStockRequest {
@@ -108,13 +91,13 @@ async fn sigkilled_participant_restarts_with_every_acknowledged_change() {
         .await
         .expect_err("invalid");
     assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
-    assert_eq!(level(&mut client, "p1").await, (60, 40));
+    assert_eq!(stock_level(&mut client, "p1").await, (60, 40));
     p.kill();
 
     let p = start_stock(dir.path(), None, &[]);
     let mut client = stock_client(&p).await;
     assert_eq!(
-        level(&mut client, "p1").await,
+        stock_level(&mut client, "p1").await,
         (60, 40),
         "every acknowledged reservation survived SIGKILL"
     );
@@ -124,7 +107,7 @@ async fn sigkilled_participant_restarts_with_every_acknowledged_change() {
         .expect("replays")
         .into_inner();
     assert!(again.replayed, "the barrier survived too");
-    assert_eq!(level(&mut client, "p1").await, (60, 40));
+    assert_eq!(stock_level(&mut client, "p1").await, (60, 40));
 }
 
 /// Acks of one run (the ack topic holds older runs' acks too).
@@ -156,24 +139,6 @@ impl Acks {
                 return self.seen.lock().expect("not poisoned").clone();
             }
         }
-    }
-}
-
-fn compensation(run: &str, saga: &str) -> Outgoing {
-    Outgoing {
-        topic: format!("comp-{run}"),
-        tag: "stock".into(),
-        key: format!("{saga}:reserve_stock"),
-        body: pb::CompensationRequest {
-            key: Some(pb::StepKey {
-                saga_id: saga.into(),
-                step: "reserve_stock".into(),
-            }),
-            role: "stock".into(),
-            requested_at_unix_ms: 0,
-            ..Default::default()
-        }
-        .encode_to_vec(),
     }
 }
 
@@ -229,11 +194,21 @@ async fn compensation_delivered_twice_by_rocketmq_is_applied_once() {
         .await
         .expect("reserves");
     transport
-        .publish(&[compensation(&run, &saga)])
+        .publish(&[compensation_request(
+            &format!("comp-{run}"),
+            "stock",
+            &saga,
+            "reserve_stock",
+        )])
         .await
         .expect("publishes");
     transport
-        .publish(&[compensation(&run, &saga)])
+        .publish(&[compensation_request(
+            &format!("comp-{run}"),
+            "stock",
+            &saga,
+            "reserve_stock",
+        )])
         .await
         .expect("publishes the duplicate");
     let seen = acks.wait_for(2, Duration::from_secs(60)).await;
@@ -250,7 +225,7 @@ async fn compensation_delivered_twice_by_rocketmq_is_applied_once() {
         "one application, one duplicate acknowledged: {seen:?}"
     );
     assert_eq!(
-        level(&mut client, &product).await,
+        stock_level(&mut client, &product).await,
         (100, 0),
         "released exactly once"
     );
@@ -279,13 +254,18 @@ async fn participant_killed_after_applying_before_acknowledging_applies_exactly_
         .await
         .expect("reserves");
     transport
-        .publish(&[compensation(&run, &saga)])
+        .publish(&[compensation_request(
+            &format!("comp-{run}"),
+            "stock",
+            &saga,
+            "reserve_stock",
+        )])
         .await
         .expect("publishes");
     // The participant applies the compensation, then its handler freezes before recording
     // success or acking. Once the release is visible, SIGKILL the process.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while level(&mut client, &product).await != (100, 0) {
+    while stock_level(&mut client, &product).await != (100, 0) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the compensation was not applied within 60 s"
@@ -323,7 +303,7 @@ async fn participant_killed_after_applying_before_acknowledging_applies_exactly_
     );
     let mut client = stock_client(&p).await;
     assert_eq!(
-        level(&mut client, &product).await,
+        stock_level(&mut client, &product).await,
         (100, 0),
         "applied exactly once"
     );
@@ -351,7 +331,12 @@ async fn compensation_that_keeps_failing_is_parked_after_3_tries_and_listed() {
         .await
         .expect("reserves");
     transport
-        .publish(&[compensation(&run, &failing)])
+        .publish(&[compensation_request(
+            &format!("comp-{run}"),
+            "stock",
+            &failing,
+            "reserve_stock",
+        )])
         .await
         .expect("publishes");
     // The broker redelivers after ~10 s and ~40 s: the third failure parks it.
@@ -372,11 +357,11 @@ async fn compensation_that_keeps_failing_is_parked_after_3_tries_and_listed() {
     assert_eq!(parked[0].key, format!("{failing}:reserve_stock"));
     assert_eq!(
         parked[0].body,
-        compensation(&run, &failing).body,
+        compensation_request(&format!("comp-{run}"), "stock", &failing, "reserve_stock").body,
         "the message is kept, not dropped"
     );
     assert_eq!(
-        level(&mut client, &product).await,
+        stock_level(&mut client, &product).await,
         (98, 2),
         "not applied while parked"
     );
@@ -410,12 +395,17 @@ async fn barrier_rules_hold_in_a_separate_process_through_the_broker() {
         .expect("replays")
         .into_inner();
     assert!(!first.replayed && again.replayed);
-    assert_eq!(level(&mut client, &product).await, (98, 2));
+    assert_eq!(stock_level(&mut client, &product).await, (98, 2));
 
     // Null compensation, then the late action is refused.
     let never = format!("{run}-never");
     transport
-        .publish(&[compensation(&run, &never)])
+        .publish(&[compensation_request(
+            &format!("comp-{run}"),
+            "stock",
+            &never,
+            "reserve_stock",
+        )])
         .await
         .expect("publishes");
     let seen = acks.wait_for(1, Duration::from_secs(60)).await;
@@ -429,18 +419,28 @@ async fn barrier_rules_hold_in_a_separate_process_through_the_broker() {
     let refusal = pb::BusinessRefusal::decode(late.details()).expect("refusal detail");
     assert_eq!(refusal.reason, pb::RefusalReason::AlreadyCompensated as i32);
     assert_eq!(
-        level(&mut client, &product).await,
+        stock_level(&mut client, &product).await,
         (98, 2),
         "nothing hangs reserved"
     );
 
     // Duplicate compensation: undone once.
     transport
-        .publish(&[compensation(&run, &done)])
+        .publish(&[compensation_request(
+            &format!("comp-{run}"),
+            "stock",
+            &done,
+            "reserve_stock",
+        )])
         .await
         .expect("publishes");
     transport
-        .publish(&[compensation(&run, &done)])
+        .publish(&[compensation_request(
+            &format!("comp-{run}"),
+            "stock",
+            &done,
+            "reserve_stock",
+        )])
         .await
         .expect("publishes the duplicate");
     let seen = acks.wait_for(3, Duration::from_secs(60)).await;
@@ -448,7 +448,7 @@ async fn barrier_rules_hold_in_a_separate_process_through_the_broker() {
     transport.shutdown().await;
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert_eq!(
-        level(&mut client, &product).await,
+        stock_level(&mut client, &product).await,
         (100, 0),
         "released exactly once"
     );
@@ -469,12 +469,12 @@ async fn barrier_rules_hold_in_a_separate_process_through_the_broker() {
         }
     };
     assert_eq!(
-        types(format!("step/{done}/reserve_stock")).await,
+        types(saga_participants::keys::step_stream(&done, "reserve_stock")).await,
         vec!["StockReserved", "StockReleased"],
         "one action, one compensation, duplicates recorded nowhere"
     );
     assert_eq!(
-        types(format!("step/{never}/reserve_stock")).await,
+        types(saga_participants::keys::step_stream(&never, "reserve_stock")).await,
         vec!["NullCompensated"],
         "the null compensation is recorded, the late action is not"
     );

@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use saga_messaging::rocketmq::{RocketMqConfig, RocketMqTransport};
+use saga_proto::Role;
 use saga_proto::v1 as pb;
 use tonic::transport::Channel;
 
@@ -35,13 +36,108 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
-/// A unique id for one test run: topics, groups and request ids carry it.
+/// A unique id for one test run (unique within the process too): topics, groups and request
+/// ids carry it.
 pub fn run_id() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock")
         .as_nanos();
-    format!("{}x{}", std::process::id(), nanos % 1_000_000_000_000)
+    format!(
+        "{}x{}x{}",
+        std::process::id(),
+        nanos % 1_000_000_000_000,
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// A product's (available, reserved) units, read from the stock service.
+pub async fn stock_level(
+    client: &mut pb::stock_service_client::StockServiceClient<Channel>,
+    product: &str,
+) -> (i64, i64) {
+    let stock = client
+        .get_stock(pb::GetStockRequest {
+            product_ids: vec![product.into()],
+        })
+        .await
+        .expect("reads")
+        .into_inner()
+        .stock;
+    (stock[0].available, stock[0].reserved)
+}
+
+/// A compensation request for `saga_id`'s `step` of `role`, as the engine publishes it (without
+/// acknowledgement routing: the consumer's defaults apply).
+pub fn compensation_request(
+    topic: &str,
+    role: &str,
+    saga_id: &str,
+    step: &str,
+) -> saga_messaging::transport::Outgoing {
+    use prost::Message as _;
+    saga_messaging::transport::Outgoing {
+        topic: topic.into(),
+        tag: role.into(),
+        key: saga_messaging::topics::message_key(saga_id, step),
+        body: pb::CompensationRequest {
+            key: Some(pb::StepKey {
+                saga_id: saga_id.into(),
+                step: step.into(),
+            }),
+            role: role.into(),
+            requested_at_unix_ms: 0,
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    }
+}
+
+/// Watches `saga_id` until its state is `wanted` (or it is final, or Stuck, when `wanted` is
+/// `None`), at most `patience`; then its full view.
+pub async fn wait_state(
+    client: &mut pb::orchestrator_client::OrchestratorClient<Channel>,
+    saga_id: &str,
+    wanted: Option<pb::SagaState>,
+    patience: Duration,
+) -> pb::Saga {
+    let watched = async {
+        let mut events = client
+            .watch_saga(pb::WatchSagaRequest {
+                saga_id: saga_id.into(),
+                from_version: 1,
+            })
+            .await
+            .expect("watches")
+            .into_inner();
+        // The stream ends when the saga is final; a Stuck saga keeps it open.
+        while let Some(event) = events.message().await.expect("event stream") {
+            let reached = match wanted {
+                Some(wanted) => event.state == wanted as i32,
+                None => event.state == pb::SagaState::Stuck as i32,
+            };
+            if reached {
+                return;
+            }
+        }
+        assert!(
+            wanted.is_none(),
+            "saga {saga_id} ended without reaching {wanted:?}"
+        );
+    };
+    tokio::time::timeout(patience, watched)
+        .await
+        .unwrap_or_else(|_| panic!("saga {saga_id} did not reach {wanted:?} within {patience:?}"));
+    client
+        .get_saga(pb::GetSagaRequest {
+            saga_id: saga_id.into(),
+        })
+        .await
+        .expect("gets")
+        .into_inner()
+        .saga
+        .expect("saga")
 }
 
 /// A loopback port that was free a moment ago (for a process that must come back on the
@@ -114,8 +210,6 @@ pub async fn channel(addr: &str) -> Channel {
         .unwrap_or_else(|e| panic!("connects to {addr}: {e}"))
 }
 
-pub const ROLES: [&str; 4] = ["order", "stock", "coupon", "balance"];
-
 /// How to start a [`System`].
 #[derive(Default, Clone)]
 pub struct SystemConfig {
@@ -161,7 +255,7 @@ impl System {
             orchestrator: None,
             config,
         };
-        for role in ROLES {
+        for role in Role::ALL.map(Role::name) {
             let port = free_port();
             system.ports.push(port);
             let proc = system.start_participant(role, port);
@@ -205,7 +299,8 @@ impl System {
 
     /// `order=127.0.0.1:PORT,stock=...`: the orchestrator's `--participants`.
     pub fn participant_list(&self) -> String {
-        ROLES
+        Role::ALL
+            .map(Role::name)
             .iter()
             .zip(&self.ports)
             .map(|(role, port)| format!("{role}=127.0.0.1:{port}"))
@@ -366,40 +461,13 @@ pub fn order(request_id: &str, user: &str, product: &str, coupon: &str) -> pb::S
     }
 }
 
-/// Follows the saga (WatchSaga) until it is final or stuck, at most `patience`; returns the
-/// saga as GetSaga then shows it.
+/// Watches `saga_id` until it is final or Stuck, at most `patience`; then its full view.
 pub async fn wait_final(
     client: &mut pb::orchestrator_client::OrchestratorClient<Channel>,
     saga_id: &str,
     patience: Duration,
 ) -> pb::Saga {
-    let watched = async {
-        let mut events = client
-            .watch_saga(pb::WatchSagaRequest {
-                saga_id: saga_id.into(),
-                from_version: 1,
-            })
-            .await
-            .expect("watches")
-            .into_inner();
-        while let Some(event) = events.message().await.expect("event stream") {
-            if event.state == pb::SagaState::Stuck as i32 {
-                break;
-            }
-        }
-    };
-    tokio::time::timeout(patience, watched)
-        .await
-        .unwrap_or_else(|_| panic!("saga {saga_id} not final within {patience:?}"));
-    client
-        .get_saga(pb::GetSagaRequest {
-            saga_id: saga_id.into(),
-        })
-        .await
-        .expect("gets")
-        .into_inner()
-        .saga
-        .expect("saga")
+    wait_state(client, saga_id, None, patience).await
 }
 
 /// The state of step `name` of `saga`.

@@ -44,10 +44,11 @@ use saga_orchestrator::workload::{self, OrderResult, Scenario};
 use saga_participants::barrier::StepEvent;
 use saga_participants::consumer_log::ConsumerEvent;
 use saga_participants::record::ParticipantEvent;
+use saga_proto::Role;
 use saga_proto::v1 as pb;
 use saga_storage::Position;
 use saga_storage::audit::AuditLog;
-use saga_tests::{ROLES, bin_path, free_port};
+use saga_tests::{bin_path, free_port};
 use tonic::transport::Channel;
 
 #[derive(Parser, Clone)]
@@ -123,7 +124,7 @@ enum Target {
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Participant(i) => f.write_str(ROLES[*i]),
+            Target::Participant(i) => f.write_str(Role::ALL[*i].name()),
             Target::Orchestrator => f.write_str("orchestrator"),
             Target::Broker => f.write_str("broker"),
         }
@@ -167,11 +168,11 @@ fn plan(seed: u64, duration: Duration) -> Vec<Planned> {
         let roll = rng.random_range(0..100u32);
         let action = match roll {
             0..35 => {
-                let role = rng.random_range(0..ROLES.len());
+                let role = rng.random_range(0..Role::ALL.len());
                 let fault = if rng.random_bool(0.5) {
                     None
                 } else {
-                    let step = fault_step(ROLES[role]);
+                    let step = fault_step(Role::ALL[role].name());
                     Some(if rng.random_bool(0.5) {
                         format!("refuse:{step}:{}", rng.random_range(1..30u32))
                     } else {
@@ -197,7 +198,7 @@ fn plan(seed: u64, duration: Duration) -> Vec<Planned> {
             },
             _ => Action::Pause {
                 target: if rng.random_bool(0.7) {
-                    Target::Participant(rng.random_range(0..ROLES.len()))
+                    Target::Participant(rng.random_range(0..Role::ALL.len()))
                 } else {
                     Target::Orchestrator
                 },
@@ -230,7 +231,7 @@ fn plan(seed: u64, duration: Duration) -> Vec<Planned> {
             break;
         };
         pause.action = Action::Kill {
-            target: Target::Participant(role % ROLES.len()),
+            target: Target::Participant(role % Role::ALL.len()),
             down: Duration::from_secs(1),
             fault: None,
         };
@@ -565,7 +566,7 @@ impl System {
         let namesrv = broker.namesrv();
         let mut participants = Vec::new();
         let mut addrs = Vec::new();
-        for role in ROLES {
+        for role in Role::ALL.map(Role::name) {
             let addr = format!("127.0.0.1:{}", free_port());
             let data = work.join(role);
             participants.push(Node {
@@ -974,7 +975,7 @@ fn check_logs(work: &Path, sagas: &[pb::Saga]) -> anyhow::Result<(Vec<String>, V
     // Participants: each action and each compensation took effect at most once per step.
     let mut steps: StepCounts = HashMap::new();
     let mut duplicates = 0u64;
-    for role in ROLES {
+    for role in Role::ALL.map(Role::name) {
         let log = AuditLog::open(&work.join(role))?;
         for record in log.records(Position::FIRST) {
             let record = record?;
@@ -1021,7 +1022,7 @@ fn check_logs(work: &Path, sagas: &[pb::Saga]) -> anyhow::Result<(Vec<String>, V
     for saga in sagas {
         let state = pb::SagaState::try_from(saga.state).unwrap_or_default();
         for step in &saga.steps {
-            let stream = format!("step/{}/{}", saga.saga_id, step.name);
+            let stream = saga_participants::keys::step_stream(&saga.saga_id, &step.name);
             let (_, compensations, applied) = steps.get(&stream).copied().unwrap_or_default();
             let step_state = pb::StepState::try_from(step.state).unwrap_or_default();
             let role = role_of(&step.name);
