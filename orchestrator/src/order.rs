@@ -160,20 +160,31 @@ pub struct ParticipantAddrs {
     pub balance: String,
 }
 
+/// Why a participant list does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadParticipantList {
+    #[error("{0:?} is not ROLE=HOST:PORT")]
+    NotRoleAddr(String),
+    #[error(transparent)]
+    UnknownRole(#[from] saga_proto::UnknownRole),
+    #[error("every role needs an address: order=..,stock=..,coupon=..,balance=..")]
+    Missing,
+}
+
 impl ParticipantAddrs {
     /// Parses `order=HOST:PORT,stock=HOST:PORT,coupon=HOST:PORT,balance=HOST:PORT`.
-    pub fn parse(text: &str) -> Result<ParticipantAddrs, String> {
+    pub fn parse(text: &str) -> Result<ParticipantAddrs, BadParticipantList> {
         let mut found: [Option<String>; 4] = Default::default();
         for part in text.split(',').filter(|p| !p.is_empty()) {
             let (role, addr) = part
                 .split_once('=')
-                .ok_or_else(|| format!("{part:?} is not ROLE=HOST:PORT"))?;
-            let role: Role = role.parse().map_err(|e: saga_proto::UnknownRole| e.to_string())?;
+                .ok_or_else(|| BadParticipantList::NotRoleAddr(part.to_owned()))?;
+            let role: Role = role.parse()?;
             let i = Role::ALL.iter().position(|r| *r == role).expect("in ALL");
             found[i] = Some(addr.to_owned());
         }
         let [Some(order), Some(stock), Some(coupon), Some(balance)] = found else {
-            return Err("every role needs an address: order=..,stock=..,coupon=..,balance=..".into());
+            return Err(BadParticipantList::Missing);
         };
         Ok(ParticipantAddrs {
             order,

@@ -23,11 +23,9 @@ use crate::barrier::{Barrier, BarrierError, Compensated, StepKey};
 use crate::record::ParticipantEvent;
 use crate::refusal::{Refusal, Refused};
 
-pub const ACT_FAULT_ENV: &str = "SAGA_FAULT_ACT";
-pub const FAULT_PREFIX_ENV: &str = "SAGA_FAULT_COMPENSATION_FAILS_FOR";
-pub const CRASH_PREFIX_ENV: &str = "SAGA_FAULT_FREEZE_AFTER_APPLY_FOR";
-/// Every variable of a fault plan (a binary built without `faults` refuses to start with one).
-pub const ALL_ENV: [&str; 3] = [ACT_FAULT_ENV, FAULT_PREFIX_ENV, CRASH_PREFIX_ENV];
+pub const ACT_FAULT_ENV: &str = crate::FAULT_PLAN_ENV[0];
+pub const FAULT_PREFIX_ENV: &str = crate::FAULT_PLAN_ENV[1];
+pub const CRASH_PREFIX_ENV: &str = crate::FAULT_PLAN_ENV[2];
 
 /// One fault of [`ACT_FAULT_ENV`].
 #[derive(Debug)]

@@ -58,6 +58,15 @@ use crate::barrier::{Barrier, StepBarrier};
 
 pub use saga_proto::{Role, UnknownRole};
 
+/// The environment variables of a fault plan (see `faults`, compiled with the `faults` feature
+/// only): listed here so that a binary built without it can refuse them instead of ignoring
+/// them.
+pub const FAULT_PLAN_ENV: [&str; 3] = [
+    "SAGA_FAULT_ACT",
+    "SAGA_FAULT_COMPENSATION_FAILS_FOR",
+    "SAGA_FAULT_FREEZE_AFTER_APPLY_FOR",
+];
+
 /// Wraps a role's barrier (a decorator such as `faults::FaultPlan::decorate`).
 pub type BarrierDecorator = Arc<dyn Fn(Role, Arc<dyn Barrier>) -> Arc<dyn Barrier> + Send + Sync>;
 

@@ -58,7 +58,7 @@ fn peak_rss_mb(pid: u32) -> f64 {
 
 async fn run(namesrv: &str, scenario: Scenario, conc: usize, n: u64, warmup: u64) -> anyhow::Result<String> {
     let system = System::start(namesrv, SystemConfig::default()).await;
-    let addrs = ParticipantAddrs::parse(&system.participant_list()).map_err(anyhow::Error::msg)?;
+    let addrs = ParticipantAddrs::parse(&system.participant_list())?;
     let api = system.orchestrator.as_ref().expect("started").addr.clone();
     workload::seed(&addrs, 0..warmup + n, scenario).await?;
 

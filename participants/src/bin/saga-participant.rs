@@ -96,11 +96,7 @@ fn with_fault_plan(participant: Participant) -> anyhow::Result<Participant> {
 /// that asks for faults must not silently run without them).
 #[cfg(not(feature = "faults"))]
 fn with_fault_plan(participant: Participant) -> anyhow::Result<Participant> {
-    for name in [
-        "SAGA_FAULT_ACT",
-        "SAGA_FAULT_COMPENSATION_FAILS_FOR",
-        "SAGA_FAULT_FREEZE_AFTER_APPLY_FOR",
-    ] {
+    for name in saga_participants::FAULT_PLAN_ENV {
         if std::env::var_os(name).is_some() {
             anyhow::bail!("{name} is set, but this saga-participant was built without the `faults` feature");
         }
