@@ -53,6 +53,8 @@ pub trait Barrier: Send + Sync + 'static {
     ) -> Result<(ParticipantEvent, bool), BarrierError>;
     /// Undoes whatever `key`'s action did, exactly once.
     async fn compensate(&self, key: &StepKey) -> Result<Compensated, BarrierError>;
+    /// What `key`'s stream says now.
+    async fn state(&self, key: &StepKey) -> Result<StepState, BarrierError>;
 }
 
 /// The barrier over a participant's log.
@@ -72,6 +74,10 @@ impl Barrier for StepBarrier {
 
     async fn compensate(&self, key: &StepKey) -> Result<Compensated, BarrierError> {
         compensate(&self.log, key).await
+    }
+
+    async fn state(&self, key: &StepKey) -> Result<StepState, BarrierError> {
+        state(&self.log, key).await
     }
 }
 

@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::barrier::{Barrier, BarrierError, Compensated, StepKey};
+use crate::barrier::{Barrier, BarrierError, Compensated, StepKey, StepState};
 use crate::record::ParticipantEvent;
 use crate::refusal::{Refusal, Refused};
 
@@ -105,6 +105,12 @@ impl FaultPlan {
         Arc::new(FaultyBarrier { inner, plan: self })
     }
 
+    fn has_refusals(&self, step: &str) -> bool {
+        self.act
+            .iter()
+            .any(|f| matches!(f, ActFault::Refuse { step: s, .. } if s == step))
+    }
+
     fn refuses(&self, step: &str) -> bool {
         self.act.iter().any(|f| match f {
             ActFault::Refuse { step: s, times_left } => {
@@ -138,10 +144,14 @@ impl Barrier for FaultyBarrier {
         key: &StepKey,
         action: ParticipantEvent,
     ) -> Result<(ParticipantEvent, bool), BarrierError> {
-        // Refused before the barrier runs: a refusal promises the caller that nothing happened
-        // (the engine does not compensate a refused step), so only an action that has not
-        // taken effect is refused.
-        if self.plan.refuses(&key.step) {
+        // A refusal promises the caller that nothing happened (the engine does not compensate
+        // a refused step), so only a step whose stream is empty is refused: a repeat of an
+        // action recorded earlier (before this process started with its plan, say) gets the
+        // barrier's answer.
+        if self.plan.has_refusals(&key.step)
+            && self.inner.state(key).await? == StepState::Empty
+            && self.plan.refuses(&key.step)
+        {
             return Err(BarrierError::Refused(Refused::new(
                 Refusal::InvalidState,
                 format!("injected refusal ({ACT_FAULT_ENV})"),
@@ -154,6 +164,10 @@ impl Barrier for FaultyBarrier {
             tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
         }
         Ok(done)
+    }
+
+    async fn state(&self, key: &StepKey) -> Result<StepState, BarrierError> {
+        self.inner.state(key).await
     }
 
     async fn compensate(&self, key: &StepKey) -> Result<Compensated, BarrierError> {
@@ -201,6 +215,44 @@ mod tests {
             }],
         }
         .into()
+    }
+
+    /// A participant restarted with a refusal plan must not refuse a repeat of an action its
+    /// log already holds: the caller would take the refusal for "nothing happened" and never
+    /// compensate an effect that is there.
+    #[tokio::test]
+    async fn an_injected_refusal_never_refuses_an_action_that_took_effect() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let participant = Participant::open(Role::Stock, dir.path()).expect("opens");
+        let seed = StockEvent::Seeded {
+            product_id: "p".into(),
+            available: 5,
+        };
+        crate::service::seed_one(
+            participant.log(),
+            crate::keys::seed_stream("product", "p"),
+            seed.into(),
+        )
+        .await
+        .expect("seeds");
+        let inner: Arc<dyn Barrier> = Arc::new(StepBarrier {
+            log: participant.log().clone(),
+        });
+        inner
+            .act(&key("reserve_stock"), reserve())
+            .await
+            .expect("applies");
+        // "Restarted" with a plan that refuses every reservation.
+        let plan = FaultPlan {
+            act: ActFault::parse_list("refuse:reserve_stock").expect("parses"),
+            ..FaultPlan::default()
+        };
+        let barrier = plan.decorate(inner);
+        let (_, replayed) = barrier
+            .act(&key("reserve_stock"), reserve())
+            .await
+            .expect("the recorded action is answered, not refused");
+        assert!(replayed);
     }
 
     #[tokio::test]
