@@ -217,12 +217,8 @@ mod tests {
         .into()
     }
 
-    /// A participant restarted with a refusal plan must not refuse a repeat of an action its
-    /// log already holds: the caller would take the refusal for "nothing happened" and never
-    /// compensate an effect that is there.
-    #[tokio::test]
-    async fn an_injected_refusal_never_refuses_an_action_that_took_effect() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// A stock participant with product `p` seeded, and its undecorated barrier.
+    async fn seeded_stock(dir: &tempfile::TempDir) -> (Participant, Arc<dyn Barrier>) {
         let participant = Participant::open(Role::Stock, dir.path()).expect("opens");
         let seed = StockEvent::Seeded {
             product_id: "p".into(),
@@ -238,6 +234,16 @@ mod tests {
         let inner: Arc<dyn Barrier> = Arc::new(StepBarrier {
             log: participant.log().clone(),
         });
+        (participant, inner)
+    }
+
+    /// A participant restarted with a refusal plan must not refuse a repeat of an action its
+    /// log already holds: the caller would take the refusal for "nothing happened" and never
+    /// compensate an effect that is there.
+    #[tokio::test]
+    async fn an_injected_refusal_never_refuses_an_action_that_took_effect() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_participant, inner) = seeded_stock(&dir).await;
         inner
             .act(&key("reserve_stock"), reserve())
             .await
@@ -258,26 +264,12 @@ mod tests {
     #[tokio::test]
     async fn the_decorator_refuses_before_the_barrier_and_delays_after_it() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let participant = Participant::open(Role::Stock, dir.path()).expect("opens");
-        let inner: Arc<dyn Barrier> = Arc::new(StepBarrier {
-            log: participant.log().clone(),
-        });
+        let (participant, inner) = seeded_stock(&dir).await;
         let plan = FaultPlan {
             act: ActFault::parse_list("refuse:reserve_stock:1,delay:other_step:300").expect("parses"),
             ..FaultPlan::default()
         };
         let barrier = plan.decorate(inner);
-        let seed = StockEvent::Seeded {
-            product_id: "p".into(),
-            available: 5,
-        };
-        crate::service::seed_one(
-            participant.log(),
-            crate::keys::seed_stream("product", "p"),
-            seed.into(),
-        )
-        .await
-        .expect("seeds");
         // Refused once, with nothing recorded: the step stream stays empty.
         let refused = barrier.act(&key("reserve_stock"), reserve()).await;
         assert!(matches!(refused, Err(BarrierError::Refused(ref r)) if r.reason == Refusal::InvalidState));
