@@ -134,10 +134,15 @@ impl Participant {
                 .max_decoding_message_size(REQUEST_LEN_MAX),
             ),
         };
-        routes.add_service(
-            pb::consumer_admin_server::ConsumerAdminServer::new(admin::ConsumerAdminService { consumer })
-                .max_decoding_message_size(REQUEST_LEN_MAX),
-        )
+        // Standard gRPC health checking: SERVING once the log is open (`router` is built after
+        // it). Also the no-op call of the ceiling benchmark (tests/benches/ceiling.rs).
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        routes
+            .add_service(
+                pb::consumer_admin_server::ConsumerAdminServer::new(admin::ConsumerAdminService { consumer })
+                    .max_decoding_message_size(REQUEST_LEN_MAX),
+            )
+            .add_service(health)
     }
 
     /// Serves the role's gRPC service (and `ConsumerAdmin`) on `listener` until `shutdown`
