@@ -90,10 +90,6 @@ fn engine_status(error: EngineError) -> Status {
     }
 }
 
-fn saga_status(status: SagaStatus) -> pb::SagaState {
-    status.into()
-}
-
 fn step_state(phase: Phase) -> pb::StepState {
     match phase {
         Phase::Pending => pb::StepState::Pending,
@@ -114,7 +110,7 @@ pub fn saga_to_proto(state: &SagaState) -> pb::Saga {
     pb::Saga {
         saga_id: state.saga_id.clone(),
         request_id: state.request_id.clone(),
-        state: saga_status(state.status) as i32,
+        state: pb::SagaState::from(state.status) as i32,
         order: Some(order),
         steps: state
             .steps
@@ -314,7 +310,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                             position: record.position().get(),
                             event_type: record.event_type().to_owned(),
                             timestamp_unix_us: record.timestamp_us(),
-                            state: saga_status(status) as i32,
+                            state: pb::SagaState::from(status) as i32,
                             step: event.step().unwrap_or_default().to_owned(),
                             detail: event.detail(),
                         };

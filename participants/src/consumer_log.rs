@@ -185,7 +185,7 @@ pub fn parked_message(log_key: String, stored: &[u8]) -> Result<pb::ParkedMessag
         Ok(event) => event,
         Err(error) => return Err(ParkedEntryError::Undecodable { log_key, error }),
     };
-    match event {
+    let event = match event {
         // Entries of older logs kept the whole body: the same entry with a full prefix.
         ParticipantEvent::Consumer(ConsumerEvent::ParkedWholeBody {
             group,
@@ -195,18 +195,20 @@ pub fn parked_message(log_key: String, stored: &[u8]) -> Result<pb::ParkedMessag
             error,
             body,
             parked_at_unix_ms,
-        }) => Ok(pb::ParkedMessage {
-            log_key,
+        }) => ParticipantEvent::Consumer(ConsumerEvent::Parked {
             group,
             tag,
             key,
             tries,
-            last_error: error,
-            parked_at_unix_ms,
+            error,
             body_len: body.len() as u64,
             body_digest: body_digest(&body),
-            body,
+            body_prefix: body,
+            parked_at_unix_ms,
         }),
+        other => other,
+    };
+    match event {
         ParticipantEvent::Consumer(ConsumerEvent::Parked {
             group,
             tag,

@@ -14,6 +14,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use saga_orchestrator::workload::percentile_ms;
 use saga_tests::Proc;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -29,14 +30,6 @@ struct Args {
     /// cargo bench passes --bench; ignored.
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-fn percentile_us(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p / 100.0).round() as usize;
-    sorted[i]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -62,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
             .map(|_| {
                 let mut client = HealthClient::new(channel.clone());
                 tokio::spawn(async move {
-                    let mut latencies_us = Vec::new();
+                    let mut latencies = Vec::new();
                     while Instant::now() < deadline {
                         let began = Instant::now();
                         client
@@ -71,24 +64,24 @@ async fn main() -> anyhow::Result<()> {
                             })
                             .await
                             .expect("health check");
-                        latencies_us.push(began.elapsed().as_micros() as u64);
+                        latencies.push(began.elapsed());
                     }
-                    latencies_us
+                    latencies
                 })
             })
             .collect();
         let began = Instant::now();
-        let mut latencies_us = Vec::new();
+        let mut latencies = Vec::new();
         for task in tasks {
-            latencies_us.extend(task.await?);
+            latencies.extend(task.await?);
         }
         let elapsed = began.elapsed();
-        latencies_us.sort_unstable();
+        latencies.sort_unstable();
         println!(
-            "ceiling=grpc_noop conc={conc} calls_per_s={:.0} p50_us={} p99_us={}",
-            latencies_us.len() as f64 / elapsed.as_secs_f64(),
-            percentile_us(&latencies_us, 50.0),
-            percentile_us(&latencies_us, 99.0),
+            "ceiling=grpc_noop conc={conc} calls_per_s={:.0} p50_us={:.0} p99_us={:.0}",
+            latencies.len() as f64 / elapsed.as_secs_f64(),
+            percentile_ms(&latencies, 50.0) * 1000.0,
+            percentile_ms(&latencies, 99.0) * 1000.0,
         );
     }
     drop(server);
