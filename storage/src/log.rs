@@ -69,6 +69,7 @@ use crate::outbox::{OUTBOX_PER_APPEND_MAX, OutboxEntry, OutboxId, OutboxMessage}
 use crate::position::{Position, StreamVersion};
 use crate::projection::{EventView, ProjectError, ProjectionTx, Projector};
 
+mod cache;
 mod flusher;
 mod keys;
 mod open;
@@ -174,6 +175,7 @@ struct Shared {
     flushes: AtomicU64,
     appends: AtomicU64,
     events: AtomicU64,
+    cache: cache::StreamCache,
 }
 
 /// Stops the writer when the last handle to the log goes away, and waits for it, so that the
@@ -277,6 +279,7 @@ impl EventLog {
             flushes: AtomicU64::new(0),
             appends: AtomicU64::new(0),
             events: AtomicU64::new(0),
+            cache: cache::StreamCache::default(),
         });
         let (jobs_tx, jobs_rx) = mpsc::channel(config.queue_len_max);
         let writer = Writer {
@@ -292,6 +295,7 @@ impl EventLog {
             heads: HashMap::new(),
             gate: config.gate.clone(),
             mark: mark_writer,
+            written: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("saga-log-writer".into())
@@ -335,7 +339,10 @@ impl EventLog {
 
     /// The stream's current version (`NONE` if it does not exist), as durable.
     pub async fn stream_version(&self, stream: &str) -> Result<StreamVersion, StorageError> {
-        let version = last_version(&self.shared.trees.streams, stream)?.map_or(0, |(version, _)| version);
+        let version = match self.shared.cache.version(stream) {
+            Some(version) => version,
+            None => last_version(&self.shared.trees.streams, stream)?.map_or(0, |(version, _)| version),
+        };
         self.wait_durable_read().await?;
         Ok(StreamVersion::new(version))
     }
@@ -350,6 +357,12 @@ impl EventLog {
     ) -> Result<Vec<Record>, StorageError> {
         let max = max.min(READ_LEN_MAX);
         let from_version = from.or_first().get();
+        if let Some(records) = self.shared.cache.read(stream, from_version, max) {
+            // Written by this process's writer since open: complete and as committed (see
+            // `cache`); the wait below is the same as for a read of sled.
+            self.wait_durable_read().await?;
+            return Ok(records);
+        }
         let trees = &self.shared.trees;
         let start = stream_key(stream, from_version);
         let end = stream_key(stream, u64::MAX);

@@ -56,6 +56,23 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU time (user + system) a process has used so far, in microseconds (/proc/PID/stat).
+fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces): utime is the
+    // 12th and stime the 13th of them, in clock ticks.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf only reads a configuration value.
+    #[allow(unsafe_code)]
+    let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ticks * 1_000_000 / per_s
+}
+
 async fn run(namesrv: &str, scenario: Scenario, conc: usize, n: u64, warmup: u64) -> anyhow::Result<String> {
     let system = System::start(namesrv, SystemConfig::default()).await;
     let addrs = ParticipantAddrs::parse(&system.participant_list())?;
@@ -63,9 +80,33 @@ async fn run(namesrv: &str, scenario: Scenario, conc: usize, n: u64, warmup: u64
     workload::seed(&addrs, 0..warmup + n, scenario).await?;
 
     let mut results = workload::run_orders(&api, scenario, &system.run, 0..warmup, conc, || {}).await?;
+    // Each process's CPU time over the measured sagas: the cost per saga, steadier from run to
+    // run than the rate on a machine this small (diagnostics, on stderr).
+    let pids: Vec<(&str, u32)> = system
+        .participants
+        .iter()
+        .map(|(role, p)| (role.as_str(), p.child.id()))
+        .chain(
+            system
+                .orchestrator
+                .as_ref()
+                .map(|p| ("orchestrator", p.child.id())),
+        )
+        .chain([("bench", std::process::id())])
+        .collect();
+    let cpu_before: Vec<u64> = pids.iter().map(|&(_, pid)| cpu_us(pid)).collect();
     let began = Instant::now();
     let measured = workload::run_orders(&api, scenario, &system.run, warmup..warmup + n, conc, || {}).await?;
     let elapsed = began.elapsed();
+    let cpu: Vec<(&str, u64)> = pids
+        .iter()
+        .zip(&cpu_before)
+        .map(|(&(name, pid), before)| (name, cpu_us(pid).saturating_sub(*before) / n.max(1)))
+        .collect();
+    eprintln!(
+        "cpu us per saga: {cpu:?} total={}",
+        cpu.iter().map(|(_, us)| us).sum::<u64>()
+    );
 
     let mut latencies: Vec<Duration> = measured.iter().map(|r| r.latency).collect();
     latencies.sort_unstable();

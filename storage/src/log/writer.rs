@@ -61,6 +61,8 @@ pub(super) struct Writer {
     pub(super) gate: Option<Arc<WriterGate>>,
     /// Handed to the flusher when it starts.
     pub(super) mark: Option<MarkWriter>,
+    /// Records written by the batch being committed, by job index (see `cache_written`).
+    pub(super) written: Vec<(usize, Vec<IVec>)>,
 }
 
 /// A committed batch on its way to the flusher.
@@ -164,6 +166,7 @@ impl Writer {
                 return None;
             }
         };
+        self.cache_written(batch);
         if let Some(gate) = &self.gate {
             gate.pass(GatePoint::AfterCommit);
         }
@@ -194,6 +197,7 @@ impl Writer {
         batch: &[Job],
         timestamp_us: i64,
     ) -> Result<(Vec<Outcome>, u64, u64), CommitFailed> {
+        self.written.clear();
         let (loaded, mut left_out) = self.load_missing_heads(batch);
         let mut outcomes: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
         // Heads written by the committed segments of this batch (merged into the cache at
@@ -220,6 +224,7 @@ impl Writer {
                     for (index, outcome) in segment.outcomes {
                         outcomes[index] = Some(outcome);
                     }
+                    self.written.extend(segment.written);
                     batch_heads.extend(segment.heads);
                     position = segment.next_position;
                     (start, end) = (end, batch.len());
@@ -249,6 +254,23 @@ impl Writer {
             })
             .collect();
         Ok((outcomes, position, self.last_checksum))
+    }
+
+    /// Hands the records the batch committed to the stream cache (see `cache`), before the
+    /// batch goes to the flusher, so that a caller answered after the flush reads its own
+    /// append from the cache.
+    fn cache_written(&mut self, batch: &[Job]) {
+        for (index, bytes) in self.written.drain(..) {
+            let Job::Append { request, .. } = &batch[index] else {
+                unreachable!("only appends write records")
+            };
+            let mut records = Vec::with_capacity(bytes.len());
+            for bytes in bytes {
+                let layout = record_format::decode(&bytes).expect("the writer's own encoding decodes");
+                records.push(Record { bytes, layout });
+            }
+            self.shared.cache.appended(&request.stream, records);
+        }
     }
 
     /// Loads the heads of the batch's streams that are not cached, before any transaction:
@@ -329,6 +351,7 @@ impl Writer {
                 let mut new_heads: HashMap<&'b str, Head> = HashMap::new();
                 let mut position = position;
                 let mut outcomes = Vec::with_capacity(range.len());
+                let mut written = Vec::with_capacity(range.len());
                 for index in range.clone() {
                     if left_out.contains_key(&index) {
                         continue;
@@ -376,15 +399,17 @@ impl Writer {
                         position,
                         timestamp_us,
                     };
-                    let (appended, new_head) = self.write_append(&tx, append)?;
+                    let (appended, new_head, records) = self.write_append(&tx, append)?;
                     position = appended.last_position.next().get();
                     new_heads.insert(stream, new_head);
                     outcomes.push((index, Outcome::Appended(appended)));
+                    written.push((index, records));
                 }
                 Ok(Segment {
                     outcomes,
                     next_position: position,
                     heads: new_heads,
+                    written,
                 })
             },
         );
@@ -422,8 +447,9 @@ impl Writer {
     /// entries and its outbox messages (keyed by its first position). Returns what was
     /// appended and the stream's new head; a projector's refusal aborts the transaction with
     /// the job to leave out.
-    fn write_append(&self, tx: &TxTrees<'_>, append: AppendAt<'_>) -> TxResult<(Appended, Head)> {
+    fn write_append(&self, tx: &TxTrees<'_>, append: AppendAt<'_>) -> TxResult<(Appended, Head, Vec<IVec>)> {
         let stream = append.request.stream.as_str();
+        let mut written = Vec::with_capacity(append.request.events.len());
         let (mut version, mut prev_checksum) = append.head;
         let mut position = append.position;
         for event in &append.request.events {
@@ -446,7 +472,9 @@ impl Writer {
                 payload: &event.payload,
             };
             self.project(tx, append.index, &view)?;
-            tx.events.insert(&position.to_be_bytes(), bytes)?;
+            let bytes = IVec::from(bytes);
+            tx.events.insert(&position.to_be_bytes(), bytes.clone())?;
+            written.push(bytes);
             tx.streams
                 .insert(stream_key(stream, version), &position.to_be_bytes())?;
             prev_checksum = checksum;
@@ -464,7 +492,7 @@ impl Writer {
             first_position: Position::new(append.position),
             last_position: Position::new(position - 1),
         };
-        Ok((appended, (version, prev_checksum)))
+        Ok((appended, (version, prev_checksum), written))
     }
 
     /// Runs the projector on one event inside the transaction; a refusal leaves job `index`
@@ -541,6 +569,8 @@ pub(super) struct Segment<'b> {
     pub(super) outcomes: Vec<(usize, Outcome)>,
     pub(super) next_position: u64,
     pub(super) heads: HashMap<&'b str, Head>,
+    /// The records each append of the segment wrote, by job index (for the stream cache).
+    pub(super) written: Vec<(usize, Vec<IVec>)>,
 }
 
 pub(super) fn reply(job: Job, outcome: Outcome) {
