@@ -10,7 +10,7 @@
 //! --workspace` (scripts/test) builds them.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -166,11 +166,26 @@ impl Drop for Proc {
 impl Proc {
     /// Starts `bin` with `args` and `env`; returns once it printed `listening on ADDR`.
     pub fn start(bin: &str, args: &[String], env: &[(String, String)]) -> Proc {
+        Proc::start_logged(bin, args, env, None)
+    }
+
+    /// As [`Proc::start`], with standard error appended to `log` when given (else inherited).
+    pub fn start_logged(bin: &str, args: &[String], env: &[(String, String)], log: Option<&Path>) -> Proc {
+        let stderr = match log {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap_or_else(|e| panic!("opens {}: {e}", path.display())),
+            ),
+            None => Stdio::inherit(),
+        };
         let mut child = Command::new(bin_path(bin))
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("starts {bin}: {e}"));
         let stdout = child.stdout.take().expect("piped");
@@ -310,13 +325,32 @@ impl System {
 
     /// Starts (or restarts) the orchestrator on its data directory.
     pub fn start_orchestrator(&mut self) {
+        let mut args = self.orchestrator_args("orchestrator", &format!("orch-{}", self.run));
+        args.extend(self.config.orchestrator_args.iter().cloned());
+        self.orchestrator = Some(Proc::start("saga-orchestrator", &args, &[]));
+    }
+
+    /// Starts one more orchestrator, node `node_id` (its own data directory, acknowledgement
+    /// group and tag), on the same participants and topics, with its standard error written to
+    /// `log` (so a test can read what it reported).
+    pub fn start_orchestrator_node(&self, node_id: &str, log: &Path) -> Proc {
+        let mut args = self.orchestrator_args(
+            &format!("orchestrator-{node_id}"),
+            &format!("orch-{}-{node_id}", self.run),
+        );
+        args.extend(["--node-id".to_owned(), node_id.to_owned()]);
+        args.extend(self.config.orchestrator_args.iter().cloned());
+        Proc::start_logged("saga-orchestrator", &args, &[], Some(log))
+    }
+
+    fn orchestrator_args(&self, data_dir: &str, ack_group: &str) -> Vec<String> {
         let run = &self.run;
-        let mut args: Vec<String> = [
+        [
             "serve",
             "--listen",
             "127.0.0.1:0",
             "--data-dir",
-            &self.dir.path().join("orchestrator").to_string_lossy(),
+            &self.dir.path().join(data_dir).to_string_lossy(),
             "--participants",
             &self.participant_list(),
             "--rocketmq",
@@ -326,13 +360,11 @@ impl System {
             "--ack-topic",
             &format!("ack-{run}"),
             "--ack-group",
-            &format!("orch-{run}"),
+            ack_group,
         ]
         .iter()
         .map(|s| s.to_string())
-        .collect();
-        args.extend(self.config.orchestrator_args.iter().cloned());
-        self.orchestrator = Some(Proc::start("saga-orchestrator", &args, &[]));
+        .collect()
     }
 
     pub fn participant(&self, role: &str) -> &Proc {

@@ -307,3 +307,94 @@ async fn orchestrator_sigkilled_mid_saga_finishes_every_saga_after_restart() {
     assert_eq!(system.balance("rich").await, 1000 - 10 * completed);
     assert_eq!(system.balance("poor").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_orchestrators_on_one_broker_each_get_the_acks_of_their_own_sagas() {
+    use saga_orchestrator::order::ParticipantAddrs;
+    use saga_orchestrator::workload::{self, Scenario};
+    let Some(namesrv) = topics::namesrv_for_tests() else {
+        return;
+    };
+    // Two orchestrator nodes share the participants and the topics; each has its own log,
+    // node id and acknowledgement group. The system's own orchestrator is replaced by them,
+    // so that both write their reports to files this test reads.
+    let mut system = System::start(&namesrv, SystemConfig::default()).await;
+    system.orchestrator.take().expect("running").kill();
+    let logs = tempfile::tempdir().expect("tempdir");
+    let nodes = ["n1", "n2"].map(|node| {
+        let log = logs.path().join(format!("{node}.log"));
+        (node, system.start_orchestrator_node(node, &log), log)
+    });
+    let addrs = ParticipantAddrs::parse(&system.participant_list()).expect("participant list");
+    let halves = [0..200u64, 200..400];
+    workload::seed(&addrs, 0..400, Scenario::Fail20)
+        .await
+        .expect("seeds");
+    let (first, second) = tokio::join!(
+        workload::run_orders(
+            &nodes[0].1.addr,
+            Scenario::Fail20,
+            &system.run,
+            halves[0].clone(),
+            16,
+            || {}
+        ),
+        workload::run_orders(
+            &nodes[1].1.addr,
+            Scenario::Fail20,
+            &system.run,
+            halves[1].clone(),
+            16,
+            || {}
+        ),
+    );
+    let results: Vec<_> = first
+        .expect("n1 runs")
+        .into_iter()
+        .chain(second.expect("n2 runs"))
+        .collect();
+    // Every saga ended on its owner: a compensated saga needs every compensation's ack, so the
+    // acks of each node's sagas reached that node.
+    for (node_index, orders) in halves.iter().enumerate() {
+        let mine: Vec<_> = results.iter().filter(|r| orders.contains(&r.n)).collect();
+        let compensated = mine
+            .iter()
+            .filter(|r| r.state == pb::SagaState::Compensated)
+            .count();
+        assert_eq!(mine.len(), 200);
+        assert!(
+            mine.iter()
+                .all(|r| matches!(r.state, pb::SagaState::Completed | pb::SagaState::Compensated)),
+            "node {}: {:?}",
+            nodes[node_index].0,
+            mine.iter().map(|r| r.state).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            compensated, 40,
+            "node {}: every 5th order compensates",
+            nodes[node_index].0
+        );
+    }
+    let problems = workload::check_conservation(&addrs, &results)
+        .await
+        .expect("checks");
+    assert!(problems.is_empty(), "{problems:?}");
+    // A saga belongs to the node that started it: the other node does not know it.
+    let mut other = pb::orchestrator_client::OrchestratorClient::new(nodes[1].1.channel().await);
+    let status = other
+        .get_saga(pb::GetSagaRequest {
+            saga_id: results[0].saga_id.clone(),
+        })
+        .await
+        .expect_err("n1's saga is not n2's");
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    // And no node received an ack of a saga it does not own (each logs one if it does).
+    for (node, proc, log) in nodes {
+        proc.kill();
+        let text = std::fs::read_to_string(&log).expect("reads the node's log");
+        assert!(
+            !text.contains("acknowledgement for a saga this orchestrator does not have"),
+            "node {node} received another node's ack:\n{text}"
+        );
+    }
+}
