@@ -72,6 +72,9 @@ struct Serve {
     /// Consumer group on the acknowledgement topic (default `saga-orchestrator-<node id>`).
     #[arg(long)]
     ack_group: Option<String>,
+    /// sled's page cache for the event log, in MiB.
+    #[arg(long, env = "SAGA_CACHE_MB", default_value_t = saga_storage::LogConfig::CACHE_MB_DEFAULT)]
+    cache_mb: u64,
     /// How long a compensation's acknowledgement may take before it is re-published (doubled
     /// after each re-publish, up to 8 times this).
     #[arg(long, default_value_t = EngineConfig::default().compensation_ack_deadline_ms)]
@@ -157,6 +160,7 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
         ParticipantAddrs::parse(&args.participants).map_err(|e| anyhow::anyhow!("--participants: {e}"))?;
     let mut log = saga_storage::LogConfig::new(&args.data_dir);
     log.accept_lost_tail = args.accept_lost_tail;
+    log.cache_capacity_bytes = args.cache_mb.saturating_mul(1024 * 1024);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("--listen: cannot bind {}", args.listen))?;

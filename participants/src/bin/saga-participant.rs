@@ -59,6 +59,9 @@ struct Args {
     /// flusher threads do the disk work, and fewer threads mean fewer hand-offs between them.
     #[arg(long, env = "SAGA_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
+    /// sled's page cache for the role's event log, in MiB.
+    #[arg(long, env = "SAGA_CACHE_MB", default_value_t = saga_storage::LogConfig::CACHE_MB_DEFAULT)]
+    cache_mb: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -111,6 +114,7 @@ fn with_fault_plan(participant: Participant) -> anyhow::Result<Participant> {
 async fn run(role: Role, args: Args) -> anyhow::Result<()> {
     let mut log_config = saga_storage::LogConfig::new(&args.data_dir);
     log_config.accept_lost_tail = args.accept_lost_tail;
+    log_config.cache_capacity_bytes = args.cache_mb.saturating_mul(1024 * 1024);
     let participant = Participant::open_with(role, log_config).with_context(|| {
         format!(
             "--data-dir: cannot open the event log in {}",
