@@ -15,6 +15,11 @@
 //!
 //! `peer=ours scenario=fail20 conc=32 n=2000 sagas_per_s=... p50_ms=... p95_ms=... p99_ms=... rss_mb=... correct=yes`
 //!
+//! With `--orchestrators K` (a scale run) K orchestrator nodes share the participants and the
+//! broker, each with its own log, node id and acknowledgement group, the orders split evenly
+//! between them; the line then says `peer=ours-<K>orch`, and the run is correct only if no node
+//! reported an acknowledgement of another node's saga.
+//!
 //! `rss_mb` sums the peak resident memory (VmHWM) of the five processes; `correct=yes` only when
 //! every saga (warm-up included) ended completed or compensated and the conservation checks
 //! hold on the participants' own state.
@@ -41,6 +46,10 @@ struct Args {
     /// Sagas run before measuring.
     #[arg(long, default_value_t = 200)]
     warmup: u64,
+    /// Orchestrator nodes sharing the participants and the broker; the orders are split evenly
+    /// between them (a scale run: the line says `peer=ours-<k>orch`).
+    #[arg(long, default_value_t = 1)]
+    orchestrators: u32,
     /// cargo bench passes --bench; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -73,30 +82,62 @@ fn cpu_us(pid: u32) -> u64 {
     ticks * 1_000_000 / per_s
 }
 
-async fn run(namesrv: &str, scenario: Scenario, conc: usize, n: u64, warmup: u64) -> anyhow::Result<String> {
+/// Runs orders `orders` split evenly over the orchestrators at `apis`, `conc` in flight in all
+/// (shared between them), and returns every result.
+async fn run_split(
+    apis: &[String],
+    scenario: Scenario,
+    run: &str,
+    orders: std::ops::Range<u64>,
+    conc: usize,
+) -> anyhow::Result<Vec<workload::OrderResult>> {
+    let nodes = apis.len() as u64;
+    let len = orders.end - orders.start;
+    let runs = apis.iter().enumerate().map(|(i, api)| {
+        let (i, conc) = (i as u64, conc.div_ceil(apis.len()));
+        let part = orders.start + len * i / nodes..orders.start + len * (i + 1) / nodes;
+        let (api, run) = (api.clone(), run.to_owned());
+        tokio::spawn(async move { workload::run_orders(&api, scenario, &run, part, conc, || {}).await })
+    });
+    let mut results = Vec::new();
+    for handle in runs.collect::<Vec<_>>() {
+        results.extend(handle.await??);
+    }
+    Ok(results)
+}
+
+async fn run(namesrv: &str, scenario: Scenario, conc: usize, args: &Args) -> anyhow::Result<String> {
+    let (n, warmup) = (args.n, args.warmup);
     let system = System::start(namesrv, SystemConfig::default()).await;
+    let logs = tempfile::tempdir()?;
+    // Further orchestrator nodes (scale runs): the same participants and topics, their own
+    // logs, node ids and acknowledgement groups.
+    let extra: Vec<saga_tests::Proc> = (2..=args.orchestrators)
+        .map(|i| system.start_orchestrator_node(&format!("n{i}"), &logs.path().join(format!("n{i}.log"))))
+        .collect();
     let addrs = ParticipantAddrs::parse(&system.participant_list())?;
-    let api = system.orchestrator.as_ref().expect("started").addr.clone();
+    let apis: Vec<String> = system
+        .orchestrator
+        .iter()
+        .chain(&extra)
+        .map(|p| p.addr.clone())
+        .collect();
     workload::seed(&addrs, 0..warmup + n, scenario).await?;
 
-    let mut results = workload::run_orders(&api, scenario, &system.run, 0..warmup, conc, || {}).await?;
+    let mut results = run_split(&apis, scenario, &system.run, 0..warmup, conc).await?;
     // Each process's CPU time over the measured sagas: the cost per saga, steadier from run to
     // run than the rate on a machine this small (diagnostics, on stderr).
+    let orchestrators = system.orchestrator.iter().chain(&extra);
     let pids: Vec<(&str, u32)> = system
         .participants
         .iter()
         .map(|(role, p)| (role.as_str(), p.child.id()))
-        .chain(
-            system
-                .orchestrator
-                .as_ref()
-                .map(|p| ("orchestrator", p.child.id())),
-        )
+        .chain(orchestrators.map(|p| ("orchestrator", p.child.id())))
         .chain([("bench", std::process::id())])
         .collect();
     let cpu_before: Vec<u64> = pids.iter().map(|&(_, pid)| cpu_us(pid)).collect();
     let began = Instant::now();
-    let measured = workload::run_orders(&api, scenario, &system.run, warmup..warmup + n, conc, || {}).await?;
+    let measured = run_split(&apis, scenario, &system.run, warmup..warmup + n, conc).await?;
     let elapsed = began.elapsed();
     let cpu: Vec<(&str, u64)> = pids
         .iter()
@@ -111,21 +152,27 @@ async fn run(namesrv: &str, scenario: Scenario, conc: usize, n: u64, warmup: u64
     let mut latencies: Vec<Duration> = measured.iter().map(|r| r.latency).collect();
     latencies.sort_unstable();
     results.extend(measured);
-    let problems = workload::check_conservation(&addrs, &results).await?;
+    let mut problems = workload::check_conservation(&addrs, &results).await?;
+    // Every acknowledgement reached its owner: a node that gets another's reports it.
+    for entry in std::fs::read_dir(logs.path())? {
+        let path = entry?.path();
+        if std::fs::read_to_string(&path)?
+            .contains("acknowledgement for a saga this orchestrator does not have")
+        {
+            problems.push(format!(
+                "{} received another node's acknowledgement",
+                path.display()
+            ));
+        }
+    }
     for problem in &problems {
         eprintln!("check failed: {problem}");
     }
     let correct = problems.is_empty() && results.len() as u64 == warmup + n;
-    let processes: Vec<(&str, f64)> = system
-        .participants
+    let processes: Vec<(&str, f64)> = pids
         .iter()
-        .map(|(role, p)| (role.as_str(), peak_rss_mb(p.child.id())))
-        .chain(
-            system
-                .orchestrator
-                .as_ref()
-                .map(|p| ("orchestrator", peak_rss_mb(p.child.id()))),
-        )
+        .filter(|(name, _)| *name != "bench")
+        .map(|&(name, pid)| (name, peak_rss_mb(pid)))
         .collect();
     let rss_mb: f64 = processes.iter().map(|(_, mb)| mb).sum();
     eprintln!("peak RSS (MiB): {processes:?}");
@@ -141,8 +188,13 @@ async fn run(namesrv: &str, scenario: Scenario, conc: usize, n: u64, warmup: u64
         results.len() - completed,
         elapsed.as_secs_f64()
     );
+    // BENCH.md's shape; a run with more orchestrator nodes says so in `peer`.
+    let peer = match args.orchestrators {
+        1 => "ours".to_owned(),
+        k => format!("ours-{k}orch"),
+    };
     Ok(format!(
-        "peer=ours scenario={} conc={conc} n={n} sagas_per_s={:.1} p50_ms={:.1} p95_ms={:.1} p99_ms={:.1} rss_mb={:.0} correct={}",
+        "peer={peer} scenario={} conc={conc} n={n} sagas_per_s={:.1} p50_ms={:.1} p95_ms={:.1} p99_ms={:.1} rss_mb={:.0} correct={}",
         scenario.name(),
         n as f64 / elapsed.as_secs_f64(),
         workload::percentile_ms(&latencies, 50.0),
@@ -175,7 +227,7 @@ fn main() -> anyhow::Result<()> {
     let mut all_correct = true;
     for &scenario in &scenarios {
         for &conc in &args.conc {
-            let line = runtime.block_on(run(&namesrv, scenario, conc, args.n, args.warmup))?;
+            let line = runtime.block_on(run(&namesrv, scenario, conc, &args))?;
             all_correct &= line.ends_with("correct=yes");
             println!("{line}");
         }
