@@ -6,6 +6,9 @@
 //!   callers get an error and the log stops accepting writes (reopen it, as after a restart).
 //! - [`GatePoint::AfterCommit`]: the batch's transaction committed (its data is visible to sled
 //!   readers) and not yet flushed. Readers must not return it before the flush covers it.
+//! - [`GatePoint::BeforeFlush`]: the **flusher** thread holds committed batches before their
+//!   flush (a gate of its own, [`crate::LogConfig::flush_gate`]), so that the writer can go on
+//!   meanwhile, as it does when a flush is slow.
 //!
 //! Off unless a `WriterGate` is put in [`crate::LogConfig::gate`]; production never sets one.
 //! The gate is one-shot: `arm` holds the next batch that reaches the point, then disarms.
@@ -18,6 +21,7 @@ use std::time::Duration;
 pub enum GatePoint {
     BeforeCommit,
     AfterCommit,
+    BeforeFlush,
 }
 
 /// What the held batch does when let go.

@@ -118,6 +118,9 @@ pub struct LogConfig {
     pub queue_len_max: usize,
     /// Test hook: holds the writer at a named point (see `gate`). `None` in production.
     pub gate: Option<Arc<WriterGate>>,
+    /// Test hook: holds the flusher before a flush ([`GatePoint::BeforeFlush`]). `None` in
+    /// production.
+    pub flush_gate: Option<Arc<WriterGate>>,
     /// Open a log that lost acknowledged records (it ends before its durable mark, see
     /// `mark`) instead of refusing it, and record that decision as a `LostTailAccepted` event
     /// in stream [`LOG_STREAM`]. An operator's decision, never a default.
@@ -140,6 +143,7 @@ impl LogConfig {
             batch_len_max: 512,
             queue_len_max: 8192,
             gate: None,
+            flush_gate: None,
             accept_lost_tail: false,
         }
     }
@@ -301,6 +305,7 @@ impl EventLog {
             seq: 0,
             heads: HashMap::new(),
             gate: config.gate.clone(),
+            flush_gate: config.flush_gate.clone(),
             mark: mark_writer,
             written: Vec::new(),
         };

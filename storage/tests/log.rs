@@ -14,8 +14,16 @@ use serde::{Deserialize, Serialize};
 /// A tiny aggregate: an account whose balance is a fold of its events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum AccountEvent {
-    Deposited { amount: i64 },
-    Withdrawn { amount: i64 },
+    Deposited {
+        amount: i64,
+    },
+    Withdrawn {
+        amount: i64,
+    },
+    /// Changes nothing; its text makes records as large as a test needs.
+    Noted {
+        text: String,
+    },
 }
 
 impl AccountEvent {
@@ -23,6 +31,7 @@ impl AccountEvent {
         match self {
             AccountEvent::Deposited { .. } => "Deposited",
             AccountEvent::Withdrawn { .. } => "Withdrawn",
+            AccountEvent::Noted { .. } => "Noted",
         }
     }
     fn to_new(&self) -> NewEvent {
@@ -32,6 +41,7 @@ impl AccountEvent {
         match self {
             AccountEvent::Deposited { amount } => *balance += amount,
             AccountEvent::Withdrawn { amount } => *balance -= amount,
+            AccountEvent::Noted { .. } => {}
         }
     }
 }
@@ -688,12 +698,21 @@ async fn snapshot(log: &EventLog, streams: &[String]) -> Vec<(String, u64, Vec<V
 async fn reads_of_streams_written_since_open_equal_the_reads_of_sled_after_reopen() {
     // Streams written since open are read from memory (the log's stream cache); after a
     // reopen the same reads come from sled. They must agree byte for byte, also for a stream
-    // that existed before open, a stream that grew past the cache's length limit, streams
-    // evicted by the cache's record bound (10,000 records here, above it), and a stream with
-    // a refused append in the middle.
+    // that existed before open, a stream that grew past the cache's length limit, a stream
+    // with a record larger than the cache keeps, two appends to one stream in one batch,
+    // streams evicted by the cache's byte bound (10,000 records of about 700 bytes here,
+    // above its 4 MiB), and a stream with a refused append in the middle.
     let dir = tempfile::tempdir().expect("tempdir");
     let deposit = |amount| AccountEvent::Deposited { amount }.to_new();
-    let mut streams = vec!["old".to_owned(), "long".to_owned(), "refused".to_owned()];
+    let note = |len: usize| {
+        AccountEvent::Noted {
+            text: "n".repeat(len),
+        }
+        .to_new()
+    };
+    let mut streams = ["old", "long", "refused", "big", "pair"]
+        .map(str::to_owned)
+        .to_vec();
     {
         let log = open(&dir);
         log.append(
@@ -730,12 +749,33 @@ async fn reads_of_streams_written_since_open_equal_the_reads_of_sled_after_reope
     )
     .await
     .expect("appends after the refusal");
+    log.append(AppendRequest::new("big", ExpectedVersion::NoStream).event(deposit(1)))
+        .await
+        .expect("appends");
+    log.append(AppendRequest::new("big", ExpectedVersion::Exact(StreamVersion::new(1))).event(note(5000)))
+        .await
+        .expect("appends a record larger than the cache keeps");
+    log.append(AppendRequest::new("big", ExpectedVersion::Exact(StreamVersion::new(2))).event(deposit(2)))
+        .await
+        .expect("appends");
+    let (a, b) = tokio::join!(
+        log.append(
+            AppendRequest::new("pair", ExpectedVersion::Any)
+                .event(deposit(1))
+                .event(note(10))
+        ),
+        log.append(AppendRequest::new("pair", ExpectedVersion::Any).event(deposit(2))),
+    );
+    a.expect("appends");
+    b.expect("appends");
     // Read while these streams are still in memory (the flood below evicts them).
     let first = streams.clone();
     let mut from_memory = snapshot(&log, &first).await;
     assert_eq!(log.stream_version("long").await.expect("v"), 300);
     assert_eq!(log.stream_version("refused").await.expect("v"), 2);
     assert_eq!(log.stream_version("old").await.expect("v"), 3);
+    assert_eq!(log.stream_version("big").await.expect("v"), 3);
+    assert_eq!(log.stream_version("pair").await.expect("v"), 3);
     // 1,250 streams of 8 records, 32 appends in flight at a time.
     let ids: Vec<u64> = (0..1250).collect();
     for chunk in ids.chunks(32) {
@@ -746,8 +786,8 @@ async fn reads_of_streams_written_since_open_equal_the_reads_of_sled_after_reope
                 for round in 0..2u64 {
                     let mut request =
                         AppendRequest::new(&stream, ExpectedVersion::Exact(StreamVersion::new(round * 4)));
-                    for j in 0..4 {
-                        request = request.event(deposit((round * 4 + j) as i64));
+                    for _ in 0..4 {
+                        request = request.event(note(600));
                     }
                     log.append(request).await.expect("appends");
                 }
@@ -777,4 +817,57 @@ async fn spawn_all<F: std::future::Future<Output = ()> + Send + 'static>(futures
     for handle in handles {
         handle.await.expect("task");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_stops_the_log_even_while_an_earlier_flush_is_running() {
+    // The writer stops the log when a batch fails (a storage error in its transaction, or the
+    // simulated crash of the gate). A flush of an earlier batch that finishes after that must
+    // not turn the log back on: the writer's state no longer matches sled, and a simulated
+    // crash means nothing after it may be written.
+    use saga_storage::gate::{GatePoint, WriterGate};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = Arc::new(WriterGate::new());
+    let flush_gate = Arc::new(WriterGate::new());
+    let config = LogConfig {
+        gate: Some(Arc::clone(&gate)),
+        flush_gate: Some(Arc::clone(&flush_gate)),
+        ..LogConfig::new(dir.path())
+    };
+    let log = EventLog::open_with(config, Some(Arc::new(BalanceProjector))).expect("opens");
+    let append = |stream: &'static str| {
+        let log = log.clone();
+        tokio::spawn(async move {
+            log.append(
+                AppendRequest::new(stream, ExpectedVersion::Any)
+                    .event(AccountEvent::Deposited { amount: 1 }.to_new()),
+            )
+            .await
+        })
+    };
+    // Batch 1 is committed and waits for its flush.
+    flush_gate.arm(GatePoint::BeforeFlush);
+    let first = append("a");
+    assert!(flush_gate.held(std::time::Duration::from_secs(10)).await);
+    // Batch 2 fails before its commit (a crash there): the log stops.
+    gate.arm(GatePoint::BeforeCommit);
+    let second = append("b");
+    assert!(gate.held(std::time::Duration::from_secs(10)).await);
+    gate.fail();
+    second
+        .await
+        .expect("joins")
+        .expect_err("the failed batch is refused");
+    // Batch 1's flush finishes: its append stands (it was committed before the failure)...
+    flush_gate.release();
+    first
+        .await
+        .expect("joins")
+        .expect("the earlier batch was flushed");
+    // ...and the log stays stopped.
+    let third = append("c").await.expect("joins");
+    assert!(
+        matches!(third, Err(StorageError::Failed(_))),
+        "an append after the failure must be refused, got {third:?}"
+    );
 }

@@ -13,6 +13,8 @@ pub(super) struct Flusher {
     /// The durable mark, written after each flush that made records durable (`None` without
     /// fsync: see `mark`).
     pub(super) mark: Option<MarkWriter>,
+    /// Test hook (see `gate`): holds committed batches before their flush.
+    pub(super) gate: Option<Arc<WriterGate>>,
 }
 
 impl Flusher {
@@ -32,6 +34,9 @@ impl Flusher {
     }
 
     pub(super) fn finish(&mut self, ready: &mut Vec<Committed>) {
+        if let Some(gate) = &self.gate {
+            gate.pass(GatePoint::BeforeFlush);
+        }
         if self.failure.is_none()
             && self.durability == Durability::Fsync
             && ready.iter().any(|c| c.needs_flush)
@@ -73,10 +78,11 @@ impl Flusher {
                 return;
             }
         }
-        self.durable.send_replace(Durable {
-            seq,
-            position,
-            failed: false,
+        // Only the durable point moves: `failed` is the writer's too (a batch that failed after
+        // this one was committed stops the log), and once set it is never cleared.
+        self.durable.send_modify(|durable| {
+            durable.seq = seq;
+            durable.position = position;
         });
         for batch in ready.drain(..) {
             for (job, outcome) in batch.jobs {

@@ -59,6 +59,8 @@ pub(super) struct Writer {
     /// stream -> (version, checksum of its last record), for committed data only.
     pub(super) heads: HashMap<String, Head>,
     pub(super) gate: Option<Arc<WriterGate>>,
+    /// Handed to the flusher when it starts (see `gate`).
+    pub(super) flush_gate: Option<Arc<WriterGate>>,
     /// Handed to the flusher when it starts.
     pub(super) mark: Option<MarkWriter>,
     /// Records written by the batch being committed, by job index (see `cache_written`).
@@ -95,6 +97,7 @@ impl Writer {
             durability: self.durability,
             failure: None,
             mark: self.mark.take(),
+            gate: self.flush_gate.take(),
         };
         let flusher = std::thread::Builder::new()
             .name("saga-log-flusher".into())
@@ -112,11 +115,14 @@ impl Writer {
             if let Some(committed) = self.process(&mut batch)
                 && let Err(unsent) = to_flusher.send(committed)
             {
-                // The flusher is gone (it panicked): nothing can become durable any more.
+                // The flusher is gone (it panicked): nothing can become durable any more. These
+                // jobs were committed, so their outcome is unknown to their callers (FlushFailed,
+                // not Failed), and the log stops: later batches are refused, readers fail.
+                self.durable.send_modify(|d| d.failed = true);
                 for (job, _) in unsent.0.jobs {
                     reply(
                         job,
-                        Outcome::Failed(StorageError::Failed("flusher stopped".into())),
+                        Outcome::Failed(StorageError::FlushFailed("flusher stopped".into())),
                     );
                 }
             }
@@ -260,6 +266,7 @@ impl Writer {
     /// batch goes to the flusher, so that a caller answered after the flush reads its own
     /// append from the cache.
     fn cache_written(&mut self, batch: &[Job]) {
+        let mut appends = Vec::with_capacity(self.written.len());
         for (index, bytes) in self.written.drain(..) {
             let Job::Append { request, .. } = &batch[index] else {
                 unreachable!("only appends write records")
@@ -269,8 +276,10 @@ impl Writer {
                 let layout = record_format::decode(&bytes).expect("the writer's own encoding decodes");
                 records.push(Record { bytes, layout });
             }
-            self.shared.cache.appended(&request.stream, records);
+            appends.push((request.stream.as_str(), records));
         }
+        // One batch at once: a reader sees all of it or none of it, as it would in sled.
+        self.shared.cache.appended(appends);
     }
 
     /// Loads the heads of the batch's streams that are not cached, before any transaction:
