@@ -65,21 +65,19 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// CPU time (user + system) a process has used so far, in microseconds (/proc/PID/stat).
-fn cpu_us(pid: u32) -> u64 {
+/// CPU time (user + system, in microseconds) and minor page faults of a process so far
+/// (/proc/PID/stat).
+fn usage(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces): utime is the
-    // 12th and stime the 13th of them, in clock ticks.
+    // Fields after the command name (which is in parentheses and may hold spaces): minflt is
+    // the 8th, utime the 12th and stime the 13th of them (times in clock ticks).
     let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     // SAFETY: sysconf only reads a configuration value.
     #[allow(unsafe_code)]
     let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    ticks * 1_000_000 / per_s
+    ((field(11) + field(12)) * 1_000_000 / per_s, field(7))
 }
 
 /// Runs orders `orders` split evenly over the orchestrators at `apis`, `conc` in flight in all
@@ -135,18 +133,31 @@ async fn run(namesrv: &str, scenario: Scenario, conc: usize, args: &Args) -> any
         .chain(orchestrators.map(|p| ("orchestrator", p.child.id())))
         .chain([("bench", std::process::id())])
         .collect();
-    let cpu_before: Vec<u64> = pids.iter().map(|&(_, pid)| cpu_us(pid)).collect();
+    let before: Vec<(u64, u64)> = pids.iter().map(|&(_, pid)| usage(pid)).collect();
     let began = Instant::now();
     let measured = run_split(&apis, scenario, &system.run, warmup..warmup + n, conc).await?;
     let elapsed = began.elapsed();
-    let cpu: Vec<(&str, u64)> = pids
+    let used: Vec<(&str, u64, u64)> = pids
         .iter()
-        .zip(&cpu_before)
-        .map(|(&(name, pid), before)| (name, cpu_us(pid).saturating_sub(*before) / n.max(1)))
+        .zip(&before)
+        .map(|(&(name, pid), &(cpu, faults))| {
+            let (cpu_now, faults_now) = usage(pid);
+            (
+                name,
+                cpu_now.saturating_sub(cpu) / n.max(1),
+                faults_now.saturating_sub(faults) / n.max(1),
+            )
+        })
         .collect();
+    let cpu: Vec<(&str, u64)> = used.iter().map(|&(name, cpu, _)| (name, cpu)).collect();
+    let faults: Vec<(&str, u64)> = used.iter().map(|&(name, _, faults)| (name, faults)).collect();
     eprintln!(
         "cpu us per saga: {cpu:?} total={}",
         cpu.iter().map(|(_, us)| us).sum::<u64>()
+    );
+    eprintln!(
+        "minor page faults per saga: {faults:?} total={}",
+        faults.iter().map(|(_, f)| f).sum::<u64>()
     );
 
     let mut latencies: Vec<Duration> = measured.iter().map(|r| r.latency).collect();
