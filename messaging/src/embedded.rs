@@ -105,7 +105,12 @@ pub struct EmbeddedTransport {
 impl EmbeddedTransport {
     /// Opens (or creates) the queue in `dir`, with full durability.
     pub fn open(dir: &Path, config: EmbeddedConfig) -> Result<Self, MessagingError> {
-        let log = EventLog::open(LogConfig::new(dir)).map_err(|e| MessagingError::Storage(e.to_string()))?;
+        Self::open_with(LogConfig::new(dir), config)
+    }
+
+    /// As [`EmbeddedTransport::open`], with the queue's log set up by the caller (its cache).
+    pub fn open_with(log: LogConfig, config: EmbeddedConfig) -> Result<Self, MessagingError> {
+        let log = EventLog::open(log).map_err(|e| MessagingError::Storage(e.to_string()))?;
         Ok(EmbeddedTransport {
             log,
             config,

@@ -29,6 +29,20 @@ pub struct DevOptions {
     pub barrier: Option<saga_participants::BarrierDecorator>,
 }
 
+/// sled's page cache of each of the dev system's logs, in bytes. Larger than a service's
+/// default (`LogConfig::CACHE_MB_DEFAULT`): here six logs share one process and one sled I/O
+/// pool, and the queue's five subscribers read every message from sled; with 8 MiB each the
+/// demo ran 256-266 sagas/s at 32 in flight, with 64 MiB 328-353/s (BENCHMARKS.md).
+pub const DEV_CACHE_BYTES: u64 = 64 << 20;
+
+/// A log of the dev system in `dir`.
+fn dev_log(dir: PathBuf) -> saga_storage::LogConfig {
+    saga_storage::LogConfig {
+        cache_capacity_bytes: DEV_CACHE_BYTES,
+        ..saga_storage::LogConfig::new(dir)
+    }
+}
+
 /// Why a dev system did not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
@@ -115,8 +129,8 @@ impl Dev {
             source,
         })?;
         let transport: Arc<dyn Transport> = Arc::new(
-            EmbeddedTransport::open(
-                &data_dir.join("queue"),
+            EmbeddedTransport::open_with(
+                dev_log(data_dir.join("queue")),
                 EmbeddedConfig {
                     retry_delay_base: Duration::from_millis(200),
                     retry_delay_max: Duration::from_secs(5),
@@ -129,7 +143,7 @@ impl Dev {
         let mut consumers = Vec::new();
         let mut addrs = Vec::new();
         for role in Role::ALL {
-            let mut participant = Participant::open(role, &data_dir.join(role.name()))
+            let mut participant = Participant::open_with(role, dev_log(data_dir.join(role.name())))
                 .map_err(|source| DevError::Participant { role, source })?;
             if let Some(decorate) = &options.barrier {
                 participant = participant.with_barrier(decorate);
@@ -156,7 +170,7 @@ impl Dev {
 
         let node = Node::start(
             NodeConfig {
-                log: saga_storage::LogConfig::new(data_dir.join("orchestrator")),
+                log: dev_log(data_dir.join("orchestrator")),
                 participants: participants.clone(),
                 timing: OrderTiming::default(),
                 engine: EngineConfig::default(),
