@@ -51,6 +51,10 @@ use crate::state::{FoldError, Next, Phase, SagaState, Status};
 /// The orchestrator's default node id: the tag its acknowledgements carry.
 pub const NODE_ID_DEFAULT: &str = "main";
 
+/// What a node logs (at error level) when it receives the acknowledgement of a saga it does not
+/// own: a misrouted ack. Tests and the scale bench look for it in a node's log.
+pub const MISROUTED_ACK: &str = "acknowledgement for a saga this orchestrator does not have";
+
 /// The consumer group of an orchestrator node on the acknowledgement topic (each node its own
 /// group, filtering its own tag: every node sees exactly its acknowledgements).
 pub fn ack_group(node_id: &str) -> String {
@@ -564,7 +568,7 @@ impl Engine {
                 let Some(mut state) = self.load(&key.saga_id).await? else {
                     // Acks are routed by the owner's node id, so this is a misrouted ack (a wrong
                     // node id, or a log that lost the saga): loud, never silent.
-                    tracing::error!(saga = %key.saga_id, step = %key.step, node = %self.inner.config.node_id, "acknowledgement for a saga this orchestrator does not have");
+                    tracing::error!(saga = %key.saga_id, step = %key.step, node = %self.inner.config.node_id, "{MISROUTED_ACK}");
                     return Ok(Tried::Done(()));
                 };
                 let Some(step) = state.steps.iter().find(|s| s.name == key.step) else {

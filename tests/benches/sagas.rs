@@ -80,30 +80,6 @@ fn usage(pid: u32) -> (u64, u64) {
     ((field(11) + field(12)) * 1_000_000 / per_s, field(7))
 }
 
-/// Runs orders `orders` split evenly over the orchestrators at `apis`, `conc` in flight in all
-/// (shared between them), and returns every result.
-async fn run_split(
-    apis: &[String],
-    scenario: Scenario,
-    run: &str,
-    orders: std::ops::Range<u64>,
-    conc: usize,
-) -> anyhow::Result<Vec<workload::OrderResult>> {
-    let nodes = apis.len() as u64;
-    let len = orders.end - orders.start;
-    let runs = apis.iter().enumerate().map(|(i, api)| {
-        let (i, conc) = (i as u64, conc.div_ceil(apis.len()));
-        let part = orders.start + len * i / nodes..orders.start + len * (i + 1) / nodes;
-        let (api, run) = (api.clone(), run.to_owned());
-        tokio::spawn(async move { workload::run_orders(&api, scenario, &run, part, conc, || {}).await })
-    });
-    let mut results = Vec::new();
-    for handle in runs.collect::<Vec<_>>() {
-        results.extend(handle.await??);
-    }
-    Ok(results)
-}
-
 async fn run(namesrv: &str, scenario: Scenario, conc: usize, args: &Args) -> anyhow::Result<String> {
     let (n, warmup) = (args.n, args.warmup);
     let system = System::start(namesrv, SystemConfig::default()).await;
@@ -122,7 +98,7 @@ async fn run(namesrv: &str, scenario: Scenario, conc: usize, args: &Args) -> any
         .collect();
     workload::seed(&addrs, 0..warmup + n, scenario).await?;
 
-    let mut results = run_split(&apis, scenario, &system.run, 0..warmup, conc).await?;
+    let mut results = saga_tests::run_split(&apis, scenario, &system.run, 0..warmup, conc).await?;
     // Each process's CPU time over the measured sagas: the cost per saga, steadier from run to
     // run than the rate on a machine this small (diagnostics, on stderr).
     let orchestrators = system.orchestrator.iter().chain(&extra);
@@ -135,7 +111,7 @@ async fn run(namesrv: &str, scenario: Scenario, conc: usize, args: &Args) -> any
         .collect();
     let before: Vec<(u64, u64)> = pids.iter().map(|&(_, pid)| usage(pid)).collect();
     let began = Instant::now();
-    let measured = run_split(&apis, scenario, &system.run, warmup..warmup + n, conc).await?;
+    let measured = saga_tests::run_split(&apis, scenario, &system.run, warmup..warmup + n, conc).await?;
     let elapsed = began.elapsed();
     let used: Vec<(&str, u64, u64)> = pids
         .iter()

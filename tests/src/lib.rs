@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use saga_messaging::rocketmq::{RocketMqConfig, RocketMqTransport};
+use saga_orchestrator::workload::{OrderResult, Scenario, WorkloadError};
 use saga_proto::Role;
 use saga_proto::v1 as pb;
 use tonic::transport::Channel;
@@ -506,4 +507,38 @@ pub async fn wait_final(
 pub fn step_state(saga: &pb::Saga, name: &str) -> pb::StepState {
     let step = saga.steps.iter().find(|s| s.name == name).expect("step exists");
     pb::StepState::try_from(step.state).expect("known state")
+}
+
+/// Runs orders `orders` split evenly over the orchestrators at `apis`, `conc` in flight in all
+/// (shared between them), and returns every result.
+pub async fn run_split(
+    apis: &[String],
+    scenario: Scenario,
+    run: &str,
+    orders: std::ops::Range<u64>,
+    conc: usize,
+) -> Result<Vec<OrderResult>, WorkloadError> {
+    let nodes = apis.len() as u64;
+    let len = orders.end - orders.start;
+    let runs = apis.iter().enumerate().map(|(i, api)| {
+        let (i, conc) = (i as u64, conc.div_ceil(apis.len()));
+        let part = orders.start + len * i / nodes..orders.start + len * (i + 1) / nodes;
+        let (api, run) = (api.clone(), run.to_owned());
+        tokio::spawn(async move {
+            saga_orchestrator::workload::run_orders(&api, scenario, &run, part, conc, || {}).await
+        })
+    });
+    let mut results = Vec::new();
+    for handle in runs.collect::<Vec<_>>() {
+        results.extend(handle.await.expect("an order runner panicked")?);
+    }
+    Ok(results)
+}
+
+/// Whether the orchestrator node whose standard error is in `log` reported an acknowledgement
+/// of a saga it does not own ([`saga_orchestrator::engine::MISROUTED_ACK`]).
+pub fn reported_misrouted_ack(log: &Path) -> bool {
+    std::fs::read_to_string(log)
+        .unwrap_or_else(|e| panic!("reads {}: {e}", log.display()))
+        .contains(saga_orchestrator::engine::MISROUTED_ACK)
 }

@@ -13,8 +13,8 @@
 //! So a stream either has a complete entry or none, and `None` sends the reader to sled.
 //!
 //! Readers see the cache as they would see sled: a batch at once (the writer applies it under
-//! one lock), possibly committed but not yet flushed, so `read_stream` waits for the flush after reading from either (see
-//! `EventLog::wait_durable_read`). A reader racing the writer sees the stream as it was just
+//! one lock), possibly committed but not yet flushed, so `read_stream` waits for the flush
+//! after reading from either (see `EventLog::wait_durable_read`). A reader racing the writer sees the stream as it was just
 //! before the commit, as a sled read racing it would.
 
 use std::collections::{HashMap, VecDeque};
