@@ -129,11 +129,15 @@ impl RocketMqConfig {
 }
 
 /// One process's RocketMQ client: the runtime every producer and consumer shares.
+/// How long a consumer's shutdown waits for its in-flight handlers, in milliseconds.
+pub const CONSUMER_SHUTDOWN_MS: u64 = 5_000;
+
 pub struct RocketMqClient {
     config: RocketMqConfig,
-    owner: RuntimeOwner,
+    /// The runtime's owner and the telemetry guard, taken by the first
+    /// [`RocketMqClient::shutdown`] (its last steps consume them).
+    owner: std::sync::Mutex<Option<(RuntimeOwner, TelemetryRuntimeGuard)>>,
     runtime: Arc<ClientRuntime>,
-    telemetry: TelemetryRuntimeGuard,
 }
 
 impl RocketMqClient {
@@ -154,9 +158,8 @@ impl RocketMqClient {
         .map_err(MessagingError::client)?;
         Ok(RocketMqClient {
             config,
-            owner,
+            owner: std::sync::Mutex::new(Some((owner, telemetry))),
             runtime,
-            telemetry,
         })
     }
 
@@ -242,6 +245,9 @@ impl RocketMqClient {
             .consume_message_batch_max_size(1)
             .pull_batch_size(c.pull_batch_len)
             .max_reconsume_times(c.max_reconsume_times)
+            // The client's default (0 ms) aborts its consume tasks at shutdown without waiting
+            // and reports each one; give in-flight handlers time to finish instead.
+            .await_termination_millis_when_shutdown(CONSUMER_SHUTDOWN_MS)
             .build();
         inner
             .subscribe(topic, tag_expression)
@@ -252,21 +258,28 @@ impl RocketMqClient {
         Ok(PushConsumer { inner })
     }
 
-    /// Stops the client runtime. Shut producers and consumers down first.
-    pub async fn shutdown(self) {
+    /// Stops the client runtime, in the order the client needs (ROCKETMQ.md). Shut producers
+    /// and consumers down first. Takes `&self`, so that it runs even while handlers the client
+    /// still holds keep a reference to the transport; a second call does nothing. What did not
+    /// stop in time is reported at debug level only: at exit it is expected, and the runtime's
+    /// reports run to hundreds of lines.
+    pub async fn shutdown(&self) {
+        let Some((owner, telemetry)) = self.owner.lock().expect("owner lock").take() else {
+            return;
+        };
         let report = self.runtime.shutdown().await;
         if !report.is_healthy() {
-            tracing::warn!(report = %report.to_json(), "rocketmq client runtime shutdown");
+            tracing::debug!(report = %report.to_json(), "rocketmq client runtime shutdown");
         }
-        let report = self.owner.shutdown_tasks().await;
+        let report = owner.shutdown_tasks().await;
         if !report.is_healthy() {
-            tracing::warn!(report = %report.to_json(), "rocketmq runtime tasks shutdown");
+            tracing::debug!(report = %report.to_json(), "rocketmq runtime tasks shutdown");
         }
-        let report = self.owner.shutdown_background();
+        let report = owner.shutdown_background();
         if !report.is_healthy() {
-            tracing::warn!(report = %report.to_json(), "rocketmq runtime background shutdown");
+            tracing::debug!(report = %report.to_json(), "rocketmq runtime background shutdown");
         }
-        let _ = self.telemetry.shutdown();
+        let _ = telemetry.shutdown();
     }
 }
 
@@ -327,8 +340,10 @@ impl Producer {
         Ok(())
     }
 
-    pub async fn shutdown(mut self) {
-        self.inner.shutdown().await;
+    /// Stops the producer (a clone of the client's producer handle: `send` may still hold
+    /// this one).
+    pub async fn shutdown(&self) {
+        self.inner.clone().shutdown().await;
     }
 }
 
@@ -425,8 +440,10 @@ impl RocketMqTransport {
         self.client.ensure_topics(topics, queue_count, deadline).await
     }
 
-    /// Stops the producer and the client runtime. Shut consumers down first.
-    pub async fn shutdown(self) {
+    /// Stops the producer and the client runtime. Shut consumers down first. Takes `&self`:
+    /// the consumers' handlers (held by the client until it stops) may still hold the
+    /// transport, so callers cannot count on owning it.
+    pub async fn shutdown(&self) {
         self.producer.shutdown().await;
         self.client.shutdown().await;
     }

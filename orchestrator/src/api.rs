@@ -2,8 +2,11 @@
 //! status mapping, and the two server streams (WatchSaga, ReplayEvents).
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use prost::Message as _;
+use saga_proto::auth::AdminToken;
 use saga_proto::v1 as pb;
 use saga_storage::{Position, StorageError, StreamVersion};
 use tokio_stream::Stream;
@@ -25,11 +28,13 @@ const REASON_LEN_MAX: usize = 1024;
 
 pub struct OrchestratorService {
     pub engine: Engine,
+    /// Admits RetrySaga, AbortSaga and ReplayEvents (`saga_proto::auth`).
+    pub admin: AdminToken,
+    /// Set once recovery ran (`crate::node`); before that every call is UNAVAILABLE.
+    pub ready: Arc<AtomicBool>,
 }
 
-fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {reason}"))
-}
+use saga_proto::status::invalid_argument as invalid;
 
 /// An id (`saga_proto::ids`); an optional one may be empty.
 fn check_id(field: &str, value: &str, len_max: usize, required: bool) -> Result<(), Status> {
@@ -151,6 +156,23 @@ pub fn log_event(record: &saga_storage::Record) -> pb::LogEvent {
 }
 
 impl OrchestratorService {
+    /// UNAVAILABLE until recovery ran: a call must not race the resumption of its saga.
+    fn check_ready(&self) -> Result<(), Status> {
+        if self.ready.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "recovering: the orchestrator is resuming unfinished sagas; try again",
+            ))
+        }
+    }
+
+    /// An admin call: recovery ran and the bearer token is right.
+    fn check_admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.admin.check(request.metadata())?;
+        self.check_ready()
+    }
+
     async fn get(&self, saga_id: &str) -> Result<SagaState, Status> {
         check_id("saga_id", saga_id, ID_LEN_MAX, true)?;
         self.engine
@@ -169,6 +191,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: Request<pb::StartOrderRequest>,
     ) -> Result<Response<pb::StartOrderResponse>, Status> {
+        self.check_ready()?;
         let request = request.into_inner();
         validate_start(&request)?;
         let details = pb::OrderDetails {
@@ -199,6 +222,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: Request<pb::GetSagaRequest>,
     ) -> Result<Response<pb::GetSagaResponse>, Status> {
+        self.check_ready()?;
         let state = self.get(&request.into_inner().saga_id).await?;
         Ok(Response::new(pb::GetSagaResponse {
             saga: Some(saga_to_proto(&state)),
@@ -209,6 +233,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: Request<pb::ListSagasRequest>,
     ) -> Result<Response<pb::ListSagasResponse>, Status> {
+        self.check_ready()?;
         let request = request.into_inner();
         let status = match pb::SagaState::try_from(request.state) {
             Ok(pb::SagaState::Unspecified) => None,
@@ -257,6 +282,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: Request<pb::WatchSagaRequest>,
     ) -> Result<Response<Self::WatchSagaStream>, Status> {
+        self.check_ready()?;
         let request = request.into_inner();
         check_id("saga_id", &request.saga_id, ID_LEN_MAX, true)?;
         let saga_id = request.saga_id;
@@ -284,7 +310,9 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                         return;
                     }
                 };
-                for record in &records {
+                let at_end = records.len() < STREAM_CHUNK;
+                for (i, record) in records.iter().enumerate() {
+                    let last_read = at_end && i + 1 == records.len();
                     next = record.version().next();
                     let event = match record.decode::<SagaEvent>() {
                         Ok(event) => event,
@@ -318,7 +346,13 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                             return;
                         }
                     }
-                    if status.is_final() {
+                    // The stream ends with the saga: after its final event, or after sending
+                    // the event that left it STUCK with nothing after it yet (final for now: an
+                    // operator's RetrySaga or AbortSaga moves it on; a new watch from the next
+                    // version follows that).
+                    let stuck_now =
+                        status == SagaStatus::Stuck && last_read && record.version() >= from_version;
+                    if status.is_final() || stuck_now {
                         return;
                     }
                 }
@@ -341,6 +375,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: Request<pb::ReplayEventsRequest>,
     ) -> Result<Response<Self::ReplayEventsStream>, Status> {
+        self.check_admin(&request)?;
         let request = request.into_inner();
         let follow = request.follow;
         let log = self.engine.log().clone();
@@ -375,6 +410,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: Request<pb::RetrySagaRequest>,
     ) -> Result<Response<pb::RetrySagaResponse>, Status> {
+        self.check_admin(&request)?;
         let request = request.into_inner();
         check_id("saga_id", &request.saga_id, ID_LEN_MAX, true)?;
         check_reason(&request.reason)?;
@@ -392,6 +428,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         request: Request<pb::AbortSagaRequest>,
     ) -> Result<Response<pb::AbortSagaResponse>, Status> {
+        self.check_admin(&request)?;
         let request = request.into_inner();
         check_id("saga_id", &request.saga_id, ID_LEN_MAX, true)?;
         check_reason(&request.reason)?;
@@ -406,21 +443,17 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
     }
 }
 
-/// The orchestrator's routes: the API, standard health checking (reporting SERVING) and
-/// server reflection.
-pub async fn routes(engine: Engine) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<pb::orchestrator_server::OrchestratorServer<OrchestratorService>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(saga_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    Ok(tonic::service::Routes::new(
-        pb::orchestrator_server::OrchestratorServer::new(OrchestratorService { engine })
+/// The orchestrator's routes: the API, standard health checking (NOT_SERVING until the caller
+/// says otherwise, see `crate::node`) and server reflection listing exactly these services.
+pub async fn routes(
+    engine: Engine,
+    admin: AdminToken,
+    ready: Arc<AtomicBool>,
+) -> Result<(tonic::service::Routes, saga_proto::server::Standard), tonic_reflection::server::Error> {
+    type Server = pb::orchestrator_server::OrchestratorServer<OrchestratorService>;
+    let routes = tonic::service::Routes::new(
+        Server::new(OrchestratorService { engine, admin, ready })
             .max_decoding_message_size(saga_proto::REQUEST_LEN_MAX),
-    )
-    .add_service(health)
-    .add_service(reflection))
+    );
+    saga_proto::server::with_standard_services(routes, &[saga_proto::server::name_of::<Server>()]).await
 }

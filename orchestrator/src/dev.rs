@@ -64,6 +64,8 @@ pub enum DevError {
     Bind { addr: String, source: std::io::Error },
     #[error("orchestrator: {0}")]
     Node(#[from] NodeError),
+    #[error("cannot build a participant's gRPC services: {0}")]
+    Routes(#[source] tonic_reflection::server::Error),
     #[error("seeding the benchmark data: {0}")]
     Seed(#[source] crate::workload::WorkloadError),
     #[error(transparent)]
@@ -157,7 +159,13 @@ impl Dev {
             );
             let listener = bind("127.0.0.1:0").await?;
             addrs.push(local_addr(&listener)?.to_string());
-            let (s, server) = serve_routes(participant.router(Some(consumer)), listener);
+            let (s, server) = serve_routes(
+                participant
+                    .routes(Some(consumer))
+                    .await
+                    .map_err(DevError::Routes)?,
+                listener,
+            );
             stop.push(s);
             servers.push(server);
         }
@@ -175,6 +183,7 @@ impl Dev {
                 timing: OrderTiming::default(),
                 engine: EngineConfig::default(),
                 ack_group: None,
+                admin_token: saga_proto::auth::AdminToken::none(),
             },
             transport,
         )

@@ -72,6 +72,12 @@ pub enum StepError {
     Unknown(String),
 }
 
+/// A step call that missed its deadline: outcome unknown, one text whoever noticed first (the
+/// engine's timer or the gRPC deadline the invoker passed on).
+pub fn deadline_missed(deadline_ms: u64) -> StepError {
+    StepError::Unknown(format!("no answer within the {deadline_ms} ms deadline"))
+}
+
 /// Performs steps' forward actions: the definition-specific side of the engine.
 pub trait StepInvoker: Send + Sync + 'static {
     /// Calls `step` for saga `saga_id` with the saga's payload. The engine applies the step's
@@ -527,10 +533,7 @@ impl Engine {
         let call = self.inner.invoker.invoke(saga_id, step, payload);
         match tokio::time::timeout(Duration::from_millis(step.deadline_ms), call).await {
             Ok(result) => result,
-            Err(_) => Err(StepError::Unknown(format!(
-                "no answer within the {} ms deadline",
-                step.deadline_ms
-            ))),
+            Err(_) => Err(deadline_missed(step.deadline_ms)),
         }
     }
 

@@ -1,13 +1,20 @@
 //! The composition root: how one orchestrator node is wired, written once for `serve` (RocketMQ)
 //! and `dev` (the embedded queue). A node is the engine over its log with the order saga, the
 //! outbox relay to the compensation transport, the subscription to its acknowledgements
-//! (group and tag from its node id), and the gRPC API; [`Node::start`] also resumes every
-//! unfinished saga before it returns, so the API answers only once recovery ran.
+//! (group and tag from its node id), and the gRPC API with health and reflection.
+//!
+//! Start-up is two steps, so that a server can answer while recovery runs: [`Node::open`]
+//! builds everything (the API answers UNAVAILABLE "recovering" and health reports
+//! NOT_SERVING), and [`Node::recover`] resumes every unfinished saga, then opens the API and
+//! reports SERVING. [`Node::start`] does both. Health turns NOT_SERVING for good when the
+//! log fails (its writer stopped: nothing can be recorded until a restart).
 
 use std::sync::Arc;
 
 use saga_messaging::MessagingError;
 use saga_messaging::transport::{Consumer, SubscriptionSpec, Transport};
+use saga_proto::auth::AdminToken;
+use saga_proto::server::Health;
 use saga_storage::{LogConfig, StorageError};
 
 use crate::engine::{AckHandler, Engine, EngineConfig, EngineError, ack_group};
@@ -22,6 +29,8 @@ pub struct NodeConfig {
     pub engine: EngineConfig,
     /// The consumer group on the acknowledgement topic (default `saga-orchestrator-<node id>`).
     pub ack_group: Option<String>,
+    /// The bearer token of admin RPCs (`saga_proto::auth`); none leaves them open.
+    pub admin_token: AdminToken,
 }
 
 /// Why a node did not start; each names the part that failed.
@@ -45,14 +54,26 @@ pub struct Node {
     pub engine: Engine,
     /// The API, health and reflection services, to serve.
     pub routes: tonic::service::Routes,
-    /// Unfinished sagas resumed at start.
+    /// Unfinished sagas resumed at start (0 until [`Node::recover`] ran).
     pub resumed: usize,
+    health: Health,
+    ready: Arc<std::sync::atomic::AtomicBool>,
     relay: tokio::task::JoinHandle<()>,
+    health_watch: Option<tokio::task::JoinHandle<()>>,
     acks: Box<dyn Consumer>,
 }
 
 impl Node {
+    /// Opens and recovers ([`Node::open`], then [`Node::recover`]).
     pub async fn start(config: NodeConfig, transport: Arc<dyn Transport>) -> Result<Node, NodeError> {
+        let mut node = Node::open(config, transport).await?;
+        node.recover().await?;
+        Ok(node)
+    }
+
+    /// Builds the node without resuming anything: its routes can be served, the API answers
+    /// UNAVAILABLE and health NOT_SERVING until [`Node::recover`] ran.
+    pub async fn open(config: NodeConfig, transport: Arc<dyn Transport>) -> Result<Node, NodeError> {
         let log = crate::engine::open_log(config.log).map_err(NodeError::Log)?;
         let ack_spec = SubscriptionSpec {
             group: config
@@ -81,22 +102,47 @@ impl Node {
             )
             .await
             .map_err(NodeError::Acks)?;
-        let resumed = engine.recover().await.map_err(NodeError::Recover)?;
-        let routes = crate::api::routes(engine.clone())
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (routes, standard) = crate::api::routes(engine.clone(), config.admin_token, Arc::clone(&ready))
             .await
             .map_err(NodeError::Routes)?;
         Ok(Node {
             engine,
             routes,
-            resumed,
+            resumed: 0,
+            health: standard.health,
+            ready,
             relay,
+            health_watch: None,
             acks,
         })
+    }
+
+    /// Resumes every unfinished saga, then opens the API and reports SERVING (until the log
+    /// fails). Returns how many sagas were resumed.
+    pub async fn recover(&mut self) -> Result<usize, NodeError> {
+        self.resumed = self.engine.recover().await.map_err(NodeError::Recover)?;
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        let health = self.health.clone();
+        let failure = self.engine.log().failure();
+        if !self.engine.log().is_failed() {
+            health.set_serving(true).await;
+        }
+        self.health_watch = Some(tokio::spawn(async move {
+            if failure.await {
+                tracing::error!("the event log failed: health reports NOT_SERVING until a restart");
+                health.set_serving(false).await;
+            }
+        }));
+        Ok(self.resumed)
     }
 
     /// Stops the acknowledgement subscription and the relay (the caller stopped serving).
     pub async fn shutdown(self) {
         self.acks.shutdown().await;
         self.relay.abort();
+        if let Some(watch) = self.health_watch {
+            watch.abort();
+        }
     }
 }

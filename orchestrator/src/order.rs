@@ -225,18 +225,20 @@ impl OrderInvoker {
     }
 }
 
-/// How a participant's status maps onto the engine's failure kinds.
-pub fn classify(status: &tonic::Status) -> StepError {
+/// How a participant's status maps onto the engine's failure kinds. A missed deadline reads
+/// the same whether tonic saw it first or the engine ([`crate::engine::deadline_missed`]).
+pub fn classify(status: &tonic::Status, deadline_ms: u64) -> StepError {
     use tonic::Code;
     let text = format!("{:?}: {}", status.code(), status.message());
     match status.code() {
-        Code::FailedPrecondition => match pb::BusinessRefusal::decode(status.details()) {
-            Ok(refusal) => StepError::Business(format!(
+        Code::FailedPrecondition => match saga_proto::status::refusal_of(status) {
+            Some(refusal) => StepError::Business(format!(
                 "{}: {}",
-                pb::RefusalReason::try_from(refusal.reason).map_or("UNKNOWN_REASON", |r| r.as_str_name()),
+                pb::RefusalReason::try_from(refusal.reason)
+                    .map_or("UNKNOWN_REASON", saga_proto::status::reason_name),
                 refusal.detail
             )),
-            Err(_) => StepError::Business(text),
+            None => StepError::Business(text),
         },
         // The participant will never accept this request: nothing took effect.
         Code::InvalidArgument
@@ -244,7 +246,8 @@ pub fn classify(status: &tonic::Status) -> StepError {
         | Code::AlreadyExists
         | Code::OutOfRange
         | Code::Unimplemented => StepError::Business(text),
-        Code::DeadlineExceeded | Code::Cancelled => StepError::Unknown(text),
+        Code::DeadlineExceeded => crate::engine::deadline_missed(deadline_ms),
+        Code::Cancelled => StepError::Unknown(text),
         // Unavailable, ResourceExhausted, Aborted, Internal, Unknown, ...: try again with the
         // same key; the barrier answers a retry of an applied call with its first outcome.
         _ => StepError::Transient(text),
@@ -360,7 +363,7 @@ impl StepInvoker for OrderInvoker {
                     .await
                     .map(drop),
             };
-            result.map_err(|status| classify(&status))
+            result.map_err(|status| classify(&status, deadline_ms))
         })
     }
 }
@@ -368,6 +371,22 @@ impl StepInvoker for OrderInvoker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missed_deadline_reads_the_same_whether_tonic_or_the_engine_saw_it() {
+        let tonic_saw = classify(&tonic::Status::deadline_exceeded("Timeout expired"), 2000);
+        assert_eq!(tonic_saw, crate::engine::deadline_missed(2000));
+        assert!(matches!(tonic_saw, StepError::Unknown(_)));
+    }
+
+    #[test]
+    fn a_refusal_is_a_business_failure_with_its_reason_and_detail() {
+        let refused = saga_proto::status::refused(pb::RefusalReason::OutOfStock, "p1: 2 wanted");
+        assert_eq!(
+            classify(&refused, 2000),
+            StepError::Business("OUT_OF_STOCK: p1: 2 wanted".into())
+        );
+    }
 
     fn invoker() -> Arc<OrderInvoker> {
         let addr = "127.0.0.1:1".to_owned();

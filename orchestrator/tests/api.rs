@@ -76,6 +76,11 @@ async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
             "{field}: {}",
             status.message()
         );
+        assert_eq!(
+            saga_proto::status::invalid_field(&status).as_deref(),
+            Some(field),
+            "a google.rpc.BadRequest names {field} in the details"
+        );
     }
     assert_eq!(
         system.engine.log().durable_position(),
@@ -237,7 +242,8 @@ async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
         "GetSaga is the fold of the replayed stream"
     );
 
-    // Health checking and reflection, as grpcurl uses them.
+    // Health checking and reflection, as grpcurl uses them: both reflection versions list
+    // exactly what each server serves.
     let channel = workload::channel(&system.api_addr.to_string())
         .await
         .expect("connects");
@@ -252,6 +258,35 @@ async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
         health.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    let standard = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    let expected = |own: &[&str]| {
+        let mut names: Vec<String> = own.iter().chain(&standard).map(|s| s.to_string()).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        list_services_v1(channel.clone()).await,
+        expected(&["saga.v1.Orchestrator"])
+    );
+    assert_eq!(
+        list_services_v1alpha(channel).await,
+        expected(&["saga.v1.Orchestrator"])
+    );
+    let stock = workload::channel(&system.participants.stock)
+        .await
+        .expect("connects");
+    let own = ["saga.v1.StockService", "saga.v1.ConsumerAdmin"];
+    assert_eq!(list_services_v1(stock.clone()).await, expected(&own));
+    assert_eq!(list_services_v1alpha(stock).await, expected(&own));
+    system.shutdown().await;
+}
+
+/// The services a server lists through reflection v1, sorted.
+async fn list_services_v1(channel: tonic::transport::Channel) -> Vec<String> {
     use tonic_reflection::pb::v1 as reflection;
     let mut answers = reflection::server_reflection_client::ServerReflectionClient::new(channel)
         .server_reflection_info(tokio_stream::iter([reflection::ServerReflectionRequest {
@@ -261,7 +296,7 @@ async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
             ),
         }]))
         .await
-        .expect("reflection")
+        .expect("reflection v1")
         .into_inner();
     let answer = answers.message().await.expect("stream").expect("one answer");
     let Some(reflection::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
@@ -269,11 +304,33 @@ async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
     else {
         panic!("unexpected answer {answer:?}");
     };
-    assert!(
-        list.service.iter().any(|s| s.name == "saga.v1.Orchestrator"),
-        "{list:?}"
-    );
-    system.shutdown().await;
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    names
+}
+
+/// The services a server lists through reflection v1alpha (grpcio-reflection, older grpcurl).
+async fn list_services_v1alpha(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha as reflection;
+    let mut answers = reflection::server_reflection_client::ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([reflection::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                reflection::server_reflection_request::MessageRequest::ListServices(String::new()),
+            ),
+        }]))
+        .await
+        .expect("reflection v1alpha")
+        .into_inner();
+    let answer = answers.message().await.expect("stream").expect("one answer");
+    let Some(reflection::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answer.message_response
+    else {
+        panic!("unexpected answer {answer:?}");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    names
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,6 +370,30 @@ async fn a_parked_compensation_makes_the_saga_stuck_and_retry_finishes_it_after_
             .iter()
             .any(|s| s.state == pb::StepState::CompensationParked as i32),
         "{stuck:?}"
+    );
+    // Watching a stuck saga ends after its events, the last one STUCK: it does not stream
+    // forever waiting for an operator.
+    let mut events = client
+        .watch_saga(pb::WatchSagaRequest {
+            saga_id: saga.saga_id.clone(),
+            from_version: 1,
+        })
+        .await
+        .expect("watches")
+        .into_inner();
+    let mut watched = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(event) = events.message().await.expect("stream") {
+            watched.push(event);
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch of a stuck saga ended: {watched:?}");
+    let last = watched.last().expect("events");
+    assert_eq!(last.state, pb::SagaState::Stuck as i32, "{watched:?}");
+    assert!(
+        last.version >= stuck.version,
+        "every event up to the current one was sent: {watched:?}"
     );
     let status = client
         .abort_saga(pb::AbortSagaRequest {

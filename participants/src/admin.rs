@@ -9,6 +9,8 @@ use crate::service::invalid;
 #[derive(Clone)]
 pub struct ConsumerAdminService {
     pub(crate) consumer: Option<std::sync::Arc<crate::consumer::CompensationConsumer>>,
+    /// Every ConsumerAdmin call is an admin call (`saga_proto::auth`).
+    pub(crate) admin: saga_proto::auth::AdminToken,
 }
 
 impl ConsumerAdminService {
@@ -28,6 +30,7 @@ impl pb::consumer_admin_server::ConsumerAdmin for ConsumerAdminService {
         &self,
         request: Request<pb::ListParkedRequest>,
     ) -> Result<Response<pb::ListParkedResponse>, Status> {
+        self.admin.check(request.metadata())?;
         let r = request.into_inner();
         let page_size = match r.page_size {
             0 => 100,
@@ -55,6 +58,7 @@ impl pb::consumer_admin_server::ConsumerAdmin for ConsumerAdminService {
         &self,
         request: Request<pb::RequeueParkedRequest>,
     ) -> Result<Response<pb::RequeueParkedResponse>, Status> {
+        self.admin.check(request.metadata())?;
         let log_key = request.into_inner().log_key;
         if log_key.is_empty() || log_key.len() > 512 {
             return Err(invalid("log_key", "1..=512 bytes"));

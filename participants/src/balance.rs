@@ -124,6 +124,8 @@ pub(crate) fn project(event: &BalanceEvent, tx: &mut ProjectionTx<'_>) -> Result
 pub struct BalanceService {
     pub(crate) log: EventLog,
     pub(crate) barrier: std::sync::Arc<dyn crate::barrier::Barrier>,
+    /// Admits the seed call (`saga_proto::auth`).
+    pub(crate) admin: saga_proto::auth::AdminToken,
 }
 
 #[tonic::async_trait]
@@ -193,6 +195,7 @@ impl pb::balance_service_server::BalanceService for BalanceService {
         &self,
         request: Request<pb::SeedBalancesRequest>,
     ) -> Result<Response<pb::SeedBalancesResponse>, Status> {
+        self.admin.check(request.metadata())?;
         let accounts = request.into_inner().accounts;
         check_seed_len("accounts", accounts.len())?;
         for (i, a) in accounts.iter().enumerate() {

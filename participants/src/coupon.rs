@@ -168,6 +168,8 @@ pub(crate) fn project(event: &CouponEvent, tx: &mut ProjectionTx<'_>) -> Result<
 pub struct CouponService {
     pub(crate) log: EventLog,
     pub(crate) barrier: std::sync::Arc<dyn crate::barrier::Barrier>,
+    /// Admits the seed call (`saga_proto::auth`).
+    pub(crate) admin: saga_proto::auth::AdminToken,
 }
 
 fn to_proto(coupon_id: &str, c: CouponState) -> pb::Coupon {
@@ -232,6 +234,7 @@ impl pb::coupon_service_server::CouponService for CouponService {
         &self,
         request: Request<pb::SeedCouponsRequest>,
     ) -> Result<Response<pb::SeedCouponsResponse>, Status> {
+        self.admin.check(request.metadata())?;
         let coupons = request.into_inner().coupons;
         check_seed_len("coupons", coupons.len())?;
         for (i, c) in coupons.iter().enumerate() {

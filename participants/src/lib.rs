@@ -55,6 +55,16 @@ use saga_proto::v1 as pb;
 use saga_storage::{EventLog, LogConfig, StorageError};
 
 use crate::barrier::{Barrier, StepBarrier};
+use saga_proto::auth::AdminToken;
+
+/// Why a participant's server did not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
 
 pub use saga_proto::{Role, UnknownRole};
 
@@ -76,6 +86,7 @@ pub struct Participant {
     role: Role,
     log: EventLog,
     barrier: Arc<dyn Barrier>,
+    admin: AdminToken,
 }
 
 impl Participant {
@@ -88,7 +99,18 @@ impl Participant {
     pub fn open_with(role: Role, config: LogConfig) -> Result<Participant, StorageError> {
         let log = EventLog::open_with(config, Some(Arc::new(projector::ParticipantProjector)))?;
         let barrier = Arc::new(StepBarrier { log: log.clone() });
-        Ok(Participant { role, log, barrier })
+        Ok(Participant {
+            role,
+            log,
+            barrier,
+            admin: AdminToken::none(),
+        })
+    }
+
+    /// The participant with `token` required on its admin RPCs (Seed*, ConsumerAdmin).
+    pub fn with_admin_token(mut self, token: AdminToken) -> Participant {
+        self.admin = token;
+        self
     }
 
     /// The participant with `decorate` around its barrier (every service call and every
@@ -107,42 +129,75 @@ impl Participant {
     }
 
     /// The role's gRPC service and `ConsumerAdmin` (answering FAILED_PRECONDITION when no
-    /// consumer is given), ready to serve.
-    /// Requests up to `saga_proto::REQUEST_LEN_MAX` are decoded, so that oversized fields are
-    /// answered INVALID_ARGUMENT by field.
-    pub fn router(&self, consumer: Option<Arc<consumer::CompensationConsumer>>) -> tonic::service::Routes {
+    /// consumer is given), with health and reflection, ready to serve. Health reports SERVING
+    /// (the log is open) until the log fails. Requests up to `saga_proto::REQUEST_LEN_MAX` are
+    /// decoded, so that oversized fields are answered INVALID_ARGUMENT by field.
+    pub async fn routes(
+        &self,
+        consumer: Option<Arc<consumer::CompensationConsumer>>,
+    ) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+        use saga_proto::server::name_of;
         let log = self.log.clone();
         let barrier = Arc::clone(&self.barrier);
-        let routes = match self.role {
-            Role::Order => tonic::service::Routes::new(
-                pb::order_service_server::OrderServiceServer::new(order::OrderService { log, barrier })
-                    .max_decoding_message_size(REQUEST_LEN_MAX),
-            ),
-            Role::Stock => tonic::service::Routes::new(
-                pb::stock_service_server::StockServiceServer::new(stock::StockService { log, barrier })
-                    .max_decoding_message_size(REQUEST_LEN_MAX),
-            ),
-            Role::Coupon => tonic::service::Routes::new(
-                pb::coupon_service_server::CouponServiceServer::new(coupon::CouponService { log, barrier })
-                    .max_decoding_message_size(REQUEST_LEN_MAX),
-            ),
-            Role::Balance => tonic::service::Routes::new(
-                pb::balance_service_server::BalanceServiceServer::new(balance::BalanceService {
-                    log,
-                    barrier,
-                })
-                .max_decoding_message_size(REQUEST_LEN_MAX),
-            ),
+        let admin = self.admin.clone();
+        let (routes, name) = match self.role {
+            Role::Order => {
+                type S = pb::order_service_server::OrderServiceServer<order::OrderService>;
+                let service = order::OrderService { log, barrier };
+                (
+                    tonic::service::Routes::new(S::new(service).max_decoding_message_size(REQUEST_LEN_MAX)),
+                    name_of::<S>(),
+                )
+            }
+            Role::Stock => {
+                type S = pb::stock_service_server::StockServiceServer<stock::StockService>;
+                let service = stock::StockService { log, barrier, admin };
+                (
+                    tonic::service::Routes::new(S::new(service).max_decoding_message_size(REQUEST_LEN_MAX)),
+                    name_of::<S>(),
+                )
+            }
+            Role::Coupon => {
+                type S = pb::coupon_service_server::CouponServiceServer<coupon::CouponService>;
+                let service = coupon::CouponService { log, barrier, admin };
+                (
+                    tonic::service::Routes::new(S::new(service).max_decoding_message_size(REQUEST_LEN_MAX)),
+                    name_of::<S>(),
+                )
+            }
+            Role::Balance => {
+                type S = pb::balance_service_server::BalanceServiceServer<balance::BalanceService>;
+                let service = balance::BalanceService { log, barrier, admin };
+                (
+                    tonic::service::Routes::new(S::new(service).max_decoding_message_size(REQUEST_LEN_MAX)),
+                    name_of::<S>(),
+                )
+            }
         };
-        // Standard gRPC health checking: SERVING once the log is open (`router` is built after
-        // it). Also the no-op call of the ceiling benchmark (tests/benches/ceiling.rs).
-        let (_reporter, health) = tonic_health::server::health_reporter();
-        routes
-            .add_service(
-                pb::consumer_admin_server::ConsumerAdminServer::new(admin::ConsumerAdminService { consumer })
-                    .max_decoding_message_size(REQUEST_LEN_MAX),
-            )
-            .add_service(health)
+        type Admin = pb::consumer_admin_server::ConsumerAdminServer<admin::ConsumerAdminService>;
+        let routes = routes.add_service(
+            Admin::new(admin::ConsumerAdminService {
+                consumer,
+                admin: self.admin.clone(),
+            })
+            .max_decoding_message_size(REQUEST_LEN_MAX),
+        );
+        let (routes, standard) =
+            saga_proto::server::with_standard_services(routes, &[name, name_of::<Admin>()]).await?;
+        // Health is also the no-op call of the ceiling benchmark (tests/benches/ceiling.rs).
+        let failure = self.log.failure();
+        if !self.log.is_failed() {
+            standard.health.set_serving(true).await;
+        }
+        let health = standard.health;
+        let role = self.role;
+        tokio::spawn(async move {
+            if failure.await {
+                tracing::error!(%role, "the event log failed: health reports NOT_SERVING until a restart");
+                health.set_serving(false).await;
+            }
+        });
+        Ok(routes)
     }
 
     /// Serves the role's gRPC service (and `ConsumerAdmin`) on `listener` until `shutdown`
@@ -152,8 +207,9 @@ impl Participant {
         listener: tokio::net::TcpListener,
         consumer: Option<Arc<consumer::CompensationConsumer>>,
         shutdown: impl std::future::Future<Output = ()> + Send,
-    ) -> Result<(), tonic::transport::Error> {
-        saga_proto::server::serve(self.router(consumer), listener, shutdown).await
+    ) -> Result<(), ServeError> {
+        let routes = self.routes(consumer).await?;
+        Ok(saga_proto::server::serve(routes, listener, shutdown).await?)
     }
 
     /// Undoes `key`'s action exactly once (the compensation consumer calls this).

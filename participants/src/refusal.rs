@@ -2,7 +2,7 @@
 //! them: a role's `decide` returns a [`Refused`], the log carries it through the append
 //! (`saga_storage::StorageError::Refused`, read back with `refusal::<Refused>()`), the barrier
 //! records it, and the services answer FAILED_PRECONDITION with a `saga.v1.BusinessRefusal`
-//! in the status details. No text is parsed on the way.
+//! (and a `google.rpc.ErrorInfo`) in the standard rich status details. No text is parsed on the way.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,16 +19,9 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// The reason's name as `saga.v1.RefusalReason` spells it.
+    /// The reason's short name (`OUT_OF_STOCK`), as status messages and `ErrorInfo` spell it.
     pub fn code(self) -> &'static str {
-        match self {
-            Refusal::OutOfStock => "OUT_OF_STOCK",
-            Refusal::CouponNotFree => "COUPON_NOT_FREE",
-            Refusal::InsufficientBalance => "INSUFFICIENT_BALANCE",
-            Refusal::UnknownEntity => "UNKNOWN_ENTITY",
-            Refusal::AlreadyCompensated => "ALREADY_COMPENSATED",
-            Refusal::InvalidState => "INVALID_STATE",
-        }
+        saga_proto::status::reason_name(self.to_proto())
     }
 
     pub fn to_proto(self) -> saga_proto::v1::RefusalReason {
@@ -66,14 +59,9 @@ impl Refused {
         }
     }
 
-    /// FAILED_PRECONDITION with a `saga.v1.BusinessRefusal` in the details.
+    /// FAILED_PRECONDITION with a `google.rpc.ErrorInfo` and a `saga.v1.BusinessRefusal` in
+    /// the details (`saga_proto::status::refused`).
     pub fn to_status(&self) -> tonic::Status {
-        use prost::Message as _;
-        let details = saga_proto::v1::BusinessRefusal {
-            reason: self.reason.to_proto() as i32,
-            detail: self.detail.clone(),
-        }
-        .encode_to_vec();
-        tonic::Status::with_details(tonic::Code::FailedPrecondition, self.to_string(), details.into())
+        saga_proto::status::refused(self.reason.to_proto(), &self.detail)
     }
 }

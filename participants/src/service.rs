@@ -1,8 +1,9 @@
 //! What the four role services share: input validation (INVALID_ARGUMENT naming the field,
 //! nothing changed), status mapping, projection reads and seeding.
 //!
-//! Status codes: INVALID_ARGUMENT names the field and changes nothing; FAILED_PRECONDITION is
-//! a business refusal with a `BusinessRefusal` in the status details; UNAVAILABLE means "try
+//! Status codes (details in the standard rich error model, `saga_proto::status`):
+//! INVALID_ARGUMENT names the field and changes nothing; FAILED_PRECONDITION is a business
+//! refusal with an `ErrorInfo` and a `BusinessRefusal` in the status details; UNAVAILABLE means "try
 //! again" (storage busy or failing); ALREADY_EXISTS for conflicting seeds.
 
 use std::collections::HashSet;
@@ -23,8 +24,9 @@ pub const READ_IDS_MAX: usize = 1000;
 /// Most entries in one seed call.
 pub const SEED_LEN_MAX: usize = 10_000;
 
+/// INVALID_ARGUMENT naming `field`, with a `google.rpc.BadRequest` in the details.
 pub(crate) fn invalid(field: &str, reason: &str) -> Status {
-    Status::invalid_argument(format!("{field}: {reason}"))
+    saga_proto::status::invalid_argument(field, reason)
 }
 
 /// An id used in stream names and projection keys (see `saga_proto::ids`).

@@ -157,6 +157,8 @@ pub(crate) fn project(event: &StockEvent, tx: &mut ProjectionTx<'_>) -> Result<(
 pub struct StockService {
     pub(crate) log: EventLog,
     pub(crate) barrier: std::sync::Arc<dyn crate::barrier::Barrier>,
+    /// Admits the seed call (`saga_proto::auth`).
+    pub(crate) admin: saga_proto::auth::AdminToken,
 }
 
 impl StockService {
@@ -227,6 +229,7 @@ impl pb::stock_service_server::StockService for StockService {
         &self,
         request: Request<pb::SeedStockRequest>,
     ) -> Result<Response<pb::SeedStockResponse>, Status> {
+        self.admin.check(request.metadata())?;
         let entries = request.into_inner().stock;
         check_seed_len("stock", entries.len())?;
         for (i, e) in entries.iter().enumerate() {

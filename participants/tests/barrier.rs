@@ -2,7 +2,6 @@
 //! business refusals, invariants under concurrency, and input validation. Process-level tests
 //! with the compensation consumer live in `tests/` (saga-tests).
 
-use prost::Message as _;
 use saga_participants::barrier::{Compensated, StepKey};
 use saga_participants::{Participant, Role};
 use saga_proto::v1 as pb;
@@ -73,7 +72,7 @@ fn item(product: &str, quantity: i64) -> pb::OrderItem {
 
 fn refusal_of(status: &tonic::Status) -> pb::RefusalReason {
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    let refusal = pb::BusinessRefusal::decode(status.details()).expect("details hold a BusinessRefusal");
+    let refusal = saga_proto::status::refusal_of(status).expect("details hold a BusinessRefusal");
     pb::RefusalReason::try_from(refusal.reason).expect("known reason")
 }
 

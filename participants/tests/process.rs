@@ -416,7 +416,7 @@ async fn barrier_rules_hold_in_a_separate_process_through_the_broker() {
         .await
         .expect_err("late action refused");
     assert_eq!(late.code(), tonic::Code::FailedPrecondition, "{late:?}");
-    let refusal = pb::BusinessRefusal::decode(late.details()).expect("refusal detail");
+    let refusal = saga_proto::status::refusal_of(&late).expect("refusal detail");
     assert_eq!(refusal.reason, pb::RefusalReason::AlreadyCompensated as i32);
     assert_eq!(
         stock_level(&mut client, &product).await,

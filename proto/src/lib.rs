@@ -177,8 +177,96 @@ impl v1::StepState {
     }
 }
 
+pub mod auth;
+pub mod status;
+
 /// How our gRPC servers serve, once for the orchestrator, the participants and `dev`.
 pub mod server {
+    use tonic::server::NamedService;
+    use tonic_health::ServingStatus;
+    use tonic_health::server::HealthReporter;
+
+    /// The standard health service's name.
+    pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+    /// The two versions of server reflection we serve: v1, and v1alpha for grpcio-reflection
+    /// and older grpcurl, which speak only v1alpha.
+    pub const REFLECTION_SERVICES: [&str; 2] = [
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+
+    /// The name a generated server is served under (`saga.v1.Orchestrator`, ...).
+    pub fn name_of<S: NamedService>() -> &'static str {
+        S::NAME
+    }
+
+    /// What every server of ours serves besides its own services.
+    pub struct Standard {
+        /// Health of the whole server ("") and of each of its own services; starts NOT_SERVING.
+        pub health: Health,
+    }
+
+    /// The standard health service's statuses of one server: the server as a whole ("") and
+    /// each of its own services move together.
+    #[derive(Clone)]
+    pub struct Health {
+        reporter: HealthReporter,
+        services: Vec<&'static str>,
+    }
+
+    impl Health {
+        /// Sets every status of the server to SERVING or NOT_SERVING.
+        pub async fn set_serving(&self, serving: bool) {
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            self.reporter.set_service_status("", status).await;
+            for service in &self.services {
+                self.reporter.set_service_status(*service, status).await;
+            }
+        }
+    }
+
+    /// `routes` with standard health checking and server reflection (v1 and v1alpha) added.
+    /// Reflection lists exactly `served` (the names of the services in `routes`), health and
+    /// reflection; health reports NOT_SERVING for "" and each of `served` until the caller
+    /// says otherwise ([`Health::set_serving`]).
+    pub async fn with_standard_services(
+        routes: tonic::service::Routes,
+        served: &[&'static str],
+    ) -> Result<(tonic::service::Routes, Standard), tonic_reflection::server::Error> {
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = Health {
+            reporter,
+            services: served.to_vec(),
+        };
+        health.set_serving(false).await;
+        let builder = || {
+            let mut builder = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+                .include_reflection_service(false);
+            for name in served
+                .iter()
+                .copied()
+                .chain([HEALTH_SERVICE])
+                .chain(REFLECTION_SERVICES)
+            {
+                builder = builder.with_service_name(name);
+            }
+            builder
+        };
+        let routes = routes
+            .add_service(health_service)
+            .add_service(builder().build_v1()?)
+            .add_service(builder().build_v1alpha()?);
+        Ok((routes, Standard { health }))
+    }
+
     /// Serves `routes` on `listener` until `shutdown` completes. Accepted connections get
     /// TCP_NODELAY: without it Nagle's algorithm held small responses back until the client's
     /// delayed ACK, ~40 ms per call (measured: a saga took 44 ms at concurrency 1).

@@ -541,6 +541,20 @@ impl EventLog {
         Ok(())
     }
 
+    /// Whether the writer stopped after a storage failure: no append succeeds any more until
+    /// the process reopens the log (restarts).
+    pub fn is_failed(&self) -> bool {
+        self.shared.durable.borrow().failed
+    }
+
+    /// A future that completes once the writer has stopped after a storage failure
+    /// ([`EventLog::is_failed`]), with `true`, or once the log has closed without failing, with
+    /// `false`. It holds no handle to the log, so it does not keep the log open.
+    pub fn failure(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let mut durable = self.shared.durable.clone();
+        async move { durable.wait_for(|d| d.failed).await.is_ok() }
+    }
+
     /// Counters since open.
     pub fn stats(&self) -> LogStats {
         LogStats {

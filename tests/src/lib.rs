@@ -204,6 +204,26 @@ impl Proc {
         proc
     }
 
+    /// SIGTERM, and wait (up to `patience`) until it is gone; its exit status. Past
+    /// `patience` it is killed and the test fails.
+    pub fn terminate(mut self, patience: Duration) -> std::process::ExitStatus {
+        // SAFETY: `kill` on the PID of our own child, not reaped yet (reaping needs `&mut self`).
+        #[allow(unsafe_code, reason = "libc::kill; see SAFETY")]
+        let sent = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(sent, 0, "SIGTERM sent");
+        let began = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("polls the child") {
+                return status;
+            }
+            assert!(
+                began.elapsed() < patience,
+                "still running {patience:?} after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL, and wait until it is gone.
     pub fn kill(mut self) {
         self.child.kill().expect("SIGKILL");

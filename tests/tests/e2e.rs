@@ -383,3 +383,220 @@ async fn two_orchestrators_on_one_broker_each_get_the_acks_of_their_own_sagas() 
         );
     }
 }
+
+/// Issue 12: with a token configured, every admin RPC (the orchestrator's ReplayEvents,
+/// RetrySaga and AbortSaga; the participants' Seed* and ConsumerAdmin) answers a call without
+/// it, or with another token, UNAUTHENTICATED before it reads or changes anything; ordinary
+/// calls need no token; the right token works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_rpcs_without_the_bearer_token_are_unauthenticated_and_change_nothing() {
+    let Some(namesrv) = topics::namesrv_for_tests() else {
+        return;
+    };
+    let token = "e2e-admin-token-0123456789";
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let token_file = secrets.path().join("admin-token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("writes the token file");
+    let config = SystemConfig {
+        participant_env: ["order", "stock", "coupon", "balance"]
+            .into_iter()
+            .map(|role| (role, saga_proto::auth::TOKEN_ENV.to_owned(), token.to_owned()))
+            .collect(),
+        orchestrator_args: vec!["--admin-token-file".to_owned(), token_file.display().to_string()],
+    };
+    let system = System::start(&namesrv, config).await;
+    let seed = pb::SeedStockRequest {
+        stock: vec![pb::ProductStock {
+            product_id: "p1".into(),
+            available: 10,
+            reserved: 0,
+        }],
+    };
+    let mut stock =
+        pb::stock_service_client::StockServiceClient::new(system.participant("stock").channel().await);
+    for token in [None, Some("e2e-admin-token-wrong-0000")] {
+        unauthenticated(
+            stock.seed_stock(with_token(token, seed.clone())).await,
+            "SeedStock",
+        );
+    }
+    let mut parked =
+        pb::consumer_admin_client::ConsumerAdminClient::new(system.participant("coupon").channel().await);
+    unauthenticated(
+        parked
+            .list_parked(with_token(None, pb::ListParkedRequest::default()))
+            .await,
+        "ListParked",
+    );
+    let known = stock
+        .get_stock(pb::GetStockRequest {
+            product_ids: vec!["p1".into()],
+        })
+        .await
+        .expect("reads stock (no token needed)")
+        .into_inner()
+        .stock;
+    assert!(known.is_empty(), "nothing was seeded: {known:?}");
+    stock
+        .seed_stock(with_token(Some(token), seed))
+        .await
+        .expect("seeds with the token");
+    assert_eq!(system.stock("p1").await, (10, 0));
+    parked
+        .list_parked(with_token(Some(token), pb::ListParkedRequest::default()))
+        .await
+        .expect("lists with the token");
+    pb::balance_service_client::BalanceServiceClient::new(system.participant("balance").channel().await)
+        .seed_balances(with_token(
+            Some(token),
+            pb::SeedBalancesRequest {
+                accounts: vec![pb::Account {
+                    user_id: "u1".into(),
+                    balance_minor: 100,
+                }],
+            },
+        ))
+        .await
+        .expect("seeds with the token");
+
+    // Ordinary calls need no token.
+    let mut client = system.client().await;
+    let saga_id = start(
+        &mut client,
+        order(&format!("{}-auth", system.run), "u1", "p1", ""),
+    )
+    .await;
+    let done = wait_final(&mut client, &saga_id, PATIENCE).await;
+    assert_eq!(done.state, pb::SagaState::Completed as i32, "{done:?}");
+    let replay = |client: &mut pb::orchestrator_client::OrchestratorClient<_>, token| {
+        let request = with_token(
+            token,
+            pb::ReplayEventsRequest {
+                from_position: 1,
+                follow: false,
+            },
+        );
+        let mut client = client.clone();
+        async move {
+            let mut events = client.replay_events(request).await?.into_inner();
+            let mut count = 0u64;
+            while events.message().await?.is_some() {
+                count += 1;
+            }
+            Ok::<u64, tonic::Status>(count)
+        }
+    };
+    let logged = replay(&mut client, Some(token))
+        .await
+        .expect("replays with the token");
+    for token in [None, Some("e2e-admin-token-wrong-0000")] {
+        unauthenticated(replay(&mut client, token).await, "ReplayEvents");
+        unauthenticated(
+            client
+                .abort_saga(with_token(
+                    token,
+                    pb::AbortSagaRequest {
+                        saga_id: saga_id.clone(),
+                        reason: "no token".into(),
+                    },
+                ))
+                .await,
+            "AbortSaga",
+        );
+        unauthenticated(
+            client
+                .retry_saga(with_token(
+                    token,
+                    pb::RetrySagaRequest {
+                        saga_id: "ord-unknown".into(),
+                        reason: "no token".into(),
+                    },
+                ))
+                .await,
+            "RetrySaga of an unknown saga (not NOT_FOUND: nothing is told)",
+        );
+    }
+    assert_eq!(
+        replay(&mut client, Some(token)).await.expect("replays"),
+        logged,
+        "the refused calls wrote nothing"
+    );
+    let status = client
+        .abort_saga(with_token(
+            Some(token),
+            pb::AbortSagaRequest {
+                saga_id,
+                reason: "late".into(),
+            },
+        ))
+        .await
+        .expect_err("a completed saga cannot be aborted");
+    assert_eq!(
+        status.code(),
+        tonic::Code::FailedPrecondition,
+        "past the token check: {status:?}"
+    );
+}
+
+/// `message` as a request, with `token` as its bearer token when given.
+fn with_token<T>(token: Option<&str>, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        saga_proto::auth::authorize(&mut request, token).expect("valid token");
+    }
+    request
+}
+
+fn unauthenticated<T>(result: Result<T, tonic::Status>, what: &str) {
+    match result {
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unauthenticated, "{what}: {status:?}"),
+        Ok(_) => panic!("{what} was accepted"),
+    }
+}
+
+/// Issue 12: SIGTERM of a participant with its compensation consumer running stops it in
+/// order (consumer, producer, client runtime) with status 0 and one "participant stopped"
+/// line, not the RocketMQ runtime's task reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_stops_on_sigterm_in_order_with_one_line() {
+    let Some(namesrv) = topics::namesrv_for_tests() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("stderr.log");
+    let group = format!("stock-sigterm-{}", saga_tests::run_id());
+    let args: Vec<String> = [
+        "--role",
+        "stock",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &dir.path().join("stock").to_string_lossy(),
+        "--rocketmq",
+        &namesrv,
+        "--group",
+        &group,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let proc = saga_tests::Proc::start_logged("saga-participant", &args, &[], Some(&log));
+    let status = tokio::task::spawn_blocking(move || proc.terminate(Duration::from_secs(60)))
+        .await
+        .expect("joins");
+    let stderr = std::fs::read_to_string(&log).expect("reads the log");
+    assert!(status.success(), "exit status {status:?}:\n{stderr}");
+    assert_eq!(
+        stderr.matches("participant stopped").count(),
+        1,
+        "one stop line:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("report") && !stderr.contains("\"leaked\""),
+        "no task reports:\n{stderr}"
+    );
+    assert!(
+        stderr.lines().count() < 20,
+        "a few lines, not hundreds:\n{stderr}"
+    );
+}

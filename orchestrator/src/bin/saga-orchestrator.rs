@@ -84,6 +84,10 @@ struct Serve {
     compensation_republishes_max: u32,
     #[command(flatten)]
     timing: Timing,
+    /// File holding the bearer token admin RPCs (ReplayEvents, RetrySaga, AbortSaga) require;
+    /// else the SAGA_ADMIN_TOKEN environment variable; with neither they are open.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -144,13 +148,15 @@ fn main() -> anyhow::Result<()> {
     match args.command {
         Command::Serve(serve) => runtime.block_on(run_serve(serve)),
         Command::Dev(dev) => {
-            let correct = runtime.block_on(run_dev(dev))?;
+            let outcome = runtime.block_on(run_dev(dev))?;
             // Background tasks (consumers, drivers) are not waited for.
             runtime.shutdown_timeout(Duration::from_secs(1));
-            if !correct {
-                std::process::exit(1);
+            match outcome {
+                DevOutcome::Correct => Ok(()),
+                DevOutcome::Incorrect => std::process::exit(1),
+                // The conventional status of a process ended by SIGINT (128 + 2).
+                DevOutcome::Interrupted => std::process::exit(130),
             }
-            Ok(())
         }
     }
 }
@@ -158,6 +164,11 @@ fn main() -> anyhow::Result<()> {
 async fn run_serve(args: Serve) -> anyhow::Result<()> {
     let participants =
         ParticipantAddrs::parse(&args.participants).map_err(|e| anyhow::anyhow!("--participants: {e}"))?;
+    let admin_token = saga_proto::auth::AdminToken::configured(args.admin_token_file.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    if !admin_token.is_required() {
+        tracing::warn!("admin RPCs are open: no --admin-token-file or SAGA_ADMIN_TOKEN given");
+    }
     let mut log = saga_storage::LogConfig::new(&args.data_dir);
     log.accept_lost_tail = args.accept_lost_tail;
     log.cache_capacity_bytes = args.cache_mb.saturating_mul(1024 * 1024);
@@ -174,7 +185,7 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
             .await
             .context("--rocketmq: cannot start the RocketMQ client")?,
     );
-    let node = Node::start(
+    let mut node = Node::open(
         NodeConfig {
             log,
             participants,
@@ -188,6 +199,7 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
                 ..EngineConfig::default()
             },
             ack_group: args.ack_group.clone(),
+            admin_token,
         },
         transport.clone(),
     )
@@ -199,25 +211,34 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
         )),
         other => other.into(),
     })?;
-    println!("listening on {addr}");
-    std::io::stdout().flush()?;
-    tracing::info!(%addr, resumed = node.resumed, "orchestrator started");
-    saga_proto::server::serve(
+    // Serve while recovery runs: health answers NOT_SERVING and the API UNAVAILABLE until it
+    // is done; `listening on` is printed once the API answers.
+    let server = tokio::spawn(saga_proto::server::serve(
         node.routes.clone(),
         listener,
         saga_proto::server::shutdown_signal(),
-    )
-    .await
-    .context("gRPC server")?;
+    ));
+    node.recover().await?;
+    println!("listening on {addr}");
+    std::io::stdout().flush()?;
+    tracing::info!(%addr, resumed = node.resumed, "orchestrator started");
+    server.await.context("gRPC server task")?.context("gRPC server")?;
     node.shutdown().await;
-    if let Ok(transport) = Arc::try_unwrap(transport) {
-        transport.shutdown().await;
-    }
+    transport.shutdown().await;
     tracing::info!("orchestrator stopped");
     Ok(())
 }
 
-async fn run_dev(args: DevArgs) -> anyhow::Result<bool> {
+/// How a `dev` run ended.
+enum DevOutcome {
+    Correct,
+    Incorrect,
+    /// SIGTERM or Ctrl-C during `--orders`: the system was stopped and a temporary data dir
+    /// removed.
+    Interrupted,
+}
+
+async fn run_dev(args: DevArgs) -> anyhow::Result<DevOutcome> {
     use saga_orchestrator::{dev, workload};
     if let (Some(dir), Some(_)) = (&args.data_dir, args.orders)
         && std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
@@ -227,9 +248,20 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<bool> {
             dir.display()
         );
     }
+    // Listen for Ctrl-C / SIGTERM from the start, so that the process is never ended by the
+    // default action and a temporary data dir is always removed.
+    let mut stop = tokio::spawn(saga_proto::server::shutdown_signal());
     let (data_dir, _temp) = dev::data_dir(args.data_dir.clone())?;
     let coupons = args.orders.unwrap_or(args.coupons);
-    let system = dev::Dev::start(&data_dir, &args.listen, coupons, dev::DevOptions::default()).await?;
+    // Start-up (which seeds the data: a while for many orders) stops on a signal too; what it
+    // started is dropped with it.
+    let system = tokio::select! {
+        system = dev::Dev::start(&data_dir, &args.listen, coupons, dev::DevOptions::default()) => system?,
+        _ = &mut stop => {
+            eprintln!("interrupted");
+            return Ok(DevOutcome::Interrupted);
+        }
+    };
     let api = system.api_addr.to_string();
     let Some(orders) = args.orders else {
         println!("listening on {api}");
@@ -242,9 +274,9 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<bool> {
             data_dir.display()
         );
         std::io::stdout().flush()?;
-        saga_proto::server::shutdown_signal().await;
+        let _ = stop.await;
         system.shutdown().await;
-        return Ok(true);
+        return Ok(DevOutcome::Correct);
     };
 
     let bar = indicatif::ProgressBar::new(orders);
@@ -254,15 +286,25 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<bool> {
     );
     let began = Instant::now();
     let ticker = bar.clone();
-    let results = workload::run_orders(
+    let run = workload::run_orders(
         &api,
         workload::Scenario::Fail20,
         "dev",
         0..orders,
         args.concurrency,
         move || ticker.inc(1),
-    )
-    .await?;
+    );
+    // Ctrl-C or SIGTERM stops the run: the system shuts down and a temporary data dir is
+    // removed when `_temp` drops at the end of this function.
+    let results = tokio::select! {
+        results = run => results?,
+        _ = &mut stop => {
+            bar.finish_and_clear();
+            system.shutdown().await;
+            eprintln!("interrupted");
+            return Ok(DevOutcome::Interrupted);
+        }
+    };
     let elapsed = began.elapsed();
     bar.finish_and_clear();
     let problems = workload::check_conservation(&system.participants, &results).await?;
@@ -291,5 +333,9 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<bool> {
         if correct { "yes" } else { "no" }
     );
     std::io::stdout().flush()?;
-    Ok(correct)
+    Ok(if correct {
+        DevOutcome::Correct
+    } else {
+        DevOutcome::Incorrect
+    })
 }

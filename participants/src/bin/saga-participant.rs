@@ -62,6 +62,10 @@ struct Args {
     /// sled's page cache for the role's event log, in MiB.
     #[arg(long, env = "SAGA_CACHE_MB", default_value_t = saga_storage::LogConfig::CACHE_MB_DEFAULT)]
     cache_mb: u64,
+    /// File holding the bearer token admin RPCs (Seed*, ConsumerAdmin) require; else the
+    /// SAGA_ADMIN_TOKEN environment variable; with neither they are open.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,7 +73,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,saga_participants=info".into()),
+                .unwrap_or_else(|_| "warn,saga_participants=info,saga_participant=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -121,7 +125,15 @@ async fn run(role: Role, args: Args) -> anyhow::Result<()> {
             args.data_dir.display()
         )
     })?;
-    let participant = with_fault_plan(participant)?;
+    let admin_token = saga_proto::auth::AdminToken::configured(args.admin_token_file.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    if !admin_token.is_required() {
+        tracing::warn!(
+            role = role.name(),
+            "admin RPCs are open: no --admin-token-file or SAGA_ADMIN_TOKEN given"
+        );
+    }
+    let participant = with_fault_plan(participant)?.with_admin_token(admin_token);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("--listen: cannot bind {}", args.listen))?;
@@ -166,11 +178,11 @@ async fn run(role: Role, args: Args) -> anyhow::Result<()> {
         .context("gRPC server")?;
 
     if let Some((transport, consumer, subscription)) = messaging {
+        // In order: the consumer (it waits for in-flight compensations), then the producer
+        // and the client runtime.
         subscription.shutdown().await;
         drop(consumer);
-        if let Ok(transport) = Arc::try_unwrap(transport) {
-            transport.shutdown().await;
-        }
+        transport.shutdown().await;
     }
     tracing::info!(role = role.name(), "participant stopped");
     Ok(())

@@ -12,8 +12,23 @@
 //! `audit` works offline on data dirs (see `audit.rs`); `verify` exits 1 when it finds a
 //! problem.
 //!
-//! Readable tables by default, `--json` for scripts (`replay` always prints JSON lines). When
-//! the server cannot be reached it says so in one line and exits with status 2.
+//! Readable tables by default, `--json` for scripts (`replay` always prints JSON lines; with
+//! `--json` an error is one JSON object on stderr). Admin calls (replay, retry, abort) send the
+//! bearer token from `--token-file` or `SAGA_ADMIN_TOKEN` when one is given.
+//!
+//! Exit status (one per kind of failure, for scripts):
+//!
+//! | status | meaning                                                                   |
+//! |--------|---------------------------------------------------------------------------|
+//! | 0      | success                                                                   |
+//! | 1      | any other failure (INTERNAL, ...); `audit verify` found a problem         |
+//! | 2      | invalid: bad arguments, INVALID_ARGUMENT or OUT_OF_RANGE from the server, |
+//! |        | a data dir `audit` cannot read                                            |
+//! | 3      | not found: NOT_FOUND (no such saga)                                       |
+//! | 4      | refused: FAILED_PRECONDITION, ALREADY_EXISTS, ABORTED (the saga's state   |
+//! |        | does not allow it, or the request id was used for another order)          |
+//! | 5      | unreachable: cannot connect, UNAVAILABLE, DEADLINE_EXCEEDED               |
+//! | 6      | unauthenticated: UNAUTHENTICATED, PERMISSION_DENIED (admin token)         |
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -26,9 +41,13 @@ use serde_json::json;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
-#[command(about = "Client of the saga orchestrator")]
+#[command(
+    about = "Client of the saga orchestrator",
+    after_help = "Exit status: 0 success, 1 other failure, 2 invalid, 3 not found, 4 refused, \
+                  5 unreachable, 6 unauthenticated."
+)]
 struct Args {
-    /// The orchestrator's gRPC address.
+    /// The orchestrator's gRPC address: HOST:PORT or http://HOST:PORT.
     #[arg(
         long,
         global = true,
@@ -36,9 +55,16 @@ struct Args {
         env = "SAGACTL_SERVER"
     )]
     server: String,
-    /// Print JSON (one object per line) instead of tables.
+    /// Print JSON (one object per line) instead of tables; errors too, on stderr.
     #[arg(long, global = true)]
     json: bool,
+    /// File holding the bearer token of admin calls (replay, retry, abort); else the
+    /// SAGA_ADMIN_TOKEN environment variable.
+    #[arg(long, global = true)]
+    token_file: Option<std::path::PathBuf>,
+    /// Deadline of each call (not of a watch or replay stream), in milliseconds.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    timeout_ms: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,8 +73,10 @@ struct Args {
 enum Command {
     /// Start an order saga (idempotent by --request-id).
     StartOrder {
+        /// The client's id of this order: a repeat with the same id returns the first saga.
         #[arg(long)]
         request_id: String,
+        /// The paying user's id.
         #[arg(long)]
         user: String,
         /// PRODUCT:QUANTITY; repeat for several items.
@@ -57,40 +85,54 @@ enum Command {
         /// Amount in minor units (cents).
         #[arg(long)]
         amount: i64,
+        /// The coupon to lock (none when empty).
         #[arg(long, default_value = "")]
         coupon: String,
     },
     /// Show one saga.
-    Get { saga_id: String },
+    Get {
+        /// The saga's id (StartOrder's answer).
+        saga_id: String,
+    },
     /// List sagas, newest first.
     List {
         /// running, compensating, completed, compensated or stuck.
         #[arg(long)]
         state: Option<String>,
+        /// Sagas per page (at most 1000).
         #[arg(long, default_value_t = 20)]
         page_size: u32,
+        /// The token a previous page printed, to continue from.
         #[arg(long, default_value = "")]
         page_token: String,
     },
-    /// Follow a saga's events until it is final.
-    Watch { saga_id: String },
-    /// Print the orchestrator's event log as JSON lines.
+    /// Follow a saga's events until it is final or stuck.
+    Watch {
+        /// The saga's id.
+        saga_id: String,
+    },
+    /// Print the orchestrator's event log as JSON lines (an admin call).
     Replay {
+        /// The first global log position to print.
         #[arg(long, default_value_t = 1)]
         from: u64,
         /// Keep following new events.
         #[arg(long)]
         follow: bool,
     },
-    /// Retry a stuck saga.
+    /// Retry a stuck saga (an admin call).
     Retry {
+        /// The saga's id.
         saga_id: String,
+        /// Why, recorded in the saga's events.
         #[arg(long, default_value = "operator retry")]
         reason: String,
     },
-    /// Abort a running saga (compensates what it did).
+    /// Abort a running saga, compensating what it did (an admin call).
     Abort {
+        /// The saga's id.
         saga_id: String,
+        /// Why, recorded in the saga's events.
         #[arg(long, default_value = "operator abort")]
         reason: String,
     },
@@ -106,6 +148,7 @@ enum AuditCommand {
     /// Verify every record's checksum, each stream's hash chain, the stream index, the durable
     /// mark, and the projections against a replay of the log. Exit 0 only when clean.
     Verify {
+        /// The data dir of a stopped orchestrator or participant.
         #[arg(long)]
         data_dir: std::path::PathBuf,
     },
@@ -118,14 +161,17 @@ enum AuditCommand {
     },
     /// Every record as one JSON line.
     Export {
+        /// The data dir of a stopped orchestrator or participant.
         #[arg(long)]
         data_dir: std::path::PathBuf,
+        /// The first global log position to print.
         #[arg(long, default_value_t = 1)]
         from: u64,
     },
 }
 
-/// `sagactl audit ...`: exit 0 clean, 1 when verify found a problem, 2 on an error.
+/// `sagactl audit ...`: exit 0 clean, 1 when verify found a problem, 2 when a data dir cannot
+/// be audited (missing, or held by a running process).
 fn run_audit(command: AuditCommand, as_json: bool) -> ExitCode {
     let result = match command {
         AuditCommand::Verify { data_dir } => audit::verify(&data_dir, as_json),
@@ -138,8 +184,9 @@ fn run_audit(command: AuditCommand, as_json: bool) -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(message) => {
-            eprintln!("sagactl audit: {message}");
-            ExitCode::from(2)
+            let failure = Failure::new(Kind::Invalid, format!("audit: {message}"));
+            failure.print(as_json);
+            ExitCode::from(failure.kind.exit_code())
         }
     }
 }
@@ -221,39 +268,209 @@ fn event_json(e: &pb::SagaEvent) -> serde_json::Value {
     })
 }
 
-async fn connect(server: &str) -> Result<Channel, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{server}"))
-        .map_err(|e| format!("--server {server:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(3));
-    endpoint
-        .connect()
-        .await
-        .map_err(|_| format!("cannot reach the orchestrator at {server} (is it running? see --server)"))
+/// What went wrong, by the kind a script acts on (the exit status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Failed,
+    Invalid,
+    NotFound,
+    Refused,
+    Unreachable,
+    Unauthenticated,
 }
 
-fn parse_state(name: &str) -> Result<pb::SagaState, String> {
-    pb::SagaState::from_name(name).ok_or_else(|| {
-        let names: Vec<&str> = pb::SagaState::NAMED.iter().map(|s| s.name()).collect();
-        format!("--state {name:?}: use one of {}", names.join(", "))
+impl Kind {
+    fn exit_code(self) -> u8 {
+        match self {
+            Kind::Failed => 1,
+            Kind::Invalid => 2,
+            Kind::NotFound => 3,
+            Kind::Refused => 4,
+            Kind::Unreachable => 5,
+            Kind::Unauthenticated => 6,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Failed => "failed",
+            Kind::Invalid => "invalid",
+            Kind::NotFound => "not_found",
+            Kind::Refused => "refused",
+            Kind::Unreachable => "unreachable",
+            Kind::Unauthenticated => "unauthenticated",
+        }
+    }
+
+    fn of(code: tonic::Code) -> Kind {
+        use tonic::Code;
+        match code {
+            Code::InvalidArgument | Code::OutOfRange => Kind::Invalid,
+            Code::NotFound => Kind::NotFound,
+            Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => Kind::Refused,
+            Code::Unavailable | Code::DeadlineExceeded => Kind::Unreachable,
+            Code::Unauthenticated | Code::PermissionDenied => Kind::Unauthenticated,
+            _ => Kind::Failed,
+        }
+    }
+}
+
+/// A failed command: its kind, a message, and what the server said, if it answered.
+struct Failure {
+    kind: Kind,
+    message: String,
+    status: Option<tonic::Status>,
+}
+
+impl Failure {
+    fn new(kind: Kind, message: impl Into<String>) -> Failure {
+        Failure {
+            kind,
+            message: message.into(),
+            status: None,
+        }
+    }
+
+    fn print(&self, as_json: bool) {
+        if !as_json {
+            eprintln!("sagactl: {}", self.message);
+            return;
+        }
+        let mut error =
+            json!({"kind": self.kind.name(), "exit_code": self.kind.exit_code(), "message": self.message});
+        if let Some(status) = &self.status {
+            error["code"] = json!(format!("{:?}", status.code()));
+            if let Some(field) = saga_proto::status::invalid_field(status) {
+                error["field"] = json!(field);
+            }
+            if let Some(refusal) = saga_proto::status::refusal_of(status) {
+                error["reason"] = json!(
+                    pb::RefusalReason::try_from(refusal.reason)
+                        .map_or("UNKNOWN_REASON", saga_proto::status::reason_name)
+                );
+            }
+        }
+        eprintln!("{}", json!({ "error": error }));
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Failure {
+        Failure {
+            kind: Kind::of(status.code()),
+            message: format!("{:?}: {}", status.code(), status.message()),
+            status: Some(status),
+        }
+    }
+}
+
+/// The server's address as an endpoint: `HOST:PORT` or `http://HOST:PORT`.
+fn endpoint_uri(server: &str) -> Result<String, Failure> {
+    let uri = if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    };
+    if !uri.starts_with("http://") {
+        return Err(Failure::new(
+            Kind::Invalid,
+            format!("--server {server:?}: use HOST:PORT or http://HOST:PORT"),
+        ));
+    }
+    Ok(uri)
+}
+
+async fn connect(server: &str) -> Result<Channel, Failure> {
+    let endpoint = tonic::transport::Endpoint::from_shared(endpoint_uri(server)?)
+        .map_err(|e| Failure::new(Kind::Invalid, format!("--server {server:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(3));
+    endpoint.connect().await.map_err(|_| {
+        Failure::new(
+            Kind::Unreachable,
+            format!("cannot reach the orchestrator at {server} (is it running? see --server)"),
+        )
     })
 }
 
-fn parse_item(text: &str) -> Result<pb::OrderItem, String> {
+fn parse_state(name: &str) -> Result<pb::SagaState, Failure> {
+    pb::SagaState::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = pb::SagaState::NAMED.iter().map(|s| s.name()).collect();
+        Failure::new(
+            Kind::Invalid,
+            format!("--state {name:?}: use one of {}", names.join(", ")),
+        )
+    })
+}
+
+fn parse_item(text: &str) -> Result<pb::OrderItem, Failure> {
+    let invalid = |why: &str| Failure::new(Kind::Invalid, format!("--item {text:?}: {why}"));
     let (product, quantity) = text
         .rsplit_once(':')
-        .ok_or_else(|| format!("--item {text:?}: use PRODUCT:QUANTITY"))?;
+        .ok_or_else(|| invalid("use PRODUCT:QUANTITY"))?;
     Ok(pb::OrderItem {
         product_id: product.to_owned(),
         quantity: quantity
             .parse()
-            .map_err(|_| format!("--item {text:?}: quantity is not a number"))?,
+            .map_err(|_| invalid("quantity is not a number"))?,
     })
 }
 
-async fn run(args: Args) -> Result<(), String> {
+/// How requests are made: a deadline on unary calls, the admin token on admin calls.
+struct Calls {
+    timeout: Duration,
+    token: Option<String>,
+}
+
+impl Calls {
+    /// A unary call with a deadline.
+    fn call<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        request
+    }
+
+    /// An admin call: with the token, when there is one (`check_token` ran on it), and with a
+    /// deadline unless it is a stream.
+    fn admin<T>(&self, message: T, deadline: bool) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if deadline {
+            request.set_timeout(self.timeout);
+        }
+        if let Some(token) = &self.token {
+            saga_proto::auth::authorize(&mut request, token).expect("the token was checked");
+        }
+        request
+    }
+}
+
+/// The admin token to send, from `--token-file` or `SAGA_ADMIN_TOKEN`.
+fn admin_token(file: Option<&std::path::Path>) -> Result<Option<String>, Failure> {
+    let (text, source) = match file {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .map_err(|e| Failure::new(Kind::Invalid, format!("--token-file {}: {e}", path.display())))?,
+            "--token-file",
+        ),
+        None => match std::env::var(saga_proto::auth::TOKEN_ENV) {
+            Ok(text) => (text, saga_proto::auth::TOKEN_ENV),
+            Err(_) => return Ok(None),
+        },
+    };
+    let token = text.trim().to_owned();
+    saga_proto::auth::check_token(&token)
+        .map_err(|e| Failure::new(Kind::Invalid, format!("{source}: {e}")))?;
+    Ok(Some(token))
+}
+
+async fn run(args: Args) -> Result<(), Failure> {
+    let token = admin_token(args.token_file.as_deref())?;
     let channel = connect(&args.server).await?;
     let mut client = pb::orchestrator_client::OrchestratorClient::new(channel);
-    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let calls = Calls {
+        timeout: Duration::from_millis(args.timeout_ms),
+        token,
+    };
+    let status = Failure::from;
     match args.command {
         Command::StartOrder {
             request_id,
@@ -267,13 +484,13 @@ async fn run(args: Args) -> Result<(), String> {
                 .map(|i| parse_item(i))
                 .collect::<Result<Vec<_>, _>>()?;
             let response = client
-                .start_order(pb::StartOrderRequest {
+                .start_order(calls.call(pb::StartOrderRequest {
                     request_id,
                     user_id: user,
                     items,
                     amount_minor: amount,
                     coupon_id: coupon,
-                })
+                }))
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -297,7 +514,7 @@ async fn run(args: Args) -> Result<(), String> {
         }
         Command::Get { saga_id } => {
             let saga = client
-                .get_saga(pb::GetSagaRequest { saga_id })
+                .get_saga(calls.call(pb::GetSagaRequest { saga_id }))
                 .await
                 .map_err(status)?
                 .into_inner()
@@ -311,11 +528,11 @@ async fn run(args: Args) -> Result<(), String> {
         } => {
             let state = state.as_deref().map(parse_state).transpose()?.unwrap_or_default();
             let page = client
-                .list_sagas(pb::ListSagasRequest {
+                .list_sagas(calls.call(pb::ListSagasRequest {
                     state: state as i32,
                     page_size,
                     page_token,
-                })
+                }))
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -379,10 +596,13 @@ async fn run(args: Args) -> Result<(), String> {
         }
         Command::Replay { from, follow } => {
             let mut events = client
-                .replay_events(pb::ReplayEventsRequest {
-                    from_position: from,
-                    follow,
-                })
+                .replay_events(calls.admin(
+                    pb::ReplayEventsRequest {
+                        from_position: from,
+                        follow,
+                    },
+                    false,
+                ))
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -401,7 +621,7 @@ async fn run(args: Args) -> Result<(), String> {
         }
         Command::Retry { saga_id, reason } => {
             let saga = client
-                .retry_saga(pb::RetrySagaRequest { saga_id, reason })
+                .retry_saga(calls.admin(pb::RetrySagaRequest { saga_id, reason }, true))
                 .await
                 .map_err(status)?
                 .into_inner()
@@ -411,7 +631,7 @@ async fn run(args: Args) -> Result<(), String> {
         Command::Audit { .. } => unreachable!("handled in main, without a server"),
         Command::Abort { saga_id, reason } => {
             let saga = client
-                .abort_saga(pb::AbortSagaRequest { saga_id, reason })
+                .abort_saga(calls.admin(pb::AbortSagaRequest { saga_id, reason }, true))
                 .await
                 .map_err(status)?
                 .into_inner()
@@ -438,11 +658,12 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("a current-thread runtime");
+    let as_json = args.json;
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("sagactl: {message}");
-            ExitCode::from(2)
+        Err(failure) => {
+            failure.print(as_json);
+            ExitCode::from(failure.kind.exit_code())
         }
     }
 }
