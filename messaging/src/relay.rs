@@ -26,6 +26,15 @@ const RELAY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// is sent after an append returns, so a crash-free process always sends it; this is a bound).
 const RELAY_IDLE_MAX: Duration = Duration::from_millis(500);
 
+/// Gauge: outbox entries the relay found pending in its last pass (at most a batch).
+pub const RELAY_OUTBOX_PENDING: &str = "saga_relay_outbox_pending";
+/// Histogram: seconds one batch took to publish (until the broker acknowledged it).
+pub const RELAY_PUBLISH_SECONDS: &str = "saga_relay_publish_seconds";
+/// Counter: outbox messages published.
+pub const RELAY_PUBLISHED_TOTAL: &str = "saga_relay_published_total";
+/// Counter: batches whose publication failed (they are retried).
+pub const RELAY_PUBLISH_FAILURES_TOTAL: &str = "saga_relay_publish_failures_total";
+
 /// Publishes `log`'s outbox through `transport` until the task is dropped. `wake` is notified
 /// by whoever appends outbox entries (the relay also looks every [`RELAY_IDLE_MAX`]).
 pub async fn run(log: EventLog, transport: Arc<dyn Transport>, wake: Arc<Notify>) {
@@ -39,6 +48,8 @@ pub async fn run(log: EventLog, transport: Arc<dyn Transport>, wake: Arc<Notify>
                 continue;
             }
         };
+        // Depth as the relay sees it: what one pass found pending, at most a batch.
+        metrics::gauge!(RELAY_OUTBOX_PENDING).set(entries.len() as f64);
         if entries.is_empty() {
             // A wake-up stored while we were publishing is not lost (`notify_one` keeps a
             // permit).
@@ -54,8 +65,11 @@ pub async fn run(log: EventLog, transport: Arc<dyn Transport>, wake: Arc<Notify>
                 body: e.message.body.clone(),
             })
             .collect();
+        let began = std::time::Instant::now();
         match transport.publish(&messages).await {
             Ok(()) => {
+                metrics::histogram!(RELAY_PUBLISH_SECONDS).record(began.elapsed().as_secs_f64());
+                metrics::counter!(RELAY_PUBLISHED_TOTAL).increment(messages.len() as u64);
                 backoff = RELAY_BACKOFF_MIN;
                 let ids = entries.iter().map(|e| e.id).collect();
                 if let Err(error) = log.outbox_ack(ids).await {
@@ -64,6 +78,7 @@ pub async fn run(log: EventLog, transport: Arc<dyn Transport>, wake: Arc<Notify>
                 }
             }
             Err(error) => {
+                metrics::counter!(RELAY_PUBLISH_FAILURES_TOTAL).increment(1);
                 tracing::warn!(%error, len = messages.len(), "publishing the outbox failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RELAY_BACKOFF_MAX);

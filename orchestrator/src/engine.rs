@@ -314,6 +314,7 @@ impl Engine {
     /// on return; watchers are told.
     async fn append(
         &self,
+        definition: &str,
         saga_id: &str,
         version: StreamVersion,
         events: &[SagaEvent],
@@ -328,6 +329,7 @@ impl Engine {
             request = request.outbox(message);
         }
         let appended = self.inner.log.append(request).await?;
+        crate::metric::sagas_appended(definition, events);
         if has_outbox {
             self.inner.relay_wake.notify_one();
         }
@@ -374,6 +376,7 @@ impl Engine {
                 let saga_id = self.new_id(&def.id_prefix);
                 match self
                     .append(
+                        &def.name,
                         &saga_id,
                         StreamVersion::NONE,
                         std::slice::from_ref(started),
@@ -531,10 +534,13 @@ impl Engine {
             tokio::time::sleep(backoff).await;
         }
         let call = self.inner.invoker.invoke(saga_id, step, payload);
-        match tokio::time::timeout(Duration::from_millis(step.deadline_ms), call).await {
+        let began = std::time::Instant::now();
+        let result = match tokio::time::timeout(Duration::from_millis(step.deadline_ms), call).await {
             Ok(result) => result,
             Err(_) => Err(deadline_missed(step.deadline_ms)),
-        }
+        };
+        crate::metric::step_called(&step.name, began.elapsed(), &result);
+        result
     }
 
     /// Drives one saga until it waits (for acknowledgements or an operator) or is final. Each
@@ -638,7 +644,10 @@ impl Engine {
                     });
                 }
                 let resumed = matches!(events.last(), Some(SagaEvent::CompensationResumed { .. }));
-                match self.append(&key.saga_id, version, &events, Vec::new()).await {
+                match self
+                    .append(&state.definition, &key.saga_id, version, &events, Vec::new())
+                    .await
+                {
                     Ok(_) => {
                         if resumed {
                             // Its acknowledgement deadline runs again.
@@ -695,7 +704,10 @@ impl Engine {
                         compensations: resend,
                     }
                 };
-                match self.append(saga_id, state.version, &[event], outbox).await {
+                match self
+                    .append(&state.definition, saga_id, state.version, &[event], outbox)
+                    .await
+                {
                     Ok(_) => {
                         self.drive(saga_id);
                         let state = self
@@ -791,6 +803,7 @@ impl Engine {
                 }
             }
         }
+        crate::metric::sagas_resumed(count);
         Ok(count)
     }
 
@@ -965,7 +978,13 @@ impl<'e> Driver<'e> {
         }
         let appended = self
             .engine
-            .append(self.saga_id, self.durable, &events, outbox)
+            .append(
+                &self.state.definition,
+                self.saga_id,
+                self.durable,
+                &events,
+                outbox,
+            )
             .await;
         self.settle(appended)
     }
@@ -1100,8 +1119,13 @@ impl<'e> Driver<'e> {
             // Record the previous outcome and this start while the call runs.
             let events = std::mem::take(&mut self.pending);
             let (appended, outcome) = tokio::join!(
-                self.engine
-                    .append(self.saga_id, self.durable, &events, Vec::new()),
+                self.engine.append(
+                    &self.state.definition,
+                    self.saga_id,
+                    self.durable,
+                    &events,
+                    Vec::new()
+                ),
                 self.engine
                     .call(self.saga_id, step_def, &self.state.payload, attempt)
             );

@@ -12,6 +12,7 @@
 //! - [`api`]: the `saga.v1.Orchestrator` gRPC service, with health checking and reflection.
 //! - [`workload`]: the benchmark workload of shared/BENCH.md (data, orders, conservation
 //!   checks), shared by `dev` and the multi-process benchmark.
+//! - [`metric`]: the orchestrator's metrics (saga counters, in-flight gauge, step latency).
 //! - [`node`]: the composition root: one node's engine, relay, acknowledgement subscription
 //!   and API, wired once for `serve` and `dev`.
 //! - `dev` (feature `dev`): the all-in-one process behind `saga-orchestrator dev`.
@@ -25,6 +26,7 @@ pub mod dev;
 pub mod engine;
 pub mod events;
 pub mod keys;
+pub mod metric;
 pub mod node;
 pub mod order;
 pub mod projector;

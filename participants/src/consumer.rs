@@ -46,6 +46,16 @@ use crate::record::ParticipantEvent;
 use crate::{Participant, Role, keys};
 use saga_storage::StreamVersion;
 
+/// Counter by `role` and `outcome` (`consumed`, `retry_later`): deliveries handled.
+pub const CONSUMER_DELIVERIES_TOTAL: &str = "saga_consumer_deliveries_total";
+/// Counter by `role`: tries of a compensation started (a first try and each retry).
+pub const CONSUMER_TRIES_TOTAL: &str = "saga_consumer_tries_total";
+/// Counter by `role`: messages parked (each needs an operator; see `ConsumerAdmin`).
+pub const CONSUMER_PARKED_TOTAL: &str = "saga_consumer_parked_total";
+/// Histogram by `role`: consumer lag, seconds from the orchestrator's request of a
+/// compensation (`requested_at_unix_ms`) to its delivery here (outbox, relay and broker).
+pub const CONSUMER_LAG_SECONDS: &str = "saga_consumer_lag_seconds";
+
 /// Tries before a message is parked (a try that never finished counts).
 pub const TRIES_MAX: u32 = 3;
 /// Longest transport key or tag used in a poison stream's name; longer ones are replaced by
@@ -276,6 +286,7 @@ impl CompensationConsumer {
             tracing::warn!(key = %delivery.key, error = %e, "could not record parking; retry later");
             return Outcome::RetryLater;
         }
+        metrics::counter!(CONSUMER_PARKED_TOTAL, "role" => self.participant.role().name()).increment(1);
         tracing::error!(key = %delivery.key, tries, %error, "compensation parked");
         Outcome::Consumed
     }
@@ -313,6 +324,9 @@ impl CompensationConsumer {
                     .await;
             }
         };
+        let lag_ms = saga_storage::clock::now_unix_ms().saturating_sub(request.requested_at_unix_ms);
+        metrics::histogram!(CONSUMER_LAG_SECONDS, "role" => self.participant.role().name())
+            .record(lag_ms.max(0) as f64 / 1000.0);
         let route = self.route(Some(&request));
         let Some(key) = request.key.as_ref().map(|k| StepKey {
             saga_id: k.saga_id.clone(),
@@ -403,6 +417,7 @@ impl CompensationConsumer {
                 .park(&stream, &delivery, tries, error, Some((&key, &route)))
                 .await;
         }
+        metrics::counter!(CONSUMER_TRIES_TOTAL, "role" => self.participant.role().name()).increment(1);
         if let Err(e) = self
             .append(&stream, ConsumerEvent::Started { attempt: tries + 1 }, None)
             .await
@@ -538,6 +553,16 @@ impl Handler for CompensationConsumer {
     fn handle(&self, delivery: Delivery) -> BoxFuture<'static, Outcome> {
         // The handler owns a clone so that the future is 'static.
         let this = self.clone();
-        Box::pin(async move { this.handle_delivery(delivery).await })
+        Box::pin(async move {
+            let role = this.participant.role().name();
+            let outcome = this.handle_delivery(delivery).await;
+            let outcome_name = match outcome {
+                Outcome::Consumed => "consumed",
+                Outcome::RetryLater => "retry_later",
+            };
+            metrics::counter!(CONSUMER_DELIVERIES_TOTAL, "role" => role, "outcome" => outcome_name)
+                .increment(1);
+            outcome
+        })
     }
 }

@@ -284,6 +284,26 @@ pub mod server {
             .await
     }
 
+    /// Latency buckets of every `*_seconds` histogram, 0.5 ms to 10 s.
+    const SECONDS_BUCKETS: [f64; 14] = [
+        0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    /// Buckets of every `*_appends` histogram (group commit's batch sizes).
+    const COUNT_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+    /// Installs the process's metrics recorder and serves the Prometheus text format over HTTP
+    /// on `addr` (any path, e.g. `/metrics`), from a task of the current Tokio runtime. Until
+    /// this is called the `metrics` calls of our libraries record nothing.
+    pub fn serve_metrics(addr: std::net::SocketAddr) -> Result<(), String> {
+        use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+        PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_appends".into()), &COUNT_BUCKETS))
+            .and_then(|b| b.install())
+            .map_err(|e| format!("--metrics-listen {addr}: {e}"))
+    }
+
     /// Completes on SIGTERM or Ctrl-C (SIGINT): how every process of ours is asked to stop.
     ///
     /// # Panics

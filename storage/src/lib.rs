@@ -18,6 +18,8 @@
 //! - [`mark`]: the durable mark beside the log, so that a lost tail is detected at open.
 //! - [`gate`]: a test hook that holds the writer at a named point (crash-window tests).
 //! - [`error`]: the error type, [`StorageError`], with variants a caller can act on.
+//! - [`metric`]: the names of the log's metrics (the `metrics` facade; a no-op until a
+//!   binary installs a recorder).
 
 pub mod audit;
 pub mod clock;
@@ -27,6 +29,7 @@ pub mod error;
 pub mod gate;
 pub mod log;
 pub mod mark;
+pub mod metric;
 pub mod outbox;
 pub mod position;
 pub mod projection;

@@ -338,6 +338,7 @@ impl EventLog {
             .map(codec::encode)
             .collect::<Result<Vec<_>, _>>()?;
         let (reply, answer) = oneshot::channel();
+        let began = std::time::Instant::now();
         self.jobs
             .send(Job::Append {
                 request,
@@ -346,7 +347,9 @@ impl EventLog {
             })
             .await
             .map_err(|_| StorageError::Closed)?;
-        answer.await.map_err(|_| StorageError::Closed)?
+        let appended = answer.await.map_err(|_| StorageError::Closed)?;
+        metrics::histogram!(crate::metric::LOG_APPEND_SECONDS).record(began.elapsed().as_secs_f64());
+        appended
     }
 
     /// The stream's current version (`NONE` if it does not exist), as durable.

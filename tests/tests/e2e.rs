@@ -600,3 +600,115 @@ async fn a_participant_stops_on_sigterm_in_order_with_one_line() {
         "a few lines, not hundreds:\n{stderr}"
     );
 }
+
+/// `GET /metrics` of a Prometheus endpoint: the body (plain HTTP/1.0, no client crate needed).
+async fn scrape(addr: &str) -> String {
+    let addr = addr.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(&addr)
+            .unwrap_or_else(|e| panic!("connects to the metrics endpoint {addr}: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("sets a read timeout");
+        stream
+            .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .expect("sends the request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("reads the response");
+        assert!(
+            response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+            "{response}"
+        );
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default()
+    })
+    .await
+    .expect("joins")
+}
+
+/// The value of the sample `name` (with its labels, as printed) in a scrape; 0 when absent.
+fn sample(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Issue 12: `--metrics-listen` serves Prometheus text; after a completed and a compensated saga
+/// the orchestrator's saga counters, step histogram and log histograms moved, and the stock
+/// participant's consumer counted the compensation it applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoints_count_sagas_steps_appends_and_compensations() {
+    let Some(namesrv) = topics::namesrv_for_tests() else {
+        return;
+    };
+    let orchestrator_metrics = format!("127.0.0.1:{}", saga_tests::free_port());
+    let stock_metrics = format!("127.0.0.1:{}", saga_tests::free_port());
+    let config = SystemConfig {
+        participant_env: vec![("stock", "SAGA_METRICS_LISTEN".to_owned(), stock_metrics.clone())],
+        orchestrator_args: vec!["--metrics-listen".to_owned(), orchestrator_metrics.clone()],
+    };
+    let system = System::start(&namesrv, config).await;
+    system.seed_stock("p1", 10).await;
+    system.seed_balance("u1", 100).await;
+    system.seed_balance("u2", 0).await;
+    let mut client = system.client().await;
+    let ok = start(&mut client, order(&format!("{}-m1", system.run), "u1", "p1", "")).await;
+    let poor = start(&mut client, order(&format!("{}-m2", system.run), "u2", "p1", "")).await;
+    assert_eq!(
+        wait_final(&mut client, &ok, PATIENCE).await.state,
+        pb::SagaState::Completed as i32
+    );
+    assert_eq!(
+        wait_final(&mut client, &poor, PATIENCE).await.state,
+        pb::SagaState::Compensated as i32
+    );
+
+    let body = scrape(&orchestrator_metrics).await;
+    let by_definition = |name: &str| sample(&body, &format!("{name}{{definition=\"order\"}}"));
+    assert_eq!(by_definition("saga_sagas_started_total"), 2.0, "{body}");
+    assert_eq!(by_definition("saga_sagas_completed_total"), 1.0, "{body}");
+    assert_eq!(by_definition("saga_sagas_compensated_total"), 1.0, "{body}");
+    assert_eq!(sample(&body, "saga_sagas_in_flight"), 0.0, "{body}");
+    assert!(
+        sample(
+            &body,
+            "saga_step_seconds_count{step=\"reserve_stock\",outcome=\"ok\"}"
+        ) >= 2.0,
+        "{body}"
+    );
+    assert!(
+        sample(
+            &body,
+            "saga_step_seconds_count{step=\"deduct_balance\",outcome=\"business\"}"
+        ) >= 1.0,
+        "{body}"
+    );
+    assert!(sample(&body, "saga_log_append_seconds_count") >= 4.0, "{body}");
+    assert!(sample(&body, "saga_log_fsync_seconds_count") >= 1.0, "{body}");
+    assert!(sample(&body, "saga_relay_published_total") >= 2.0, "{body}");
+
+    // The stock participant applied the compensation of the poor user's reservation.
+    let stock = scrape(&stock_metrics).await;
+    assert_eq!(
+        sample(
+            &stock,
+            "saga_consumer_deliveries_total{role=\"stock\",outcome=\"consumed\"}"
+        ),
+        1.0,
+        "{stock}"
+    );
+    assert_eq!(
+        sample(&stock, "saga_consumer_tries_total{role=\"stock\"}"),
+        1.0,
+        "{stock}"
+    );
+    assert_eq!(
+        sample(&stock, "saga_consumer_lag_seconds_count{role=\"stock\"}"),
+        1.0,
+        "{stock}"
+    );
+    assert!(sample(&stock, "saga_log_append_seconds_count") >= 3.0, "{stock}");
+}

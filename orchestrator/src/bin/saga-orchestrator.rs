@@ -35,7 +35,7 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Run the orchestrator against participant processes and a RocketMQ broker.
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Run everything in one process with the embedded transport (no broker needed).
     Dev(DevArgs),
 }
@@ -84,6 +84,9 @@ struct Serve {
     compensation_republishes_max: u32,
     #[command(flatten)]
     timing: Timing,
+    /// Serve Prometheus metrics over HTTP on this address (off unless given).
+    #[arg(long, env = "SAGA_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// File holding the bearer token admin RPCs (ReplayEvents, RetrySaga, AbortSaga) require;
     /// else the SAGA_ADMIN_TOKEN environment variable; with neither they are open.
     #[arg(long)]
@@ -146,7 +149,7 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?;
     match args.command {
-        Command::Serve(serve) => runtime.block_on(run_serve(serve)),
+        Command::Serve(serve) => runtime.block_on(run_serve(*serve)),
         Command::Dev(dev) => {
             let outcome = runtime.block_on(run_dev(dev))?;
             // Background tasks (consumers, drivers) are not waited for.
@@ -164,6 +167,9 @@ fn main() -> anyhow::Result<()> {
 async fn run_serve(args: Serve) -> anyhow::Result<()> {
     let participants =
         ParticipantAddrs::parse(&args.participants).map_err(|e| anyhow::anyhow!("--participants: {e}"))?;
+    if let Some(addr) = args.metrics_listen {
+        saga_proto::server::serve_metrics(addr).map_err(anyhow::Error::msg)?;
+    }
     let admin_token = saga_proto::auth::AdminToken::configured(args.admin_token_file.as_deref())
         .map_err(anyhow::Error::msg)?;
     if !admin_token.is_required() {

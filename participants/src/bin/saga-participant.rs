@@ -62,6 +62,9 @@ struct Args {
     /// sled's page cache for the role's event log, in MiB.
     #[arg(long, env = "SAGA_CACHE_MB", default_value_t = saga_storage::LogConfig::CACHE_MB_DEFAULT)]
     cache_mb: u64,
+    /// Serve Prometheus metrics over HTTP on this address (off unless given).
+    #[arg(long, env = "SAGA_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// File holding the bearer token admin RPCs (Seed*, ConsumerAdmin) require; else the
     /// SAGA_ADMIN_TOKEN environment variable; with neither they are open.
     #[arg(long)]
@@ -125,6 +128,9 @@ async fn run(role: Role, args: Args) -> anyhow::Result<()> {
             args.data_dir.display()
         )
     })?;
+    if let Some(addr) = args.metrics_listen {
+        saga_proto::server::serve_metrics(addr).map_err(anyhow::Error::msg)?;
+    }
     let admin_token = saga_proto::auth::AdminToken::configured(args.admin_token_file.as_deref())
         .map_err(anyhow::Error::msg)?;
     if !admin_token.is_required() {

@@ -42,9 +42,14 @@ impl Flusher {
             && ready.iter().any(|c| c.needs_flush)
         {
             // Each of these batches' transactions completed before this call: the flush covers them.
+            let began = std::time::Instant::now();
             match self.db.flush() {
                 Ok(_) => {
                     self.shared.flushes.fetch_add(1, Ordering::Relaxed);
+                    metrics::histogram!(crate::metric::LOG_FSYNC_SECONDS)
+                        .record(began.elapsed().as_secs_f64());
+                    let appends: usize = ready.iter().map(|c| c.jobs.len()).sum();
+                    metrics::histogram!(crate::metric::LOG_FLUSH_BATCH_APPENDS).record(appends as f64);
                 }
                 Err(error) => {
                     let reason = format!("flush failed: {error}");
