@@ -285,52 +285,41 @@ async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
     system.shutdown().await;
 }
 
-/// The services a server lists through reflection v1, sorted.
+/// The services a server lists through reflection (`$version`: the generated module of v1 or
+/// v1alpha, whose types differ but have the same shape), sorted.
+macro_rules! list_services {
+    ($version:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$version as reflection;
+        let mut answers = reflection::server_reflection_client::ServerReflectionClient::new($channel)
+            .server_reflection_info(tokio_stream::iter([reflection::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(
+                    reflection::server_reflection_request::MessageRequest::ListServices(String::new()),
+                ),
+            }]))
+            .await
+            .expect(concat!("reflection ", stringify!($version)))
+            .into_inner();
+        let answer = answers.message().await.expect("stream").expect("one answer");
+        let Some(reflection::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+            answer.message_response
+        else {
+            panic!("unexpected answer {answer:?}");
+        };
+        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        names
+    }};
+}
+
+/// The services a server lists through reflection v1.
 async fn list_services_v1(channel: tonic::transport::Channel) -> Vec<String> {
-    use tonic_reflection::pb::v1 as reflection;
-    let mut answers = reflection::server_reflection_client::ServerReflectionClient::new(channel)
-        .server_reflection_info(tokio_stream::iter([reflection::ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(
-                reflection::server_reflection_request::MessageRequest::ListServices(String::new()),
-            ),
-        }]))
-        .await
-        .expect("reflection v1")
-        .into_inner();
-    let answer = answers.message().await.expect("stream").expect("one answer");
-    let Some(reflection::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        answer.message_response
-    else {
-        panic!("unexpected answer {answer:?}");
-    };
-    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    names.sort();
-    names
+    list_services!(v1, channel)
 }
 
 /// The services a server lists through reflection v1alpha (grpcio-reflection, older grpcurl).
 async fn list_services_v1alpha(channel: tonic::transport::Channel) -> Vec<String> {
-    use tonic_reflection::pb::v1alpha as reflection;
-    let mut answers = reflection::server_reflection_client::ServerReflectionClient::new(channel)
-        .server_reflection_info(tokio_stream::iter([reflection::ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(
-                reflection::server_reflection_request::MessageRequest::ListServices(String::new()),
-            ),
-        }]))
-        .await
-        .expect("reflection v1alpha")
-        .into_inner();
-    let answer = answers.message().await.expect("stream").expect("one answer");
-    let Some(reflection::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        answer.message_response
-    else {
-        panic!("unexpected answer {answer:?}");
-    };
-    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    names.sort();
-    names
+    list_services!(v1alpha, channel)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -304,16 +304,23 @@ pub mod server {
             .map_err(|e| format!("--metrics-listen {addr}: {e}"))
     }
 
-    /// Completes on SIGTERM or Ctrl-C (SIGINT): how every process of ours is asked to stop.
+    /// A future that completes on SIGTERM or Ctrl-C (SIGINT): how every process of ours is
+    /// asked to stop. The handlers are installed when this is **called**, not when the future
+    /// is first polled: call it before the process announces itself (`listening on`), or a
+    /// signal sent right after that line meets the default action and kills the process
+    /// (seen in CI: a participant ended by SIGTERM with no shutdown at all).
     ///
     /// # Panics
-    /// If the SIGTERM handler cannot be installed (only outside a Tokio runtime with signals).
-    pub async fn shutdown_signal() {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+    /// If the handlers cannot be installed (only outside a Tokio runtime with signals).
+    pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
         }
     }
 }

@@ -165,6 +165,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run_serve(args: Serve) -> anyhow::Result<()> {
+    // Installed first: from here on SIGTERM / Ctrl-C stop the process in order.
+    let stop = saga_proto::server::shutdown_signal();
     let participants =
         ParticipantAddrs::parse(&args.participants).map_err(|e| anyhow::anyhow!("--participants: {e}"))?;
     if let Some(addr) = args.metrics_listen {
@@ -219,11 +221,7 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
     })?;
     // Serve while recovery runs: health answers NOT_SERVING and the API UNAVAILABLE until it
     // is done; `listening on` is printed once the API answers.
-    let server = tokio::spawn(saga_proto::server::serve(
-        node.routes.clone(),
-        listener,
-        saga_proto::server::shutdown_signal(),
-    ));
+    let server = tokio::spawn(saga_proto::server::serve(node.routes.clone(), listener, stop));
     node.recover().await?;
     println!("listening on {addr}");
     std::io::stdout().flush()?;

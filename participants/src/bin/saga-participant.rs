@@ -119,6 +119,8 @@ fn with_fault_plan(participant: Participant) -> anyhow::Result<Participant> {
 }
 
 async fn run(role: Role, args: Args) -> anyhow::Result<()> {
+    // Installed first: from here on SIGTERM / Ctrl-C stop the process in order.
+    let stop = saga_proto::server::shutdown_signal();
     let mut log_config = saga_storage::LogConfig::new(&args.data_dir);
     log_config.accept_lost_tail = args.accept_lost_tail;
     log_config.cache_capacity_bytes = args.cache_mb.saturating_mul(1024 * 1024);
@@ -179,7 +181,7 @@ async fn run(role: Role, args: Args) -> anyhow::Result<()> {
     std::io::stdout().flush()?;
     tracing::info!(role = role.name(), %addr, consumer = consumer.is_some(), "participant started");
     participant
-        .serve(listener, consumer, saga_proto::server::shutdown_signal())
+        .serve(listener, consumer, stop)
         .await
         .context("gRPC server")?;
 
