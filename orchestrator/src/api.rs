@@ -22,7 +22,7 @@ pub const ITEMS_MAX: usize = 64;
 pub const PAGE_SIZE_MAX: u32 = 1000;
 const PAGE_SIZE_DEFAULT: u32 = 100;
 /// Records per read while streaming the log, and messages buffered per stream.
-const STREAM_CHUNK: usize = 256;
+pub const STREAM_CHUNK: usize = 256;
 /// Longest operator reason.
 const REASON_LEN_MAX: usize = 1024;
 
@@ -91,6 +91,7 @@ fn engine_status(error: EngineError) -> Status {
         EngineError::Contended(text) => Status::unavailable(format!("contended: {text}")),
         error @ EngineError::AlreadyExists { .. } => Status::already_exists(error.to_string()),
         EngineError::Storage(StorageError::Closed) => Status::unavailable("the orchestrator is stopping"),
+        error @ EngineError::ShuttingDown => Status::unavailable(error.to_string()),
         other => Status::internal(other.to_string()),
     }
 }
@@ -310,9 +311,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                         return;
                     }
                 };
-                let at_end = records.len() < STREAM_CHUNK;
-                for (i, record) in records.iter().enumerate() {
-                    let last_read = at_end && i + 1 == records.len();
+                for record in &records {
                     next = record.version().next();
                     let event = match record.decode::<SagaEvent>() {
                         Ok(event) => event,
@@ -346,17 +345,19 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                             return;
                         }
                     }
-                    // The stream ends with the saga: after its final event, or after sending
-                    // the event that left it STUCK with nothing after it yet (final for now: an
-                    // operator's RetrySaga or AbortSaga moves it on; a new watch from the next
-                    // version follows that).
-                    let stuck_now =
-                        status == SagaStatus::Stuck && last_read && record.version() >= from_version;
-                    if status.is_final() || stuck_now {
+                    if status.is_final() {
                         return;
                     }
                 }
                 if records.len() < STREAM_CHUNK {
+                    // Read to the end (a short read, possibly empty after a full chunk). A saga
+                    // STUCK at its last event ends the stream once that event was sent (final
+                    // for now: an operator's RetrySaga, or a late acknowledgement, moves it on;
+                    // a new watch from the next version follows that).
+                    let stuck = state.as_ref().is_some_and(|s| s.status == SagaStatus::Stuck);
+                    if stuck && next.get() > from_version {
+                        return;
+                    }
                     tokio::select! {
                         _ = watch.changed() => {}
                         _ = tx.closed() => return,

@@ -221,7 +221,8 @@ impl Dev {
         ))
     }
 
-    /// Stops the servers, consumers and the relay.
+    /// Stops the servers, consumers and the relay at once (no drain: what was left resumes
+    /// at the next start on the same data dir).
     pub async fn shutdown(self) {
         for s in self.stop {
             let _ = s.send(());
@@ -232,7 +233,7 @@ impl Dev {
         for consumer in self.consumers {
             consumer.shutdown().await;
         }
-        self.node.shutdown().await;
+        self.node.shutdown(false, tokio::time::Instant::now()).await;
     }
 }
 

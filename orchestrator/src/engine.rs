@@ -163,6 +163,10 @@ pub enum EngineError {
     AlreadyExists { request_id: String, saga_id: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The engine is draining for a shutdown ([`Engine::drain`]): it starts, retries and
+    /// aborts nothing more.
+    #[error("the orchestrator is shutting down; try again (another instance, or this one after its restart)")]
+    ShuttingDown,
 }
 
 /// The engine; cheap to clone.
@@ -184,6 +188,10 @@ struct Inner {
     timers_wake: Arc<Notify>,
     last_id_us: Mutex<u64>,
     node: u32,
+    /// Set by [`Engine::drain`]; never cleared.
+    draining: std::sync::atomic::AtomicBool,
+    /// Notified when the last driver worker ends.
+    drivers_idle: Notify,
 }
 
 /// Which sagas are driven: at most `drivers_max` worker tasks take saga ids from one queue
@@ -247,12 +255,53 @@ impl Engine {
                 timers_wake: Arc::new(Notify::new()),
                 last_id_us: Mutex::new(0),
                 node: fastrand::u32(..),
+                draining: std::sync::atomic::AtomicBool::new(false),
+                drivers_idle: Notify::new(),
             }),
         }
     }
 
     pub fn log(&self) -> &EventLog {
         &self.inner.log
+    }
+
+    fn is_draining(&self) -> bool {
+        self.inner.draining.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn refuse_if_draining(&self) -> Result<(), EngineError> {
+        if self.is_draining() {
+            Err(EngineError::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Prepares a shutdown: from now on nothing new is started (start, retry and abort answer
+    /// [`EngineError::ShuttingDown`]) and drivers call no further step: a pass ends, with what
+    /// it decided durable, where it would call one, leaving the saga running for the next
+    /// start's recovery. Step calls already made finish and their outcomes are recorded.
+    /// Waits until no driver pass runs, or `grace` passed; returns whether it got there.
+    ///
+    /// Crash windows: none of its own. Every pass appends before it returns or ends (a pass
+    /// that still runs at the deadline is cut off by the process exit like a crash, which
+    /// recovery handles); acknowledgements keep being applied while it waits.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.inner
+            .draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let idle = self.inner.drivers_idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.inner.drivers.lock().expect("drivers lock").workers == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return false;
+            }
+        }
     }
 
     fn definition(&self, name: &str) -> Result<Arc<SagaDefinition>, EngineError> {
@@ -310,13 +359,15 @@ impl Engine {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// Appends `events` (and `outbox`) at exactly `version`; returns the new version. Durable
-    /// on return; watchers are told.
+    /// Appends `events` (and `outbox`) at exactly `version`, where the saga's status is
+    /// `before` (`None`: a new saga; for the metrics); returns the new version. Durable on
+    /// return; watchers are told.
     async fn append(
         &self,
         definition: &str,
         saga_id: &str,
         version: StreamVersion,
+        before: Option<Status>,
         events: &[SagaEvent],
         outbox: Vec<OutboxMessage>,
     ) -> Result<StreamVersion, StorageError> {
@@ -329,7 +380,7 @@ impl Engine {
             request = request.outbox(message);
         }
         let appended = self.inner.log.append(request).await?;
-        crate::metric::sagas_appended(definition, events);
+        crate::metric::sagas_appended(definition, before, events);
         if has_outbox {
             self.inner.relay_wake.notify_one();
         }
@@ -349,6 +400,7 @@ impl Engine {
         payload: Vec<u8>,
         skipped: Vec<String>,
     ) -> Result<(SagaState, bool), EngineError> {
+        self.refuse_if_draining()?;
         let def = self.definition(definition)?;
         let (wanted_payload, mut wanted_skipped) = (payload.clone(), skipped.clone());
         wanted_skipped.sort();
@@ -379,6 +431,7 @@ impl Engine {
                         &def.name,
                         &saga_id,
                         StreamVersion::NONE,
+                        None,
                         std::slice::from_ref(started),
                         Vec::new(),
                     )
@@ -448,6 +501,9 @@ impl Engine {
                     Some(saga_id) => saga_id,
                     None => {
                         drivers.workers -= 1;
+                        if drivers.workers == 0 {
+                            self.inner.drivers_idle.notify_waiters();
+                        }
                         return;
                     }
                 }
@@ -617,7 +673,7 @@ impl Engine {
                     },
                     _ => return Ok(Tried::Done(())),
                 };
-                let version = state.version;
+                let (version, before) = (state.version, state.status);
                 let corrupt = |error| EngineError::Corrupt {
                     saga: key.saga_id.clone(),
                     error,
@@ -645,7 +701,7 @@ impl Engine {
                 }
                 let resumed = matches!(events.last(), Some(SagaEvent::CompensationResumed { .. }));
                 match self
-                    .append(&state.definition, &key.saga_id, version, &events, Vec::new())
+                    .append(&state.definition, &key.saga_id, version, Some(before), &events, Vec::new())
                     .await
                 {
                     Ok(_) => {
@@ -666,6 +722,7 @@ impl Engine {
     /// RetrySaga: a stuck saga's parked compensations are sent again, or its failed forward
     /// step is tried again from attempt 1.
     pub async fn retry(&self, saga_id: &str, reason: &str) -> Result<SagaState, EngineError> {
+        self.refuse_if_draining()?;
         retry_on_conflict(
             || format!("retry of saga {saga_id}"),
             || async move {
@@ -705,7 +762,14 @@ impl Engine {
                     }
                 };
                 match self
-                    .append(&state.definition, saga_id, state.version, &[event], outbox)
+                    .append(
+                        &state.definition,
+                        saga_id,
+                        state.version,
+                        Some(state.status),
+                        &[event],
+                        outbox,
+                    )
                     .await
                 {
                     Ok(_) => {
@@ -727,6 +791,7 @@ impl Engine {
     /// AbortSaga: asks the saga's driver to stop going forward and compensate. Returns the
     /// state once the abort is recorded (or the saga ended otherwise first).
     pub async fn abort(&self, saga_id: &str, reason: &str) -> Result<SagaState, EngineError> {
+        self.refuse_if_draining()?;
         let state = self
             .load(saga_id)
             .await?
@@ -781,8 +846,24 @@ impl Engine {
     }
 
     /// Recovery: drives every saga that is not final (running ones go on; compensating ones
-    /// re-check their acknowledgements). Unpublished outbox entries are the relay's.
+    /// re-check their acknowledgements). Unpublished outbox entries are the relay's. Returns
+    /// how many sagas the scan found (a saga whose status changed between the two scans can
+    /// be found twice; `drive` runs it once).
     pub async fn recover(&self) -> Result<usize, EngineError> {
+        self.each_in_flight(|saga_id| self.drive(saga_id)).await
+    }
+
+    /// Starts the in-flight gauge from the log: call before anything can append (before the
+    /// acknowledgement subscription and recovery), so that every later change is a delta.
+    pub async fn count_in_flight(&self) -> Result<usize, EngineError> {
+        let count = self.each_in_flight(|_| {}).await?;
+        crate::metric::set_in_flight(count);
+        Ok(count)
+    }
+
+    /// Calls `f` with every saga the status index holds as running, then every compensating
+    /// one; returns how many.
+    async fn each_in_flight(&self, mut f: impl FnMut(&str)) -> Result<usize, EngineError> {
         let mut count = 0;
         for status in [Status::Running, Status::Compensating] {
             let prefix = crate::keys::index_prefix(Some(status));
@@ -797,13 +878,12 @@ impl Engine {
                 after = Some(last.to_vec());
                 for (key, _) in &page {
                     if let Some(saga_id) = crate::keys::saga_of_index(key) {
-                        self.drive(saga_id);
+                        f(saga_id);
                         count += 1;
                     }
                 }
             }
         }
-        crate::metric::sagas_resumed(count);
         Ok(count)
     }
 
@@ -923,6 +1003,8 @@ struct Driver<'e> {
     def: Arc<SagaDefinition>,
     state: SagaState,
     durable: StreamVersion,
+    /// The status at `durable` (the metrics' in-flight gauge).
+    durable_status: Status,
     pending: Vec<SagaEvent>,
 }
 
@@ -937,6 +1019,7 @@ impl<'e> Driver<'e> {
             saga_id,
             def: engine.definition(&state.definition)?,
             durable: state.version,
+            durable_status: state.status,
             state,
             pending: Vec::new(),
         })
@@ -962,7 +1045,10 @@ impl<'e> Driver<'e> {
     fn settle(&mut self, appended: Result<StreamVersion, StorageError>) -> Result<(), Pass> {
         match appended {
             Ok(version) => {
+                // Every recorded event was in the append (flush and the overlapped append take
+                // them all), so `state` is the durable state.
                 self.durable = version;
+                self.durable_status = self.state.status;
                 Ok(())
             }
             Err(StorageError::VersionConflict { .. }) => Err(Pass::Conflicted),
@@ -982,6 +1068,7 @@ impl<'e> Driver<'e> {
                 &self.state.definition,
                 self.saga_id,
                 self.durable,
+                Some(self.durable_status),
                 &events,
                 outbox,
             )
@@ -994,6 +1081,12 @@ impl<'e> Driver<'e> {
         loop {
             self.take_abort()?;
             match self.state.next(&self.def) {
+                Next::Call { .. } if self.engine.is_draining() => {
+                    // Shutting down: what was decided becomes durable, the call is left to
+                    // the next start's recovery (see `Engine::drain`).
+                    self.flush(Vec::new()).await?;
+                    return Ok(());
+                }
                 Next::Call { step, attempt } => self.call(step, attempt).await?,
                 Next::GiveUp { step } => {
                     self.record(SagaEvent::StepFailed {
@@ -1123,6 +1216,7 @@ impl<'e> Driver<'e> {
                     &self.state.definition,
                     self.saga_id,
                     self.durable,
+                    Some(self.durable_status),
                     &events,
                     Vec::new()
                 ),

@@ -8,6 +8,12 @@
 //! NOT_SERVING), and [`Node::recover`] resumes every unfinished saga, then opens the API and
 //! reports SERVING. [`Node::start`] does both. Health turns NOT_SERVING for good when the
 //! log fails (its writer stopped: nothing can be recorded until a restart).
+//!
+//! Shutdown is two steps too, around the caller's server stop: [`Node::drain`] (health
+//! NOT_SERVING, no new saga, retry or abort, in-flight step calls finish, up to a grace
+//! period), then [`Node::shutdown`] (the acknowledgement subscription stops, the outbox is
+//! relayed until empty or a deadline). Everything recorded is durable whenever the process
+//! stops; the drain only leaves less for the next start to resume.
 
 use std::sync::Arc;
 
@@ -61,6 +67,16 @@ pub struct Node {
     relay: tokio::task::JoinHandle<()>,
     health_watch: Option<tokio::task::JoinHandle<()>>,
     acks: Box<dyn Consumer>,
+    transport: Arc<dyn Transport>,
+}
+
+/// What a shutdown got done in its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// Every driver pass ended within the grace period (else the rest resume at the next start).
+    pub drained: bool,
+    /// The outbox was relayed until empty (else the rest is relayed at the next start).
+    pub outbox_empty: bool,
 }
 
 impl Node {
@@ -88,6 +104,8 @@ impl Node {
             OrderInvoker::new(&config.participants).map_err(NodeError::Participants)?,
             config.engine,
         );
+        // Before the relay and the acknowledgement subscription: nothing appends yet.
+        engine.count_in_flight().await.map_err(NodeError::Recover)?;
         let relay = {
             let engine = engine.clone();
             let transport = Arc::clone(&transport);
@@ -115,6 +133,7 @@ impl Node {
             relay,
             health_watch: None,
             acks,
+            transport,
         })
     }
 
@@ -137,12 +156,37 @@ impl Node {
         Ok(self.resumed)
     }
 
-    /// Stops the acknowledgement subscription and the relay (the caller stopped serving).
-    pub async fn shutdown(self) {
+    /// The first step of a shutdown, while the server still serves: health reports
+    /// NOT_SERVING, StartOrder, RetrySaga and AbortSaga answer UNAVAILABLE, and step calls in
+    /// flight finish (see [`Engine::drain`]), up to `grace`. Returns whether every pass ended.
+    pub async fn drain(&self, grace: std::time::Duration) -> bool {
+        if let Some(watch) = &self.health_watch {
+            watch.abort();
+        }
+        self.health.set_serving(false).await;
+        self.engine.drain(grace).await
+    }
+
+    /// The last step (the caller stopped serving): stops the acknowledgement subscription,
+    /// stops the relay task and relays what the outbox holds until it is empty or
+    /// `relay_deadline`. `drained` is what [`Node::drain`] returned.
+    pub async fn shutdown(self, drained: bool, relay_deadline: tokio::time::Instant) -> Stopped {
         self.acks.shutdown().await;
-        self.relay.abort();
         if let Some(watch) = self.health_watch {
             watch.abort();
+        }
+        self.relay.abort();
+        // Wait for the task to stop, so that the drain below is the only relay.
+        let _ = self.relay.await;
+        let outbox_empty = saga_messaging::relay::drain(
+            self.engine.log(),
+            self.transport.as_ref(),
+            relay_deadline,
+        )
+        .await;
+        Stopped {
+            drained,
+            outbox_empty,
         }
     }
 }

@@ -709,3 +709,76 @@ async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_se
     assert_eq!(saga.state, pb::SagaState::Completed);
     system.shutdown().await;
 }
+
+/// A watch ends on a stuck saga also when STUCK is the last record of a full read chunk (the
+/// next read is empty): the saga is written directly into the orchestrator's log, 256 events
+/// with SagaStuck last, before the system starts on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_when_stuck_is_the_last_record_of_a_full_chunk() {
+    use saga_orchestrator::events::SagaEvent;
+    use saga_storage::{AppendRequest, ExpectedVersion, NewEvent, StreamVersion};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let saga_id = "ord-chunk";
+    let step = saga_orchestrator::order::CREATE_ORDER.to_owned();
+    let mut events = vec![
+        SagaEvent::SagaStarted {
+            definition: saga_orchestrator::order::DEFINITION.into(),
+            request_id: "req-chunk".into(),
+            payload: Vec::new(),
+            steps: vec![step.clone()],
+            skipped: Vec::new(),
+        },
+        SagaEvent::CompensationRequested {
+            steps: vec![step.clone()],
+            reason: "test".into(),
+        },
+    ];
+    let chunk = saga_orchestrator::api::STREAM_CHUNK;
+    for republish in 1..=(chunk - 3) as u32 {
+        events.push(SagaEvent::CompensationRepublished {
+            steps: vec![step.clone()],
+            republish,
+        });
+    }
+    events.push(SagaEvent::SagaStuck {
+        reason: "no acknowledgement (test)".into(),
+    });
+    assert_eq!(events.len(), chunk);
+    {
+        let log = saga_orchestrator::engine::open_log(saga_storage::LogConfig::new(
+            dir.path().join("orchestrator"),
+        ))
+        .expect("opens");
+        let mut request = AppendRequest::new(saga_id, ExpectedVersion::at(StreamVersion::NONE));
+        for event in &events {
+            request = request.event(NewEvent::encode(event.name(), event).expect("encodes"));
+        }
+        log.append(request).await.expect("appends");
+    }
+
+    let system = Dev::start(dir.path(), "127.0.0.1:0", 100, DevOptions::default())
+        .await
+        .expect("starts");
+    let mut client = system.client().await.expect("connects");
+    let mut stream = client
+        .watch_saga(pb::WatchSagaRequest {
+            saga_id: saga_id.into(),
+            from_version: 1,
+        })
+        .await
+        .expect("watches")
+        .into_inner();
+    let mut watched = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(event) = stream.message().await.expect("stream") {
+            watched.push(event);
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch ended after {} events", watched.len());
+    assert_eq!(watched.len(), chunk);
+    assert_eq!(watched.last().expect("events").state, pb::SagaState::Stuck as i32);
+    drop(stream);
+    system.shutdown().await;
+}

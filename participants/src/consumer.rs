@@ -417,7 +417,6 @@ impl CompensationConsumer {
                 .park(&stream, &delivery, tries, error, Some((&key, &route)))
                 .await;
         }
-        metrics::counter!(CONSUMER_TRIES_TOTAL, "role" => self.participant.role().name()).increment(1);
         if let Err(e) = self
             .append(&stream, ConsumerEvent::Started { attempt: tries + 1 }, None)
             .await
@@ -425,6 +424,8 @@ impl CompensationConsumer {
             tracing::warn!(key = %delivery.key, error = %e, "could not record processing; retry later");
             return Outcome::RetryLater;
         }
+        // A try counts once its start is durable (what the consumer log's bound counts).
+        metrics::counter!(CONSUMER_TRIES_TOTAL, "role" => self.participant.role().name()).increment(1);
         match self.participant.compensate(&key).await {
             Ok(compensated) => {
                 let outcome = match compensated {

@@ -4,20 +4,22 @@
 //! AbortSaga and ReplayEvents, the participants' Seed* calls and ConsumerAdmin. When a server
 //! is given a token, each of them requires `authorization: Bearer <token>` and answers
 //! UNAUTHENTICATED, before it reads or changes anything, to a call without it or with another
-//! token. The comparison takes the same time wherever the tokens differ (`subtle`), and the
-//! token is never logged: [`AdminToken`]'s `Debug` prints `<redacted>`.
+//! token. Both tokens are hashed (SHA-256) and the digests compared in constant time (`subtle`),
+//! so the time taken says neither where the tokens differ nor how long the expected one is. The
+//! token is never logged: [`AdminToken`]'s `Debug` prints `<redacted>`, and our clients mark
+//! the header sensitive (HTTP/2 header compression never indexes it).
 //!
 //! A server given no token leaves admin RPCs open (the demo, and tests of other parts); the
 //! binaries say so at start. Servers bind to 127.0.0.1 unless told otherwise.
 
-use std::sync::Arc;
-
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tonic::Status;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
 /// The metadata key the token travels in.
 pub const METADATA_KEY: &str = "authorization";
+/// The scheme (RFC 7235: matched without regard to case) and its separator.
 const BEARER: &str = "Bearer ";
 /// The environment variable our binaries read a token from (a flag names a file instead, so
 /// that the token does not show in the process list).
@@ -36,9 +38,14 @@ pub enum TokenError {
     NotPrintable,
 }
 
-/// A server's admin token, or none (admin RPCs open). Cheap to clone.
+/// A server's admin token (kept as its SHA-256 digest), or none (admin RPCs open). Cheap to
+/// clone.
 #[derive(Clone, Default)]
-pub struct AdminToken(Option<Arc<str>>);
+pub struct AdminToken(Option<[u8; 32]>);
+
+fn digest(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
 
 impl std::fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,7 +77,7 @@ impl AdminToken {
     pub fn new(token: &str) -> Result<AdminToken, TokenError> {
         let token = token.trim();
         check_token(token)?;
-        Ok(AdminToken(Some(Arc::from(token))))
+        Ok(AdminToken(Some(digest(token.as_bytes()))))
     }
 
     /// The token a process is configured with: read from `file` (the `--admin-token-file`
@@ -104,11 +111,13 @@ impl AdminToken {
         let presented = metadata.get(METADATA_KEY).ok_or_else(|| {
             Status::unauthenticated("admin RPC: an `authorization: Bearer <token>` is required")
         })?;
-        let presented = presented
-            .as_bytes()
-            .strip_prefix(BEARER.as_bytes())
+        let presented = presented.as_bytes();
+        let token = presented
+            .get(..BEARER.len())
+            .filter(|scheme| scheme.eq_ignore_ascii_case(BEARER.as_bytes()))
+            .map(|_| &presented[BEARER.len()..])
             .ok_or_else(|| Status::unauthenticated("admin RPC: the authorization is not a bearer token"))?;
-        if bool::from(presented.ct_eq(expected.as_bytes())) {
+        if bool::from(digest(token).ct_eq(expected)) {
             Ok(())
         } else {
             Err(Status::unauthenticated(
@@ -121,7 +130,9 @@ impl AdminToken {
 /// Adds `authorization: Bearer <token>` to a request of a client of ours.
 pub fn authorize<T>(request: &mut tonic::Request<T>, token: &str) -> Result<(), TokenError> {
     check_token(token)?;
-    let value = MetadataValue::try_from(format!("{BEARER}{token}")).map_err(|_| TokenError::NotPrintable)?;
+    let mut value =
+        MetadataValue::try_from(format!("{BEARER}{token}")).map_err(|_| TokenError::NotPrintable)?;
+    value.set_sensitive(true);
     request.metadata_mut().insert(METADATA_KEY, value);
     Ok(())
 }
@@ -140,6 +151,19 @@ mod tests {
     fn only_the_configured_token_is_admitted() {
         let token = AdminToken::new("0123456789abcdef-secret\n").expect("valid");
         assert!(token.check(&with("0123456789abcdef-secret")).is_ok());
+        let mut lower = MetadataMap::new();
+        lower.insert(
+            METADATA_KEY,
+            "bearer 0123456789abcdef-secret".parse().expect("ascii"),
+        );
+        assert!(token.check(&lower).is_ok(), "the scheme is matched without regard to case");
+        assert!(
+            with("0123456789abcdef-secret")
+                .get(METADATA_KEY)
+                .expect("set")
+                .is_sensitive(),
+            "our clients mark the token sensitive"
+        );
         for metadata in [
             MetadataMap::new(),
             with("0123456789abcdef-secreT"),

@@ -348,7 +348,10 @@ impl EventLog {
             .await
             .map_err(|_| StorageError::Closed)?;
         let appended = answer.await.map_err(|_| StorageError::Closed)?;
-        metrics::histogram!(crate::metric::LOG_APPEND_SECONDS).record(began.elapsed().as_secs_f64());
+        if appended.is_ok() {
+            // Durable appends only: a refusal or a failure is not an append's latency.
+            metrics::histogram!(crate::metric::LOG_APPEND_SECONDS).record(began.elapsed().as_secs_f64());
+        }
         appended
     }
 

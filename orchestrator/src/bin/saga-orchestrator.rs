@@ -6,8 +6,9 @@
 //! saga-orchestrator dev [--orders N] [--concurrency C] [--listen ADDR] [--data-dir DIR]
 //! ```
 //!
-//! `serve` prints `listening on ADDR` once it accepts calls; SIGTERM or Ctrl-C stops it. `dev`
-//! is the all-in-one embedded default (see `saga_orchestrator::dev`).
+//! `serve` prints `listening on ADDR` once it accepts calls; SIGTERM or Ctrl-C stops it in
+//! order (see `run_serve`) and it exits 0. `dev` is the all-in-one embedded default (see
+//! `saga_orchestrator::dev`).
 
 // RocketMQ client futures: see the "Recursion limit" note in saga_messaging::rocketmq.
 #![recursion_limit = "256"]
@@ -91,6 +92,13 @@ struct Serve {
     /// else the SAGA_ADMIN_TOKEN environment variable; with neither they are open.
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
+    /// On SIGTERM: how long step calls in flight may take to finish (new sagas are refused
+    /// from the signal on); what is left resumes at the next start.
+    #[arg(long, default_value_t = 10_000)]
+    shutdown_grace_ms: u64,
+    /// On SIGTERM, after the grace period: how long the outbox may take to be relayed.
+    #[arg(long, default_value_t = 5_000)]
+    shutdown_relay_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -221,17 +229,49 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
     })?;
     // Serve while recovery runs: health answers NOT_SERVING and the API UNAVAILABLE until it
     // is done; `listening on` is printed once the API answers.
-    let server = tokio::spawn(saga_proto::server::serve(node.routes.clone(), listener, stop));
-    node.recover().await?;
+    let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(saga_proto::server::serve(node.routes.clone(), listener, async {
+        let _ = serving_stopped.await;
+    }));
+    let recovered: anyhow::Result<usize> = tokio::select! {
+        recovered = node.recover() => recovered.map_err(Into::into),
+        _ = &mut server => Err(anyhow::anyhow!("the gRPC server stopped during recovery")),
+    };
+    if let Err(error) = recovered {
+        transport.shutdown().await;
+        return Err(error);
+    }
     println!("listening on {addr}");
     std::io::stdout().flush()?;
     tracing::info!(%addr, resumed = node.resumed, "orchestrator started");
-    server.await.context("gRPC server task")?.context("gRPC server")?;
-    node.shutdown().await;
+    tokio::select! {
+        _ = stop => {}
+        served = &mut server => {
+            transport.shutdown().await;
+            served.context("gRPC server task")?.context("gRPC server")?;
+            anyhow::bail!("the gRPC server stopped");
+        }
+    }
+    // In order: refuse new sagas and let step calls in flight finish (the server still
+    // answers reads and tells new StartOrder calls UNAVAILABLE), stop serving, stop the
+    // acknowledgements, relay the outbox. A kill at any point of this loses nothing (every
+    // decision is durable when made); it only leaves more for the next start.
+    tracing::info!(grace_ms = args.shutdown_grace_ms, "stopping: new sagas are refused, step calls in flight finish");
+    let drained = node.drain(Duration::from_millis(args.shutdown_grace_ms)).await;
+    let _ = stop_serving.send(());
+    // Open streams (WatchSaga) hold a graceful server stop: they get a moment, then are cut.
+    if tokio::time::timeout(SERVER_STOP_WAIT, &mut server).await.is_err() {
+        server.abort();
+    }
+    let relay_deadline = tokio::time::Instant::now() + Duration::from_millis(args.shutdown_relay_ms);
+    let stopped = node.shutdown(drained, relay_deadline).await;
     transport.shutdown().await;
-    tracing::info!("orchestrator stopped");
+    tracing::info!(drained = stopped.drained, outbox_relayed = stopped.outbox_empty, "orchestrator stopped");
     Ok(())
 }
+
+/// How long open streams may hold the server's stop.
+const SERVER_STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// How a `dev` run ended.
 enum DevOutcome {

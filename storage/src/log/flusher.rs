@@ -37,6 +37,7 @@ impl Flusher {
         if let Some(gate) = &self.gate {
             gate.pass(GatePoint::BeforeFlush);
         }
+        let mut flushed = false;
         if self.failure.is_none()
             && self.durability == Durability::Fsync
             && ready.iter().any(|c| c.needs_flush)
@@ -48,8 +49,7 @@ impl Flusher {
                     self.shared.flushes.fetch_add(1, Ordering::Relaxed);
                     metrics::histogram!(crate::metric::LOG_FSYNC_SECONDS)
                         .record(began.elapsed().as_secs_f64());
-                    let appends: usize = ready.iter().map(|c| c.jobs.len()).sum();
-                    metrics::histogram!(crate::metric::LOG_FLUSH_BATCH_APPENDS).record(appends as f64);
+                    flushed = true;
                 }
                 Err(error) => {
                     let reason = format!("flush failed: {error}");
@@ -82,6 +82,11 @@ impl Flusher {
                 self.stop(ready, error.to_string());
                 return;
             }
+        }
+        if flushed {
+            // Counted once the batch is durable and marked, as its appends are answered.
+            let appends: usize = ready.iter().map(|c| c.jobs.len()).sum();
+            metrics::histogram!(crate::metric::LOG_FLUSH_BATCH_APPENDS).record(appends as f64);
         }
         // Only the durable point moves: `failed` is the writer's too (a batch that failed after
         // this one was committed stops the log), and once set it is never cleared.
