@@ -133,7 +133,10 @@ pub async fn drain(log: &EventLog, transport: &dyn Transport, deadline: tokio::t
             }
             Ok(Pass::LogFailed) => return false,
         };
-        if tokio::time::timeout_at(deadline, tokio::time::sleep(wait)).await.is_err() {
+        if tokio::time::timeout_at(deadline, tokio::time::sleep(wait))
+            .await
+            .is_err()
+        {
             return false;
         }
     }

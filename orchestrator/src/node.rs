@@ -178,12 +178,8 @@ impl Node {
         self.relay.abort();
         // Wait for the task to stop, so that the drain below is the only relay.
         let _ = self.relay.await;
-        let outbox_empty = saga_messaging::relay::drain(
-            self.engine.log(),
-            self.transport.as_ref(),
-            relay_deadline,
-        )
-        .await;
+        let outbox_empty =
+            saga_messaging::relay::drain(self.engine.log(), self.transport.as_ref(), relay_deadline).await;
         Stopped {
             drained,
             outbox_empty,

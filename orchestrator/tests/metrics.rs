@@ -23,7 +23,12 @@ const REFUSED: i64 = 1;
 const HANGS: i64 = 2;
 
 impl StepInvoker for Invoker {
-    fn invoke(&self, _saga_id: &str, step: &StepDef, payload: &[u8]) -> BoxFuture<'static, Result<(), StepError>> {
+    fn invoke(
+        &self,
+        _saga_id: &str,
+        step: &StepDef,
+        payload: &[u8],
+    ) -> BoxFuture<'static, Result<(), StepError>> {
         let amount = pb::OrderDetails::decode(payload).expect("order").amount_minor;
         let balance = step.name == order::DEDUCT_BALANCE;
         Box::pin(async move {
@@ -101,7 +106,12 @@ async fn the_in_flight_gauge_follows_each_sagas_status() {
         backoff_base_ms: 1,
         backoff_max_ms: 2,
     };
-    let engine = Engine::new(log, vec![order::definition(&timing)], Arc::new(Invoker), EngineConfig::default());
+    let engine = Engine::new(
+        log,
+        vec![order::definition(&timing)],
+        Arc::new(Invoker),
+        EngineConfig::default(),
+    );
     assert_eq!(engine.count_in_flight().await.expect("counts"), 0);
 
     // Compensating, then stuck on a parked compensation, then compensated from Stuck by the
@@ -125,7 +135,10 @@ async fn the_in_flight_gauge_follows_each_sagas_status() {
         .on_ack(&ack(&id, order::RESERVE_STOCK, O::Applied))
         .await
         .expect("applies");
-    assert_eq!(engine.load(&id).await.unwrap().unwrap().status, Status::Compensated);
+    assert_eq!(
+        engine.load(&id).await.unwrap().unwrap().status,
+        Status::Compensated
+    );
 
     let text = handle.render();
     assert_eq!(sample(&text, metric::SAGAS_STARTED_TOTAL), 1.0, "{text}");
@@ -138,7 +151,10 @@ async fn the_in_flight_gauge_follows_each_sagas_status() {
         .start(order::DEFINITION, "req-hangs", payload(HANGS), Vec::new())
         .await
         .expect("starts");
-    assert_eq!(engine.load(&state.saga_id).await.unwrap().unwrap().status, Status::Running);
+    assert_eq!(
+        engine.load(&state.saga_id).await.unwrap().unwrap().status,
+        Status::Running
+    );
     assert_eq!(sample(&handle.render(), metric::SAGAS_IN_FLIGHT), 1.0);
     assert_eq!(engine.count_in_flight().await.expect("counts"), 1);
     assert_eq!(sample(&handle.render(), metric::SAGAS_IN_FLIGHT), 1.0);

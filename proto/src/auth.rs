@@ -81,12 +81,13 @@ impl AdminToken {
     }
 
     /// The token a process is configured with: read from `file` (the `--admin-token-file`
-    /// flag) if given, else from [`TOKEN_ENV`], else none. The error names the source.
-    pub fn configured(file: Option<&std::path::Path>) -> Result<AdminToken, String> {
+    /// setting, named `file_source` in errors) if given, else from [`TOKEN_ENV`], else none.
+    /// The error names the source.
+    pub fn configured(file: Option<&std::path::Path>, file_source: &str) -> Result<AdminToken, String> {
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("--admin-token-file {}: {e}", path.display()))?;
-            return AdminToken::new(&text).map_err(|e| format!("--admin-token-file {}: {e}", path.display()));
+                .map_err(|e| format!("{file_source} {}: {e}", path.display()))?;
+            return AdminToken::new(&text).map_err(|e| format!("{file_source} {}: {e}", path.display()));
         }
         match std::env::var(TOKEN_ENV) {
             Ok(text) => AdminToken::new(&text).map_err(|e| format!("{TOKEN_ENV}: {e}")),
@@ -156,7 +157,10 @@ mod tests {
             METADATA_KEY,
             "bearer 0123456789abcdef-secret".parse().expect("ascii"),
         );
-        assert!(token.check(&lower).is_ok(), "the scheme is matched without regard to case");
+        assert!(
+            token.check(&lower).is_ok(),
+            "the scheme is matched without regard to case"
+        );
         assert!(
             with("0123456789abcdef-secret")
                 .get(METADATA_KEY)

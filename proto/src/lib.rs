@@ -178,6 +178,7 @@ impl v1::StepState {
 }
 
 pub mod auth;
+pub mod config;
 pub mod status;
 
 /// How our gRPC servers serve, once for the orchestrator, the participants and `dev`.
@@ -301,7 +302,7 @@ pub mod server {
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
             .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_appends".into()), &COUNT_BUCKETS))
             .and_then(|b| b.install())
-            .map_err(|e| format!("--metrics-listen {addr}: {e}"))
+            .map_err(|e| format!("{addr}: {e}"))
     }
 
     /// A future that completes on SIGTERM or Ctrl-C (SIGINT): how every process of ours is

@@ -742,7 +742,10 @@ async fn sigterm_under_load_refuses_new_sagas_exits_0_and_every_saga_finishes_af
             tokio::spawn(async move {
                 for i in 0.. {
                     let user = if i % 4 == 3 { "poor" } else { "rich" };
-                    match client.start_order(order(&format!("{run}-{l}-{i}"), user, "p1", "")).await {
+                    match client
+                        .start_order(order(&format!("{run}-{l}-{i}"), user, "p1", ""))
+                        .await
+                    {
                         Ok(response) => {
                             let saga = response.into_inner().saga.expect("saga");
                             let _ = started_tx.send((user.to_owned(), saga.saga_id));
@@ -764,7 +767,10 @@ async fn sigterm_under_load_refuses_new_sagas_exits_0_and_every_saga_finishes_af
     let status = tokio::task::spawn_blocking(move || orchestrator.terminate(Duration::from_secs(60)))
         .await
         .expect("joins");
-    assert!(status.success(), "the orchestrator exits 0 after SIGTERM: {status:?}");
+    assert!(
+        status.success(),
+        "the orchestrator exits 0 after SIGTERM: {status:?}"
+    );
     let mut refusals = Vec::new();
     for handle in loops {
         refusals.push(handle.await.expect("a loop"));

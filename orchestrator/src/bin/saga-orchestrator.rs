@@ -6,6 +6,10 @@
 //! saga-orchestrator dev [--orders N] [--concurrency C] [--listen ADDR] [--data-dir DIR]
 //! ```
 //!
+//! Every option of `serve` and `dev` is also read from `SAGA_<OPTION>` and from a TOML file
+//! given with `--config` (flag > environment > file > default; see `saga_proto::config` and
+//! `config/orchestrator.toml`).
+//!
 //! `serve` prints `listening on ADDR` once it accepts calls; SIGTERM or Ctrl-C stops it in
 //! order (see `run_serve`) and it exits 0. `dev` is the all-in-one embedded default (see
 //! `saga_orchestrator::dev`).
@@ -143,7 +147,7 @@ struct DevArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let (args, sources) = saga_proto::config::parse::<Args>(&["serve", "dev"]);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -157,7 +161,7 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?;
     match args.command {
-        Command::Serve(serve) => runtime.block_on(run_serve(*serve)),
+        Command::Serve(serve) => runtime.block_on(run_serve(*serve, &sources)),
         Command::Dev(dev) => {
             let outcome = runtime.block_on(run_dev(dev))?;
             // Background tasks (consumers, drivers) are not waited for.
@@ -172,16 +176,20 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn run_serve(args: Serve) -> anyhow::Result<()> {
+async fn run_serve(args: Serve, sources: &saga_proto::config::Sources) -> anyhow::Result<()> {
     // Installed first: from here on SIGTERM / Ctrl-C stop the process in order.
     let stop = saga_proto::server::shutdown_signal();
-    let participants =
-        ParticipantAddrs::parse(&args.participants).map_err(|e| anyhow::anyhow!("--participants: {e}"))?;
+    let participants = ParticipantAddrs::parse(&args.participants)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", sources.name("participants")))?;
     if let Some(addr) = args.metrics_listen {
-        saga_proto::server::serve_metrics(addr).map_err(anyhow::Error::msg)?;
+        saga_proto::server::serve_metrics(addr)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", sources.name("metrics_listen")))?;
     }
-    let admin_token = saga_proto::auth::AdminToken::configured(args.admin_token_file.as_deref())
-        .map_err(anyhow::Error::msg)?;
+    let admin_token = saga_proto::auth::AdminToken::configured(
+        args.admin_token_file.as_deref(),
+        &sources.name("admin_token_file"),
+    )
+    .map_err(anyhow::Error::msg)?;
     if !admin_token.is_required() {
         tracing::warn!("admin RPCs are open: no --admin-token-file or SAGA_ADMIN_TOKEN given");
     }
@@ -190,7 +198,7 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
     log.cache_capacity_bytes = args.cache_mb.saturating_mul(1024 * 1024);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
-        .with_context(|| format!("--listen: cannot bind {}", args.listen))?;
+        .with_context(|| format!("{}: cannot bind {}", sources.name("listen"), args.listen))?;
     let addr = listener.local_addr()?;
     let config = RocketMqConfig {
         thread_name: "saga-orchestrator-mq".into(),
@@ -199,7 +207,7 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
     let transport = Arc::new(
         RocketMqTransport::start(config, "saga-orchestrator")
             .await
-            .context("--rocketmq: cannot start the RocketMQ client")?,
+            .with_context(|| format!("{}: cannot start the RocketMQ client", sources.name("rocketmq")))?,
     );
     let mut node = Node::open(
         NodeConfig {
@@ -222,7 +230,8 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
     .await
     .map_err(|e| match e {
         NodeError::Log(_) => anyhow::Error::new(e).context(format!(
-            "--data-dir: cannot open the event log in {}",
+            "{}: cannot open the event log in {}",
+            sources.name("data_dir"),
             args.data_dir.display()
         )),
         other => other.into(),
@@ -256,7 +265,10 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
     // answers reads and tells new StartOrder calls UNAVAILABLE), stop serving, stop the
     // acknowledgements, relay the outbox. A kill at any point of this loses nothing (every
     // decision is durable when made); it only leaves more for the next start.
-    tracing::info!(grace_ms = args.shutdown_grace_ms, "stopping: new sagas are refused, step calls in flight finish");
+    tracing::info!(
+        grace_ms = args.shutdown_grace_ms,
+        "stopping: new sagas are refused, step calls in flight finish"
+    );
     let drained = node.drain(Duration::from_millis(args.shutdown_grace_ms)).await;
     let _ = stop_serving.send(());
     // Open streams (WatchSaga) hold a graceful server stop: they get a moment, then are cut.
@@ -266,7 +278,11 @@ async fn run_serve(args: Serve) -> anyhow::Result<()> {
     let relay_deadline = tokio::time::Instant::now() + Duration::from_millis(args.shutdown_relay_ms);
     let stopped = node.shutdown(drained, relay_deadline).await;
     transport.shutdown().await;
-    tracing::info!(drained = stopped.drained, outbox_relayed = stopped.outbox_empty, "orchestrator stopped");
+    tracing::info!(
+        drained = stopped.drained,
+        outbox_relayed = stopped.outbox_empty,
+        "orchestrator stopped"
+    );
     Ok(())
 }
 

@@ -8,7 +8,9 @@
 //! With `--rocketmq`, the role's compensation consumer runs (consumer group
 //! `saga-compensation-<role>`, acknowledgements to `saga-compensation-ack`); without it only the
 //! gRPC service runs. Prints `listening on ADDR` once it accepts calls. SIGTERM or Ctrl-C stops
-//! it gracefully. Built with the `faults` feature (the tests' build), it reads a fault plan
+//! it gracefully. Every option is also read from `SAGA_<OPTION>` and from a TOML file given
+//! with `--config` (flag > environment > file > default; see `saga_proto::config` and
+//! `config/participant.toml`). Built with the `faults` feature (the tests' build), it reads a fault plan
 //! from `SAGA_FAULT_*` (see `saga_participants::faults`); built without it, it refuses to
 //! start when one is set.
 
@@ -20,13 +22,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::Parser;
 use saga_messaging::rocketmq::{RocketMqConfig, RocketMqTransport};
 use saga_messaging::transport::Transport as _;
 use saga_participants::consumer::CompensationConsumer;
 use saga_participants::{Participant, Role};
 
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(about = "One saga participant (order, stock, coupon or balance) as a gRPC service")]
 struct Args {
     /// order, stock, coupon or balance.
@@ -72,7 +73,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let (args, sources) = saga_proto::config::parse::<Args>(&[]);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -80,13 +81,13 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let role: Role = args.role.parse().context("--role")?;
+    let role: Role = args.role.parse().with_context(|| sources.name("role"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.max(1))
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    runtime.block_on(run(role, args))
+    runtime.block_on(run(role, args, sources))
 }
 
 /// The fault plan of the environment around the participant's barrier (tests and chaos runs;
@@ -118,7 +119,7 @@ fn with_fault_plan(participant: Participant) -> anyhow::Result<Participant> {
     Ok(participant)
 }
 
-async fn run(role: Role, args: Args) -> anyhow::Result<()> {
+async fn run(role: Role, args: Args, sources: saga_proto::config::Sources) -> anyhow::Result<()> {
     // Installed first: from here on SIGTERM / Ctrl-C stop the process in order.
     let stop = saga_proto::server::shutdown_signal();
     let mut log_config = saga_storage::LogConfig::new(&args.data_dir);
@@ -126,15 +127,20 @@ async fn run(role: Role, args: Args) -> anyhow::Result<()> {
     log_config.cache_capacity_bytes = args.cache_mb.saturating_mul(1024 * 1024);
     let participant = Participant::open_with(role, log_config).with_context(|| {
         format!(
-            "--data-dir: cannot open the event log in {}",
+            "{}: cannot open the event log in {}",
+            sources.name("data_dir"),
             args.data_dir.display()
         )
     })?;
     if let Some(addr) = args.metrics_listen {
-        saga_proto::server::serve_metrics(addr).map_err(anyhow::Error::msg)?;
+        saga_proto::server::serve_metrics(addr)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", sources.name("metrics_listen")))?;
     }
-    let admin_token = saga_proto::auth::AdminToken::configured(args.admin_token_file.as_deref())
-        .map_err(anyhow::Error::msg)?;
+    let admin_token = saga_proto::auth::AdminToken::configured(
+        args.admin_token_file.as_deref(),
+        &sources.name("admin_token_file"),
+    )
+    .map_err(anyhow::Error::msg)?;
     if !admin_token.is_required() {
         tracing::warn!(
             role = role.name(),
@@ -144,7 +150,7 @@ async fn run(role: Role, args: Args) -> anyhow::Result<()> {
     let participant = with_fault_plan(participant)?.with_admin_token(admin_token);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
-        .with_context(|| format!("--listen: cannot bind {}", args.listen))?;
+        .with_context(|| format!("{}: cannot bind {}", sources.name("listen"), args.listen))?;
     let addr = listener.local_addr()?;
 
     let mut messaging = None;
@@ -156,7 +162,7 @@ async fn run(role: Role, args: Args) -> anyhow::Result<()> {
         let transport = Arc::new(
             RocketMqTransport::start(config, &format!("saga-participant-{}", role.name()))
                 .await
-                .context("--rocketmq: cannot start the RocketMQ client")?,
+                .with_context(|| format!("{}: cannot start the RocketMQ client", sources.name("rocketmq")))?,
         );
         let mut consumer = CompensationConsumer::new(participant.clone(), transport.clone());
         if let Some(group) = args.group.clone() {

@@ -56,14 +56,14 @@ struct Args {
     )]
     server: String,
     /// Print JSON (one object per line) instead of tables; errors too, on stderr.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "SAGACTL_JSON")]
     json: bool,
     /// File holding the bearer token of admin calls (replay, retry, abort); else the
     /// SAGA_ADMIN_TOKEN environment variable.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "SAGACTL_TOKEN_FILE")]
     token_file: Option<std::path::PathBuf>,
     /// Deadline of each call (not of a watch or replay stream), in milliseconds.
-    #[arg(long, global = true, default_value_t = 10_000)]
+    #[arg(long, global = true, default_value_t = 10_000, env = "SAGACTL_TIMEOUT_MS")]
     timeout_ms: u64,
     #[command(subcommand)]
     command: Command,
@@ -650,7 +650,9 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let args = Args::parse();
+    // Its global options also come from SAGACTL_* and a TOML file (`--config`, or SAGA_CONFIG;
+    // see saga_proto::config and config/sagactl.toml).
+    let (args, _) = saga_proto::config::parse::<Args>(&[]);
     if let Command::Audit { command } = args.command {
         return run_audit(command, args.json);
     }
