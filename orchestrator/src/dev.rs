@@ -184,6 +184,7 @@ impl Dev {
                 engine: EngineConfig::default(),
                 ack_group: None,
                 admin_token: saga_proto::auth::AdminToken::none(),
+                participant_tls: None,
             },
             transport,
         )

@@ -37,6 +37,9 @@ pub struct NodeConfig {
     pub ack_group: Option<String>,
     /// The bearer token of admin RPCs (`saga_proto::auth`); none leaves them open.
     pub admin_token: AdminToken,
+    /// TLS (mutual with an identity) to the participants (`saga_proto::tls::client_config`);
+    /// none: plaintext.
+    pub participant_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Why a node did not start; each names the part that failed.
@@ -101,7 +104,8 @@ impl Node {
         let engine = Engine::new(
             log,
             vec![order::definition(&config.timing)],
-            OrderInvoker::new(&config.participants).map_err(NodeError::Participants)?,
+            OrderInvoker::new(&config.participants, config.participant_tls.as_ref())
+                .map_err(NodeError::Participants)?,
             config.engine,
         );
         // Before the relay and the acknowledgement subscription: nothing appends yet.

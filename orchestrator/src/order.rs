@@ -12,7 +12,7 @@ use std::time::Duration;
 use prost::Message as _;
 use saga_messaging::transport::BoxFuture;
 use saga_proto::v1 as pb;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use saga_proto::Role;
 
@@ -196,9 +196,14 @@ impl ParticipantAddrs {
 }
 
 /// A lazily connecting channel: the orchestrator starts before its participants, and a
-/// participant that restarts is reconnected to by the next call.
-pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+/// participant that restarts is reconnected to by the next call. With `tls`, over TLS (the
+/// server's name is checked against the address's host).
+pub fn lazy_channel(addr: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, tonic::transport::Error> {
+    let mut endpoint = Endpoint::from_shared(format!("{}://{addr}", saga_proto::tls::scheme(tls)))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone())?;
+    }
+    Ok(endpoint
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -215,12 +220,19 @@ pub struct OrderInvoker {
 }
 
 impl OrderInvoker {
-    pub fn new(addrs: &ParticipantAddrs) -> Result<Arc<OrderInvoker>, tonic::transport::Error> {
+    /// Channels to `addrs`, over TLS when `tls` is given (mutual TLS when it has an identity).
+    pub fn new(
+        addrs: &ParticipantAddrs,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Arc<OrderInvoker>, tonic::transport::Error> {
         Ok(Arc::new(OrderInvoker {
-            order: pb::order_service_client::OrderServiceClient::new(lazy_channel(&addrs.order)?),
-            stock: pb::stock_service_client::StockServiceClient::new(lazy_channel(&addrs.stock)?),
-            coupon: pb::coupon_service_client::CouponServiceClient::new(lazy_channel(&addrs.coupon)?),
-            balance: pb::balance_service_client::BalanceServiceClient::new(lazy_channel(&addrs.balance)?),
+            order: pb::order_service_client::OrderServiceClient::new(lazy_channel(&addrs.order, tls)?),
+            stock: pb::stock_service_client::StockServiceClient::new(lazy_channel(&addrs.stock, tls)?),
+            coupon: pb::coupon_service_client::CouponServiceClient::new(lazy_channel(&addrs.coupon, tls)?),
+            balance: pb::balance_service_client::BalanceServiceClient::new(lazy_channel(
+                &addrs.balance,
+                tls,
+            )?),
         }))
     }
 }
@@ -390,12 +402,15 @@ mod tests {
 
     fn invoker() -> Arc<OrderInvoker> {
         let addr = "127.0.0.1:1".to_owned();
-        OrderInvoker::new(&ParticipantAddrs {
-            order: addr.clone(),
-            stock: addr.clone(),
-            coupon: addr.clone(),
-            balance: addr,
-        })
+        OrderInvoker::new(
+            &ParticipantAddrs {
+                order: addr.clone(),
+                stock: addr.clone(),
+                coupon: addr.clone(),
+                balance: addr,
+            },
+            None,
+        )
         .expect("lazy channels")
     }
 

@@ -71,6 +71,7 @@ async fn health_is_not_serving_before_recovery_and_after_the_log_failed() {
             engine: EngineConfig::default(),
             ack_group: None,
             admin_token: saga_proto::auth::AdminToken::none(),
+            participant_tls: None,
         },
         transport,
     )

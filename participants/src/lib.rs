@@ -87,6 +87,7 @@ pub struct Participant {
     log: EventLog,
     barrier: Arc<dyn Barrier>,
     admin: AdminToken,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Participant {
@@ -104,7 +105,15 @@ impl Participant {
             log,
             barrier,
             admin: AdminToken::none(),
+            tls: None,
         })
+    }
+
+    /// The participant serving TLS only, with `tls` (`saga_proto::tls::server_config`; with a
+    /// client CA, mutual TLS).
+    pub fn with_tls(mut self, tls: tonic::transport::ServerTlsConfig) -> Participant {
+        self.tls = Some(tls);
+        self
     }
 
     /// The participant with `token` required on its admin RPCs (Seed*, ConsumerAdmin).
@@ -201,7 +210,7 @@ impl Participant {
     }
 
     /// Serves the role's gRPC service (and `ConsumerAdmin`) on `listener` until `shutdown`
-    /// completes (`saga_proto::server::serve`).
+    /// completes (`saga_proto::server::serve_tls`; TLS only when given [`Participant::with_tls`]).
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
@@ -209,7 +218,7 @@ impl Participant {
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
         let routes = self.routes(consumer).await?;
-        Ok(saga_proto::server::serve(routes, listener, shutdown).await?)
+        Ok(saga_proto::server::serve_tls(routes, listener, self.tls.clone(), shutdown).await?)
     }
 
     /// Undoes `key`'s action exactly once (the compensation consumer calls this).

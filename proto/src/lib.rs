@@ -180,6 +180,7 @@ impl v1::StepState {
 pub mod auth;
 pub mod config;
 pub mod status;
+pub mod tls;
 
 /// How our gRPC servers serve, once for the orchestrator, the participants and `dev`.
 pub mod server {
@@ -276,7 +277,22 @@ pub mod server {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
-        tonic::transport::Server::builder()
+        serve_tls(routes, listener, None, shutdown).await
+    }
+
+    /// [`serve`] with TLS when `tls` is given (`crate::tls::server_config`): then only TLS
+    /// connections are served; a plaintext one fails its handshake and is closed.
+    pub async fn serve_tls(
+        routes: tonic::service::Routes,
+        listener: tokio::net::TcpListener,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
+        builder
             .add_routes(routes)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

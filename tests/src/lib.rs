@@ -9,6 +9,8 @@
 //! The binaries are found next to the test executable (`target/<profile>/`): `cargo test
 //! --workspace` (scripts/test) builds them.
 
+pub mod pki;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -237,8 +239,18 @@ impl Proc {
 
 /// A connected channel with a deadline on every call.
 pub async fn channel(addr: &str) -> Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("uri")
+    tls_channel(addr, None).await
+}
+
+/// [`channel`], over TLS when `tls` is given.
+pub async fn tls_channel(addr: &str, tls: Option<&tonic::transport::ClientTlsConfig>) -> Channel {
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{}://{addr}", saga_proto::tls::scheme(tls)))
+            .expect("uri");
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone()).expect("tls config");
+    }
+    endpoint
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .connect()
@@ -253,6 +265,12 @@ pub struct SystemConfig {
     pub participant_env: Vec<(&'static str, String, String)>,
     /// Extra orchestrator arguments.
     pub orchestrator_args: Vec<String>,
+    /// Extra arguments of every participant.
+    pub participant_args: Vec<String>,
+    /// How the test's own clients reach the participants (TLS when they serve it).
+    pub participant_client_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// How the test's own clients reach the orchestrator's API.
+    pub api_client_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Four participant processes and an orchestrator process, on the real broker, with topics and
@@ -322,6 +340,7 @@ impl System {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(self.config.participant_args.iter().cloned())
         .collect();
         let env: Vec<(String, String)> = self
             .config
@@ -398,17 +417,23 @@ impl System {
     }
 
     pub async fn client(&self) -> pb::orchestrator_client::OrchestratorClient<Channel> {
+        let addr = &self.orchestrator.as_ref().expect("orchestrator running").addr;
         pb::orchestrator_client::OrchestratorClient::new(
-            self.orchestrator
-                .as_ref()
-                .expect("orchestrator running")
-                .channel()
-                .await,
+            tls_channel(addr, self.config.api_client_tls.as_ref()).await,
         )
     }
 
+    /// A channel to `role`'s participant (TLS when the system's participants serve it).
+    pub async fn participant_channel(&self, role: &str) -> Channel {
+        tls_channel(
+            &self.participant(role).addr,
+            self.config.participant_client_tls.as_ref(),
+        )
+        .await
+    }
+
     pub async fn seed_stock(&self, product: &str, available: i64) {
-        pb::stock_service_client::StockServiceClient::new(self.participant("stock").channel().await)
+        pb::stock_service_client::StockServiceClient::new(self.participant_channel("stock").await)
             .seed_stock(pb::SeedStockRequest {
                 stock: vec![pb::ProductStock {
                     product_id: product.into(),
@@ -421,7 +446,7 @@ impl System {
     }
 
     pub async fn seed_balance(&self, user: &str, balance: i64) {
-        pb::balance_service_client::BalanceServiceClient::new(self.participant("balance").channel().await)
+        pb::balance_service_client::BalanceServiceClient::new(self.participant_channel("balance").await)
             .seed_balances(pb::SeedBalancesRequest {
                 accounts: vec![pb::Account {
                     user_id: user.into(),
@@ -433,7 +458,7 @@ impl System {
     }
 
     pub async fn seed_coupon(&self, coupon: &str, owner: &str) {
-        pb::coupon_service_client::CouponServiceClient::new(self.participant("coupon").channel().await)
+        pb::coupon_service_client::CouponServiceClient::new(self.participant_channel("coupon").await)
             .seed_coupons(pb::SeedCouponsRequest {
                 coupons: vec![pb::Coupon {
                     coupon_id: coupon.into(),
@@ -449,7 +474,7 @@ impl System {
 
     /// (available, reserved) of a product.
     pub async fn stock(&self, product: &str) -> (i64, i64) {
-        let s = pb::stock_service_client::StockServiceClient::new(self.participant("stock").channel().await)
+        let s = pb::stock_service_client::StockServiceClient::new(self.participant_channel("stock").await)
             .get_stock(pb::GetStockRequest {
                 product_ids: vec![product.into()],
             })
@@ -461,7 +486,7 @@ impl System {
     }
 
     pub async fn balance(&self, user: &str) -> i64 {
-        pb::balance_service_client::BalanceServiceClient::new(self.participant("balance").channel().await)
+        pb::balance_service_client::BalanceServiceClient::new(self.participant_channel("balance").await)
             .get_balances(pb::GetBalancesRequest {
                 user_ids: vec![user.into()],
             })
@@ -473,21 +498,20 @@ impl System {
     }
 
     pub async fn coupon(&self, coupon: &str) -> pb::CouponStatus {
-        let c =
-            pb::coupon_service_client::CouponServiceClient::new(self.participant("coupon").channel().await)
-                .get_coupons(pb::GetCouponsRequest {
-                    coupon_ids: vec![coupon.into()],
-                })
-                .await
-                .expect("reads coupon")
-                .into_inner()
-                .coupons;
+        let c = pb::coupon_service_client::CouponServiceClient::new(self.participant_channel("coupon").await)
+            .get_coupons(pb::GetCouponsRequest {
+                coupon_ids: vec![coupon.into()],
+            })
+            .await
+            .expect("reads coupon")
+            .into_inner()
+            .coupons;
         pb::CouponStatus::try_from(c[0].status).expect("known status")
     }
 
     /// The order's status; `None` if the order participant never saw it.
     pub async fn order(&self, order_id: &str) -> Option<pb::OrderStatus> {
-        let o = pb::order_service_client::OrderServiceClient::new(self.participant("order").channel().await)
+        let o = pb::order_service_client::OrderServiceClient::new(self.participant_channel("order").await)
             .get_orders(pb::GetOrdersRequest {
                 order_ids: vec![order_id.into()],
             })

@@ -245,6 +245,7 @@ async fn a_step_that_times_out_after_applying_is_compensated_exactly_once() {
             "delay:deduct_balance:1500".into(),
         )],
         orchestrator_args: vec!["--step-deadline-ms".into(), "300".into()],
+        ..SystemConfig::default()
     };
     let system = System::start(&namesrv, config).await;
     let run = &system.run;
@@ -403,6 +404,7 @@ async fn admin_rpcs_without_the_bearer_token_are_unauthenticated_and_change_noth
             .map(|role| (role, saga_proto::auth::TOKEN_ENV.to_owned(), token.to_owned()))
             .collect(),
         orchestrator_args: vec!["--admin-token-file".to_owned(), token_file.display().to_string()],
+        ..SystemConfig::default()
     };
     let system = System::start(&namesrv, config).await;
     let seed = pb::SeedStockRequest {
@@ -649,6 +651,7 @@ async fn metrics_endpoints_count_sagas_steps_appends_and_compensations() {
     let config = SystemConfig {
         participant_env: vec![("stock", "SAGA_METRICS_LISTEN".to_owned(), stock_metrics.clone())],
         orchestrator_args: vec!["--metrics-listen".to_owned(), orchestrator_metrics.clone()],
+        ..SystemConfig::default()
     };
     let system = System::start(&namesrv, config).await;
     system.seed_stock("p1", 10).await;
@@ -815,4 +818,106 @@ async fn sigterm_under_load_refuses_new_sagas_exits_0_and_every_saga_finishes_af
     assert_eq!(system.stock("p1").await, (100_000 - completed, completed));
     assert_eq!(system.balance("rich").await, 1_000_000 - 10 * completed);
     assert_eq!(system.balance("poor").await, 0);
+}
+
+/// Issue 12: TLS everywhere: the participants serve mutual TLS (only the orchestrator's client
+/// certificate, and the test's, get in), the orchestrator calls them with its certificate and
+/// serves its API over TLS. Sagas complete and compensate as usual; a plaintext client of the
+/// API is refused; sagactl connects with `--tls-ca` and `https://`, and not without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_everywhere_sagas_complete_and_compensate_and_plaintext_is_refused() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let Some(namesrv) = topics::namesrv_for_tests() else {
+        return;
+    };
+    let certs = tempfile::tempdir().expect("tempdir");
+    let pki = saga_tests::pki::Pki::new(certs.path());
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let read = |p: &std::path::Path| std::fs::read(p).expect("reads a PEM file");
+    let ca = Certificate::from_pem(read(&pki.ca));
+    let config = SystemConfig {
+        participant_args: vec![
+            "--tls-cert".into(),
+            path(&pki.server_cert),
+            "--tls-key".into(),
+            path(&pki.server_key),
+            "--tls-client-ca".into(),
+            path(&pki.ca),
+        ],
+        orchestrator_args: vec![
+            "--tls-cert".into(),
+            path(&pki.server_cert),
+            "--tls-key".into(),
+            path(&pki.server_key),
+            "--participant-tls-ca".into(),
+            path(&pki.ca),
+            "--participant-tls-cert".into(),
+            path(&pki.client_cert),
+            "--participant-tls-key".into(),
+            path(&pki.client_key),
+        ],
+        participant_client_tls: Some(
+            ClientTlsConfig::new()
+                .ca_certificate(ca.clone())
+                .identity(Identity::from_pem(read(&pki.client_cert), read(&pki.client_key))),
+        ),
+        api_client_tls: Some(ClientTlsConfig::new().ca_certificate(ca)),
+        ..SystemConfig::default()
+    };
+    let system = System::start(&namesrv, config).await;
+    let run = system.run.clone();
+    system.seed_stock("p1", 10).await;
+    system.seed_balance("rich", 100).await;
+    system.seed_balance("poor", 0).await;
+    let mut client = system.client().await;
+    let completed = start(&mut client, order(&format!("{run}-1"), "rich", "p1", "")).await;
+    let compensated = start(&mut client, order(&format!("{run}-2"), "poor", "p1", "")).await;
+    let saga = wait_final(&mut client, &completed, PATIENCE).await;
+    assert_eq!(saga.state, pb::SagaState::Completed as i32, "{saga:?}");
+    let saga = wait_final(&mut client, &compensated, PATIENCE).await;
+    assert_eq!(saga.state, pb::SagaState::Compensated as i32, "{saga:?}");
+    assert_eq!(system.stock("p1").await, (9, 1));
+    assert_eq!(system.balance("rich").await, 90);
+
+    let api = system.orchestrator.as_ref().expect("running").addr.clone();
+    let plaintext = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{api}"))
+            .expect("uri")
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        pb::orchestrator_client::OrchestratorClient::new(channel)
+            .get_saga(pb::GetSagaRequest {
+                saga_id: completed.clone(),
+            })
+            .await
+            .map_err(|s| s.to_string())
+    }
+    .await;
+    assert!(
+        plaintext.is_err(),
+        "a plaintext client of the TLS API is refused: {plaintext:?}"
+    );
+
+    let sagactl = |args: &[&str]| {
+        std::process::Command::new(saga_tests::bin_path("sagactl"))
+            .args(args)
+            .output()
+            .expect("runs sagactl")
+    };
+    let ca_path = path(&pki.ca);
+    let https = format!("https://{api}");
+    let out = sagactl(&[
+        "--server", &https, "--tls-ca", &ca_path, "--json", "get", &completed,
+    ]);
+    assert!(
+        out.status.success(),
+        "sagactl over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&completed));
+    let out = sagactl(&["--server", &api, "get", &completed]);
+    assert!(!out.status.success(), "sagactl without TLS is refused");
 }

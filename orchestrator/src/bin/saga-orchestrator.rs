@@ -96,6 +96,25 @@ struct Serve {
     /// else the SAGA_ADMIN_TOKEN environment variable; with neither they are open.
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
+    /// Serve the API over TLS only, with this certificate (PEM; with --tls-key).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Require API clients to present a certificate signed by this CA (PEM): mutual TLS.
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
+    /// Call the participants over TLS, verifying them against this CA (PEM).
+    #[arg(long)]
+    participant_tls_ca: Option<PathBuf>,
+    /// Present this certificate (PEM) to the participants (mutual TLS; with
+    /// --participant-tls-key and --participant-tls-ca).
+    #[arg(long)]
+    participant_tls_cert: Option<PathBuf>,
+    /// The private key of --participant-tls-cert (PEM).
+    #[arg(long)]
+    participant_tls_key: Option<PathBuf>,
     /// On SIGTERM: how long step calls in flight may take to finish (new sagas are refused
     /// from the signal on); what is left resumes at the next start.
     #[arg(long, default_value_t = 10_000)]
@@ -193,6 +212,22 @@ async fn run_serve(args: Serve, sources: &saga_proto::config::Sources) -> anyhow
     if !admin_token.is_required() {
         tracing::warn!("admin RPCs are open: no --admin-token-file or SAGA_ADMIN_TOKEN given");
     }
+    let name = |id: &str| sources.name(id);
+    let server_tls = saga_proto::tls::server_config(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.tls_client_ca.as_deref(),
+        &name,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let participant_tls = saga_proto::tls::client_config(
+        args.participant_tls_ca.as_deref(),
+        args.participant_tls_cert.as_deref(),
+        args.participant_tls_key.as_deref(),
+        "participant_tls_",
+        &name,
+    )
+    .map_err(anyhow::Error::msg)?;
     let mut log = saga_storage::LogConfig::new(&args.data_dir);
     log.accept_lost_tail = args.accept_lost_tail;
     log.cache_capacity_bytes = args.cache_mb.saturating_mul(1024 * 1024);
@@ -224,6 +259,7 @@ async fn run_serve(args: Serve, sources: &saga_proto::config::Sources) -> anyhow
             },
             ack_group: args.ack_group.clone(),
             admin_token,
+            participant_tls,
         },
         transport.clone(),
     )
@@ -239,9 +275,14 @@ async fn run_serve(args: Serve, sources: &saga_proto::config::Sources) -> anyhow
     // Serve while recovery runs: health answers NOT_SERVING and the API UNAVAILABLE until it
     // is done; `listening on` is printed once the API answers.
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(saga_proto::server::serve(node.routes.clone(), listener, async {
-        let _ = serving_stopped.await;
-    }));
+    let mut server = tokio::spawn(saga_proto::server::serve_tls(
+        node.routes.clone(),
+        listener,
+        server_tls,
+        async {
+            let _ = serving_stopped.await;
+        },
+    ));
     let recovered: anyhow::Result<usize> = tokio::select! {
         recovered = node.recover() => recovered.map_err(Into::into),
         _ = &mut server => Err(anyhow::anyhow!("the gRPC server stopped during recovery")),

@@ -65,6 +65,17 @@ struct Args {
     /// Deadline of each call (not of a watch or replay stream), in milliseconds.
     #[arg(long, global = true, default_value_t = 10_000, env = "SAGACTL_TIMEOUT_MS")]
     timeout_ms: u64,
+    /// Connect over TLS, verifying the orchestrator against this CA (PEM); `--server
+    /// https://HOST:PORT` needs it.
+    #[arg(long, global = true, env = "SAGACTL_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Present this client certificate (PEM) when the orchestrator requires one (mutual TLS;
+    /// with --tls-key and --tls-ca).
+    #[arg(long, global = true, env = "SAGACTL_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, global = true, env = "SAGACTL_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -364,30 +375,51 @@ impl From<tonic::Status> for Failure {
     }
 }
 
-/// The server's address as an endpoint: `HOST:PORT` or `http://HOST:PORT`.
-fn endpoint_uri(server: &str) -> Result<String, Failure> {
-    let uri = if server.contains("://") {
-        server.to_owned()
-    } else {
-        format!("http://{server}")
+/// The server's address as an endpoint: `HOST:PORT`, `http://HOST:PORT`, or with TLS
+/// (`tls`) `https://HOST:PORT`.
+fn endpoint_uri(server: &str, tls: bool) -> Result<String, Failure> {
+    let scheme = if tls { "https" } else { "http" };
+    let hostport = match server.split_once("://") {
+        None => server,
+        Some(("http", rest)) => rest,
+        Some(("https", rest)) if tls => rest,
+        Some(("https", _)) => {
+            return Err(Failure::new(
+                Kind::Invalid,
+                format!(
+                    "--server {server:?}: https needs --tls-ca (the CA of the orchestrator's certificate)"
+                ),
+            ));
+        }
+        Some(_) => {
+            return Err(Failure::new(
+                Kind::Invalid,
+                format!("--server {server:?}: use HOST:PORT, http://HOST:PORT or https://HOST:PORT"),
+            ));
+        }
     };
-    if !uri.starts_with("http://") {
-        return Err(Failure::new(
-            Kind::Invalid,
-            format!("--server {server:?}: use HOST:PORT or http://HOST:PORT"),
-        ));
-    }
-    Ok(uri)
+    Ok(format!("{scheme}://{hostport}"))
 }
 
-async fn connect(server: &str) -> Result<Channel, Failure> {
-    let endpoint = tonic::transport::Endpoint::from_shared(endpoint_uri(server)?)
+async fn connect(server: &str, tls: Option<tonic::transport::ClientTlsConfig>) -> Result<Channel, Failure> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(endpoint_uri(server, tls.is_some())?)
         .map_err(|e| Failure::new(Kind::Invalid, format!("--server {server:?}: {e}")))?
         .connect_timeout(Duration::from_secs(3));
-    endpoint.connect().await.map_err(|_| {
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).map_err(|e| {
+            Failure::new(
+                Kind::Invalid,
+                format!("--tls-ca: {}", saga_proto::tls::error_chain(&e)),
+            )
+        })?;
+    }
+    endpoint.connect().await.map_err(|e| {
         Failure::new(
             Kind::Unreachable,
-            format!("cannot reach the orchestrator at {server} (is it running? see --server)"),
+            format!(
+                "cannot reach the orchestrator at {server} (is it running? see --server): {}",
+                saga_proto::tls::error_chain(&e)
+            ),
         )
     })
 }
@@ -464,7 +496,15 @@ fn admin_token(file: Option<&std::path::Path>) -> Result<Option<String>, Failure
 
 async fn run(args: Args) -> Result<(), Failure> {
     let token = admin_token(args.token_file.as_deref())?;
-    let channel = connect(&args.server).await?;
+    let tls = saga_proto::tls::client_config(
+        args.tls_ca.as_deref(),
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        "tls_",
+        &|id| format!("--{}", id.replace('_', "-")),
+    )
+    .map_err(|e| Failure::new(Kind::Invalid, e))?;
+    let channel = connect(&args.server, tls).await?;
     let mut client = pb::orchestrator_client::OrchestratorClient::new(channel);
     let calls = Calls {
         timeout: Duration::from_millis(args.timeout_ms),
