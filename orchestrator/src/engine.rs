@@ -509,7 +509,8 @@ impl Engine {
                 }
             };
             loop {
-                if let Err(error) = self.run_driver(&saga_id).await {
+                let span = saga_proto::trace::saga_span("driver", &saga_id, None);
+                if let Err(error) = tracing::Instrument::instrument(self.run_driver(&saga_id), span).await {
                     // Not left for the next start: a compensating saga's deadline and a running
                     // saga's next step depend on a driver pass.
                     tracing::error!(saga = %saga_id, %error, retry_in_ms = DRIVER_RETRY_AFTER.as_millis() as u64, "saga driver stopped; it is driven again later");
@@ -570,6 +571,9 @@ impl Engine {
                     ack_tag: self.inner.config.node_id.clone(),
                     // Every caller records the sending's event after building its messages.
                     round: state.compensation_round + 1,
+                    traceparent: saga_proto::trace::TraceContext::for_saga(&state.saga_id)
+                        .child()
+                        .traceparent(),
                 }
                 .encode_to_vec(),
             })
@@ -1105,6 +1109,7 @@ impl<'e> Driver<'e> {
                         self.state.failure_reason.clone()
                     };
                     let outbox = self.engine.compensation_messages(&self.state, &self.def, &names);
+                    tracing::debug!(steps = ?names, %reason, "compensating");
                     let nothing_to_undo = names.is_empty();
                     self.record(SagaEvent::CompensationRequested { steps: names, reason })?;
                     if nothing_to_undo {
@@ -1231,6 +1236,7 @@ impl<'e> Driver<'e> {
                 .call(self.saga_id, step_def, &self.state.payload, attempt)
                 .await
         };
+        tracing::debug!(step = %name, attempt, ok = outcome.is_ok(), "step answered");
         let attempts_left = attempt < step_def.retry.attempts_max;
         self.record(match outcome {
             Ok(()) => SagaEvent::StepSucceeded { step: name },
@@ -1276,7 +1282,20 @@ impl Handler for AckHandler {
                     return Outcome::Consumed;
                 }
             };
-            match engine.on_ack(&ack).await {
+            let span = saga_proto::trace::saga_span(
+                "ack",
+                ack.key.as_ref().map_or("", |k| k.saga_id.as_str()),
+                None,
+            );
+            let applied = tracing::Instrument::instrument(engine.on_ack(&ack), span.clone()).await;
+            span.in_scope(|| {
+                tracing::debug!(
+                    step = ack.key.as_ref().map_or("", |k| k.step.as_str()),
+                    outcome = ack.outcome,
+                    "acknowledgement handled"
+                )
+            });
+            match applied {
                 Ok(()) => Outcome::Consumed,
                 Err(error) => {
                     tracing::warn!(key = %delivery.key, %error, "acknowledgement not applied; retry later");

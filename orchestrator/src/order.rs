@@ -266,9 +266,17 @@ pub fn classify(status: &tonic::Status, deadline_ms: u64) -> StepError {
     }
 }
 
-fn request<T>(message: T, deadline_ms: u64) -> tonic::Request<T> {
+/// What every step call carries besides its message: its deadline and the saga's trace
+/// (`traceparent`, see `saga_proto::trace`).
+struct CallMeta {
+    deadline_ms: u64,
+    trace: saga_proto::trace::TraceContext,
+}
+
+fn request<T>(message: T, call: &CallMeta) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.set_timeout(Duration::from_millis(deadline_ms));
+    request.set_timeout(Duration::from_millis(call.deadline_ms));
+    call.trace.inject(&mut request);
     request
 }
 
@@ -307,6 +315,10 @@ impl StepInvoker for OrderInvoker {
             step: step.name.clone(),
         });
         let deadline_ms = step.deadline_ms;
+        let call = CallMeta {
+            deadline_ms,
+            trace: saga_proto::trace::TraceContext::for_saga(saga_id).child(),
+        };
         let order_id = saga_id.to_owned();
         let action = match step.action.parse::<OrderAction>() {
             Ok(action) => action,
@@ -331,7 +343,7 @@ impl StepInvoker for OrderInvoker {
                             amount_minor: order.amount_minor,
                             coupon_id: order.coupon_id,
                         },
-                        deadline_ms,
+                        &call,
                     ))
                     .await
                     .map(drop),
@@ -342,7 +354,7 @@ impl StepInvoker for OrderInvoker {
                             order_id,
                             items: order.items,
                         },
-                        deadline_ms,
+                        &call,
                     ))
                     .await
                     .map(drop),
@@ -354,7 +366,7 @@ impl StepInvoker for OrderInvoker {
                             user_id: order.user_id,
                             order_id,
                         },
-                        deadline_ms,
+                        &call,
                     ))
                     .await
                     .map(drop),
@@ -366,12 +378,12 @@ impl StepInvoker for OrderInvoker {
                             amount_minor: order.amount_minor,
                             order_id,
                         },
-                        deadline_ms,
+                        &call,
                     ))
                     .await
                     .map(drop),
                 OrderAction::ConfirmOrder => orders
-                    .confirm_order(request(pb::ConfirmOrderRequest { key, order_id }, deadline_ms))
+                    .confirm_order(request(pb::ConfirmOrderRequest { key, order_id }, &call))
                     .await
                     .map(drop),
             };

@@ -69,11 +69,21 @@ impl Barrier for StepBarrier {
         key: &StepKey,
         action: ParticipantEvent,
     ) -> Result<(ParticipantEvent, bool), BarrierError> {
-        act(&self.log, key, action).await
+        let acted = act(&self.log, key, action).await;
+        // In the call's span: the caller's trace id (saga_proto::trace).
+        match &acted {
+            Ok((_, replayed)) => {
+                tracing::debug!(saga = %key.saga_id, step = %key.step, replayed, "step applied")
+            }
+            Err(error) => tracing::debug!(saga = %key.saga_id, step = %key.step, %error, "step not applied"),
+        }
+        acted
     }
 
     async fn compensate(&self, key: &StepKey) -> Result<Compensated, BarrierError> {
-        compensate(&self.log, key).await
+        let compensated = compensate(&self.log, key).await;
+        tracing::debug!(saga = %key.saga_id, step = %key.step, outcome = ?compensated, "compensation handled");
+        compensated
     }
 
     async fn state(&self, key: &StepKey) -> Result<StepState, BarrierError> {

@@ -556,7 +556,19 @@ impl Handler for CompensationConsumer {
         let this = self.clone();
         Box::pin(async move {
             let role = this.participant.role().name();
-            let outcome = this.handle_delivery(delivery).await;
+            // The saga's trace: the request's traceparent, else derived from the saga id in
+            // the message key (saga_proto::trace).
+            let request = pb::CompensationRequest::decode(delivery.body.as_slice()).ok();
+            let saga_id = request
+                .as_ref()
+                .and_then(|r| r.key.as_ref().map(|k| k.saga_id.clone()))
+                .or_else(|| parse_transport_key(&delivery.key).map(|k| k.saga_id))
+                .unwrap_or_default();
+            let context = request
+                .as_ref()
+                .and_then(|r| saga_proto::trace::TraceContext::parse(&r.traceparent));
+            let span = saga_proto::trace::saga_span("compensation", &saga_id, context);
+            let outcome = tracing::Instrument::instrument(this.handle_delivery(delivery), span).await;
             let outcome_name = match outcome {
                 Outcome::Consumed => "consumed",
                 Outcome::RetryLater => "retry_later",

@@ -181,6 +181,7 @@ pub mod auth;
 pub mod config;
 pub mod status;
 pub mod tls;
+pub mod trace;
 
 /// How our gRPC servers serve, once for the orchestrator, the participants and `dev`.
 pub mod server {
@@ -288,7 +289,8 @@ pub mod server {
         tls: Option<tonic::transport::ServerTlsConfig>,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
-        let mut builder = tonic::transport::Server::builder();
+        // Every call runs in a span carrying the caller's trace id (crate::trace).
+        let mut builder = tonic::transport::Server::builder().trace_fn(crate::trace::server_span);
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;
         }

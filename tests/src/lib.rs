@@ -271,6 +271,11 @@ pub struct SystemConfig {
     pub participant_client_tls: Option<tonic::transport::ClientTlsConfig>,
     /// How the test's own clients reach the orchestrator's API.
     pub api_client_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Extra environment of the orchestrator.
+    pub orchestrator_env: Vec<(String, String)>,
+    /// Where each process's standard error goes (`<dir>/<role>.log`, `orchestrator.log`);
+    /// inherited when none.
+    pub log_dir: Option<PathBuf>,
 }
 
 /// Four participant processes and an orchestrator process, on the real broker, with topics and
@@ -349,7 +354,12 @@ impl System {
             .filter(|(r, _, _)| *r == role)
             .map(|(_, k, v)| (k.clone(), v.clone()))
             .collect();
-        Proc::start("saga-participant", &args, &env)
+        let log = self
+            .config
+            .log_dir
+            .as_ref()
+            .map(|d| d.join(format!("{role}.log")));
+        Proc::start_logged("saga-participant", &args, &env, log.as_deref())
     }
 
     /// `order=127.0.0.1:PORT,stock=...`: the orchestrator's `--participants`.
@@ -367,7 +377,13 @@ impl System {
     pub fn start_orchestrator(&mut self) {
         let mut args = self.orchestrator_args("orchestrator", &format!("orch-{}", self.run));
         args.extend(self.config.orchestrator_args.iter().cloned());
-        self.orchestrator = Some(Proc::start("saga-orchestrator", &args, &[]));
+        let log = self.config.log_dir.as_ref().map(|d| d.join("orchestrator.log"));
+        self.orchestrator = Some(Proc::start_logged(
+            "saga-orchestrator",
+            &args,
+            &self.config.orchestrator_env,
+            log.as_deref(),
+        ));
     }
 
     /// Starts one more orchestrator, node `node_id` (its own data directory, acknowledgement

@@ -921,3 +921,73 @@ async fn with_tls_everywhere_sagas_complete_and_compensate_and_plaintext_is_refu
     let out = sagactl(&["--server", &api, "get", &completed]);
     assert!(!out.status.success(), "sagactl without TLS is refused");
 }
+
+/// Issue 12: one saga is one trace across processes. A compensated saga's trace id (derived
+/// from its id, saga_proto::trace) is on the orchestrator's JSON log lines and on the stock
+/// participant's, both for the step call (gRPC metadata) and for the compensation it
+/// consumed from the broker (the message's traceparent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_saga_is_one_trace_in_the_orchestrator_and_participant_logs_including_compensation() {
+    let Some(namesrv) = topics::namesrv_for_tests() else {
+        return;
+    };
+    let logs = tempfile::tempdir().expect("tempdir");
+    let debug = "warn,saga_orchestrator=debug,saga_participants=debug,saga_trace=info";
+    let config = SystemConfig {
+        participant_env: ["order", "stock", "coupon", "balance"]
+            .into_iter()
+            .map(|role| (role, "RUST_LOG".to_owned(), debug.to_owned()))
+            .collect(),
+        participant_args: vec!["--log-format".into(), "json".into()],
+        orchestrator_args: vec!["--log-format".into(), "json".into()],
+        orchestrator_env: vec![("RUST_LOG".into(), debug.into())],
+        log_dir: Some(logs.path().to_owned()),
+        ..SystemConfig::default()
+    };
+    let system = System::start(&namesrv, config).await;
+    system.seed_stock("p1", 10).await;
+    system.seed_balance("poor", 0).await;
+    let mut client = system.client().await;
+    let saga_id = start(
+        &mut client,
+        order(&format!("{}-trace", system.run), "poor", "p1", ""),
+    )
+    .await;
+    let saga = wait_final(&mut client, &saga_id, PATIENCE).await;
+    assert_eq!(saga.state, pb::SagaState::Compensated as i32, "{saga:?}");
+    // The stock participant's acknowledgement reached the orchestrator, so its consumer
+    // handled the compensation before: its log line is written.
+    let trace_id = saga_proto::trace::TraceContext::for_saga(&saga_id).trace_id_hex();
+    let lines = |name: &str| -> Vec<String> {
+        std::fs::read_to_string(logs.path().join(name))
+            .expect("reads a log")
+            .lines()
+            .filter(|l| l.contains(&trace_id))
+            .map(str::to_owned)
+            .collect()
+    };
+    let orchestrator = lines("orchestrator.log");
+    assert!(
+        orchestrator.iter().any(|l| l.contains("step answered")),
+        "the orchestrator's step calls carry trace {trace_id}: {orchestrator:#?}"
+    );
+    assert!(
+        orchestrator.iter().any(|l| l.contains("acknowledgement handled")),
+        "so do the acknowledgements: {orchestrator:#?}"
+    );
+    let stock = lines("stock.log");
+    assert!(
+        stock.iter().any(|l| l.contains("step applied")),
+        "the stock participant's call carries trace {trace_id}: {stock:#?}"
+    );
+    assert!(
+        stock
+            .iter()
+            .any(|l| l.contains("compensation handled") && l.contains("\"what\":\"compensation\"")),
+        "so does its compensation, consumed from the broker: {stock:#?}"
+    );
+    for line in orchestrator.iter().chain(&stock) {
+        let _: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("JSON line: {e}: {line}"));
+    }
+}

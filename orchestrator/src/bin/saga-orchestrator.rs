@@ -33,6 +33,10 @@ use saga_orchestrator::order::{OrderTiming, ParticipantAddrs};
 #[derive(Parser)]
 #[command(about = "The event-sourced saga orchestrator")]
 struct Args {
+    /// Log lines as text or JSON objects (levels from RUST_LOG); every line about a saga
+    /// carries its trace id.
+    #[arg(long, global = true, value_enum, default_value_t)]
+    log_format: saga_proto::trace::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -167,13 +171,7 @@ struct DevArgs {
 
 fn main() -> anyhow::Result<()> {
     let (args, sources) = saga_proto::config::parse::<Args>(&["serve", "dev"]);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,saga_orchestrator=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    saga_proto::trace::init_logging("warn,saga_orchestrator=info,saga_trace=info", args.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

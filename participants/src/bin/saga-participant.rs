@@ -80,17 +80,18 @@ struct Args {
     /// orchestrator may call.
     #[arg(long)]
     tls_client_ca: Option<PathBuf>,
+    /// Log lines as text or JSON objects (levels from RUST_LOG); every line about a saga
+    /// carries its trace id.
+    #[arg(long, value_enum, default_value_t)]
+    log_format: saga_proto::trace::LogFormat,
 }
 
 fn main() -> anyhow::Result<()> {
     let (args, sources) = saga_proto::config::parse::<Args>(&[]);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,saga_participants=info,saga_participant=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    saga_proto::trace::init_logging(
+        "warn,saga_participants=info,saga_participant=info,saga_trace=info",
+        args.log_format,
+    );
     let role: Role = args.role.parse().with_context(|| sources.name("role"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.max(1))
