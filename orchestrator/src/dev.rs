@@ -234,7 +234,7 @@ impl Dev {
         for consumer in self.consumers {
             consumer.shutdown().await;
         }
-        self.node.shutdown(false, tokio::time::Instant::now()).await;
+        self.node.shutdown(false, std::time::Duration::ZERO).await;
     }
 }
 

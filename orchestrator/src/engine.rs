@@ -393,7 +393,27 @@ impl Engine {
     /// Starts a saga of `definition` for `request_id`. Idempotent by request id: a repeat
     /// returns the existing saga and `false`. Returns once `SagaStarted` is durable; the saga
     /// then runs in the background.
+    ///
+    /// Runs in a task of its own ([`detached`]): a caller that goes away (a cancelled gRPC
+    /// call drops its future) must not split the append, which completes in the writer
+    /// anyway, from the drive that follows it.
     pub async fn start(
+        &self,
+        definition: &str,
+        request_id: &str,
+        payload: Vec<u8>,
+        skipped: Vec<String>,
+    ) -> Result<(SagaState, bool), EngineError> {
+        let (engine, definition, request_id) = (self.clone(), definition.to_owned(), request_id.to_owned());
+        detached(async move {
+            engine
+                .start_attached(&definition, &request_id, payload, skipped)
+                .await
+        })
+        .await
+    }
+
+    async fn start_attached(
         &self,
         definition: &str,
         request_id: &str,
@@ -724,8 +744,14 @@ impl Engine {
     }
 
     /// RetrySaga: a stuck saga's parked compensations are sent again, or its failed forward
-    /// step is tried again from attempt 1.
+    /// step is tried again from attempt 1. In a task of its own, as [`Engine::start`]: the
+    /// durable `SagaRetried` and the drive after it are never split by a caller going away.
     pub async fn retry(&self, saga_id: &str, reason: &str) -> Result<SagaState, EngineError> {
+        let (engine, saga_id, reason) = (self.clone(), saga_id.to_owned(), reason.to_owned());
+        detached(async move { engine.retry_attached(&saga_id, &reason).await }).await
+    }
+
+    async fn retry_attached(&self, saga_id: &str, reason: &str) -> Result<SagaState, EngineError> {
         self.refuse_if_draining()?;
         retry_on_conflict(
             || format!("retry of saga {saga_id}"),
@@ -900,6 +926,19 @@ impl Engine {
             Arc::clone(&self.inner.relay_wake),
         )
         .await
+    }
+}
+
+/// Runs `work` in a task of its own and waits for it: dropping the returned future (a caller
+/// that went away) leaves the work running to its end. A panic in it is the caller's panic.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
+) -> Result<T, EngineError> {
+    match tokio::spawn(work).await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // Cancelled: only when the runtime shuts down.
+        Err(_) => Err(EngineError::ShuttingDown),
     }
 }
 

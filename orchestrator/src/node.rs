@@ -172,10 +172,11 @@ impl Node {
     }
 
     /// The last step (the caller stopped serving): stops the acknowledgement subscription,
-    /// stops the relay task and relays what the outbox holds until it is empty or
-    /// `relay_deadline`. `drained` is what [`Node::drain`] returned.
-    pub async fn shutdown(self, drained: bool, relay_deadline: tokio::time::Instant) -> Stopped {
+    /// stops the relay task and relays what the outbox holds until it is empty or `relay_wait`
+    /// passed (counted from then). `drained` is what [`Node::drain`] returned.
+    pub async fn shutdown(self, drained: bool, relay_wait: std::time::Duration) -> Stopped {
         self.acks.shutdown().await;
+        let relay_deadline = tokio::time::Instant::now() + relay_wait;
         if let Some(watch) = self.health_watch {
             watch.abort();
         }

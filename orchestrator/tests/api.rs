@@ -362,22 +362,7 @@ async fn a_parked_compensation_makes_the_saga_stuck_and_retry_finishes_it_after_
     );
     // Watching a stuck saga ends after its events, the last one STUCK: it does not stream
     // forever waiting for an operator.
-    let mut events = client
-        .watch_saga(pb::WatchSagaRequest {
-            saga_id: saga.saga_id.clone(),
-            from_version: 1,
-        })
-        .await
-        .expect("watches")
-        .into_inner();
-    let mut watched = Vec::new();
-    let ended = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(event) = events.message().await.expect("stream") {
-            watched.push(event);
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the watch of a stuck saga ended: {watched:?}");
+    let watched = watch_to_end(&mut client, &saga.saga_id).await;
     let last = watched.last().expect("events");
     assert_eq!(last.state, pb::SagaState::Stuck as i32, "{watched:?}");
     assert!(
@@ -761,6 +746,18 @@ async fn a_watch_ends_when_stuck_is_the_last_record_of_a_full_chunk() {
         .await
         .expect("starts");
     let mut client = system.client().await.expect("connects");
+    let watched = watch_to_end(&mut client, saga_id).await;
+    assert_eq!(watched.len(), chunk);
+    assert_eq!(watched.last().expect("events").state, pb::SagaState::Stuck as i32);
+    system.shutdown().await;
+}
+
+/// Watches `saga_id` from version 1 until the stream ends (at most 30 s, else the test
+/// fails); every event sent.
+async fn watch_to_end(
+    client: &mut pb::orchestrator_client::OrchestratorClient<tonic::transport::Channel>,
+    saga_id: &str,
+) -> Vec<pb::SagaEvent> {
     let mut stream = client
         .watch_saga(pb::WatchSagaRequest {
             saga_id: saga_id.into(),
@@ -776,9 +773,10 @@ async fn a_watch_ends_when_stuck_is_the_last_record_of_a_full_chunk() {
         }
     })
     .await;
-    assert!(ended.is_ok(), "the watch ended after {} events", watched.len());
-    assert_eq!(watched.len(), chunk);
-    assert_eq!(watched.last().expect("events").state, pb::SagaState::Stuck as i32);
-    drop(stream);
-    system.shutdown().await;
+    assert!(
+        ended.is_ok(),
+        "the watch of saga {saga_id} ended after {} events",
+        watched.len()
+    );
+    watched
 }

@@ -19,6 +19,7 @@ use saga_proto::v1 as pb;
 use saga_storage::LogConfig;
 use saga_storage::Position;
 use saga_storage::gate::{GatePoint, WriterGate};
+use saga_tests::compensation_ack as ack;
 
 /// What the fake participants did: the steps applied and not undone.
 #[derive(Default)]
@@ -288,19 +289,6 @@ async fn wait_status(engine: &Engine, saga_id: &str, wanted: Status) -> saga_orc
     })
     .await
     .unwrap_or_else(|_| panic!("saga {saga_id} never reached {wanted:?}"))
-}
-
-fn ack(saga_id: &str, step: &str, outcome: pb::CompensationOutcome) -> pb::CompensationAck {
-    pb::CompensationAck {
-        key: Some(pb::StepKey {
-            saga_id: saga_id.into(),
-            step: step.into(),
-        }),
-        role: String::new(),
-        outcome: outcome as i32,
-        detail: format!("{outcome:?} (test)"),
-        round: 1,
-    }
 }
 
 /// Steps named by the compensation messages in the outbox, in order.
@@ -576,4 +564,66 @@ async fn a_late_parked_ack_of_an_earlier_round_does_not_stick_a_retried_saga() {
         Status::Compensating,
         "the late PARKED of round 1 does not stick the retried saga"
     );
+}
+
+/// A caller that goes away while its StartOrder's SagaStarted is being made durable (tonic
+/// drops a cancelled call's future) does not leave the saga without a driver: the append
+/// completes in the writer, and the saga must go on in this process, not only after a
+/// restart's recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_caller_went_away_during_the_append_is_still_driven() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = Arc::new(WriterGate::new());
+    let mut config = LogConfig::new(dir.path());
+    config.flush_gate = Some(Arc::clone(&gate));
+    let log = open_log(config).expect("opens");
+    let invoker = Arc::new(FakeInvoker {
+        ledger: Arc::new(Ledger::default()),
+        crash_after: None,
+        gate: Arc::new(WriterGate::new()),
+        log: log.clone(),
+        down: None,
+        refuse: None,
+    });
+    let engine = Engine::new(
+        log,
+        vec![order::definition(&timing())],
+        invoker,
+        EngineConfig::default(),
+    );
+    gate.arm(GatePoint::BeforeFlush);
+    let start = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            engine
+                .start(order::DEFINITION, "req-gone", order_payload(), Vec::new())
+                .await
+        }
+    });
+    let held = {
+        let gate = Arc::clone(&gate);
+        tokio::task::spawn_blocking(move || gate.wait_held(Duration::from_secs(10)))
+            .await
+            .expect("joins")
+    };
+    assert!(held, "the SagaStarted append reached the flush");
+    start.abort();
+    assert!(
+        start.await.is_err_and(|e| e.is_cancelled()),
+        "the caller went away"
+    );
+    gate.release();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        engine.log().wait_durable_position(Position::FIRST),
+    )
+    .await
+    .expect("the append completed in the writer")
+    .expect("durable");
+    let saga_id = engine
+        .saga_of_request("req-gone")
+        .await
+        .expect("reads")
+        .expect("the saga was started");
+    wait_status(&engine, &saga_id, Status::Completed).await;
 }

@@ -134,5 +134,5 @@ async fn health_is_not_serving_before_recovery_and_after_the_log_failed() {
 
     let _ = stop.send(());
     let _ = server.await;
-    node.shutdown(false, tokio::time::Instant::now()).await;
+    node.shutdown(false, std::time::Duration::ZERO).await;
 }

@@ -79,18 +79,7 @@ fn sample(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
 }
 
-fn ack(saga_id: &str, step: &str, outcome: pb::CompensationOutcome) -> pb::CompensationAck {
-    pb::CompensationAck {
-        key: Some(pb::StepKey {
-            saga_id: saga_id.into(),
-            step: step.into(),
-        }),
-        role: String::new(),
-        outcome: outcome as i32,
-        detail: format!("{outcome:?} (test)"),
-        round: 1,
-    }
-}
+use saga_tests::compensation_ack as ack;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_in_flight_gauge_follows_each_sagas_status() {

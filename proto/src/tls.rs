@@ -16,6 +16,33 @@ use std::path::Path;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
+/// A server's TLS settings, the same on every server of ours (flattened into its options).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServerTlsArgs {
+    /// Serve TLS only, with this certificate (PEM; with --tls-key).
+    #[arg(long)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long)]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Require clients to present a certificate signed by this CA (PEM): mutual TLS (e.g. only
+    /// the orchestrator may call a participant).
+    #[arg(long)]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+}
+
+impl ServerTlsArgs {
+    /// [`server_config`] of these settings.
+    pub fn load(&self, name: &dyn Fn(&str) -> String) -> Result<Option<ServerTlsConfig>, String> {
+        server_config(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+            name,
+        )
+    }
+}
+
 fn read(path: &Path, setting: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{setting} {}: {e}", path.display()))
 }

@@ -71,6 +71,20 @@ pub async fn stock_level(
     (stock[0].available, stock[0].reserved)
 }
 
+/// A participant's acknowledgement of `saga_id`'s `step` (round 1), as the engine receives it.
+pub fn compensation_ack(saga_id: &str, step: &str, outcome: pb::CompensationOutcome) -> pb::CompensationAck {
+    pb::CompensationAck {
+        key: Some(pb::StepKey {
+            saga_id: saga_id.into(),
+            step: step.into(),
+        }),
+        role: String::new(),
+        outcome: outcome as i32,
+        detail: format!("{outcome:?} (test)"),
+        round: 1,
+    }
+}
+
 /// A compensation request for `saga_id`'s `step` of `role`, as the engine publishes it (without
 /// acknowledgement routing: the consumer's defaults apply).
 pub fn compensation_request(

@@ -100,15 +100,8 @@ struct Serve {
     /// else the SAGA_ADMIN_TOKEN environment variable; with neither they are open.
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
-    /// Serve the API over TLS only, with this certificate (PEM; with --tls-key).
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    /// The private key of --tls-cert (PEM).
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
-    /// Require API clients to present a certificate signed by this CA (PEM): mutual TLS.
-    #[arg(long)]
-    tls_client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: saga_proto::tls::ServerTlsArgs,
     /// Call the participants over TLS, verifying them against this CA (PEM).
     #[arg(long)]
     participant_tls_ca: Option<PathBuf>,
@@ -211,13 +204,7 @@ async fn run_serve(args: Serve, sources: &saga_proto::config::Sources) -> anyhow
         tracing::warn!("admin RPCs are open: no --admin-token-file or SAGA_ADMIN_TOKEN given");
     }
     let name = |id: &str| sources.name(id);
-    let server_tls = saga_proto::tls::server_config(
-        args.tls_cert.as_deref(),
-        args.tls_key.as_deref(),
-        args.tls_client_ca.as_deref(),
-        &name,
-    )
-    .map_err(anyhow::Error::msg)?;
+    let server_tls = args.tls.load(&name).map_err(anyhow::Error::msg)?;
     let participant_tls = saga_proto::tls::client_config(
         args.participant_tls_ca.as_deref(),
         args.participant_tls_cert.as_deref(),
@@ -304,25 +291,35 @@ async fn run_serve(args: Serve, sources: &saga_proto::config::Sources) -> anyhow
     // answers reads and tells new StartOrder calls UNAVAILABLE), stop serving, stop the
     // acknowledgements, relay the outbox. A kill at any point of this loses nothing (every
     // decision is durable when made); it only leaves more for the next start.
+    // A second SIGTERM or Ctrl-C ends the process at once (status 130).
     tracing::info!(
         grace_ms = args.shutdown_grace_ms,
-        "stopping: new sagas are refused, step calls in flight finish"
+        "stopping: new sagas are refused, step calls in flight finish (a second signal stops at once)"
     );
-    let drained = node.drain(Duration::from_millis(args.shutdown_grace_ms)).await;
-    let _ = stop_serving.send(());
-    // Open streams (WatchSaga) hold a graceful server stop: they get a moment, then are cut.
-    if tokio::time::timeout(SERVER_STOP_WAIT, &mut server).await.is_err() {
-        server.abort();
+    let again = saga_proto::server::shutdown_signal();
+    let stopping = async {
+        let drained = node.drain(Duration::from_millis(args.shutdown_grace_ms)).await;
+        let _ = stop_serving.send(());
+        // Open streams (WatchSaga) hold a graceful server stop: they get a moment, then are cut.
+        if tokio::time::timeout(SERVER_STOP_WAIT, &mut server).await.is_err() {
+            server.abort();
+        }
+        let stopped = node
+            .shutdown(drained, Duration::from_millis(args.shutdown_relay_ms))
+            .await;
+        transport.shutdown().await;
+        stopped
+    };
+    tokio::select! {
+        stopped = stopping => {
+            tracing::info!(drained = stopped.drained, outbox_relayed = stopped.outbox_empty, "orchestrator stopped");
+            Ok(())
+        }
+        _ = again => {
+            tracing::warn!("second signal: stopping at once; what was left resumes at the next start");
+            std::process::exit(130);
+        }
     }
-    let relay_deadline = tokio::time::Instant::now() + Duration::from_millis(args.shutdown_relay_ms);
-    let stopped = node.shutdown(drained, relay_deadline).await;
-    transport.shutdown().await;
-    tracing::info!(
-        drained = stopped.drained,
-        outbox_relayed = stopped.outbox_empty,
-        "orchestrator stopped"
-    );
-    Ok(())
 }
 
 /// How long open streams may hold the server's stop.

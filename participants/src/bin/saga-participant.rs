@@ -70,16 +70,8 @@ struct Args {
     /// SAGA_ADMIN_TOKEN environment variable; with neither they are open.
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
-    /// Serve TLS only, with this certificate (PEM; with --tls-key).
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    /// The private key of --tls-cert (PEM).
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
-    /// Require client certificates signed by this CA (PEM): mutual TLS, e.g. only the
-    /// orchestrator may call.
-    #[arg(long)]
-    tls_client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: saga_proto::tls::ServerTlsArgs,
     /// Log lines as text or JSON objects (levels from RUST_LOG); every line about a saga
     /// carries its trace id.
     #[arg(long, value_enum, default_value_t)]
@@ -159,13 +151,10 @@ async fn run(role: Role, args: Args, sources: saga_proto::config::Sources) -> an
         );
     }
     let mut participant = with_fault_plan(participant)?.with_admin_token(admin_token);
-    if let Some(tls) = saga_proto::tls::server_config(
-        args.tls_cert.as_deref(),
-        args.tls_key.as_deref(),
-        args.tls_client_ca.as_deref(),
-        &|id| sources.name(id),
-    )
-    .map_err(anyhow::Error::msg)?
+    if let Some(tls) = args
+        .tls
+        .load(&|id| sources.name(id))
+        .map_err(anyhow::Error::msg)?
     {
         participant = participant.with_tls(tls);
     }
