@@ -50,6 +50,10 @@ struct Args {
     /// between them (a scale run: the line says `peer=ours-<k>orch`).
     #[arg(long, default_value_t = 1)]
     orchestrators: u32,
+    /// Every process serves Prometheus metrics (`--metrics-listen` on a port of its own),
+    /// so that their cost shows; the line ends with `metrics=on`.
+    #[arg(long)]
+    metrics: bool,
     /// cargo bench passes --bench; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -82,7 +86,25 @@ fn usage(pid: u32) -> (u64, u64) {
 
 async fn run(namesrv: &str, scenario: Scenario, conc: usize, args: &Args) -> anyhow::Result<String> {
     let (n, warmup) = (args.n, args.warmup);
-    let system = System::start(namesrv, SystemConfig::default()).await;
+    // Extra nodes would share the orchestrator's arguments, metrics port included.
+    anyhow::ensure!(
+        !(args.metrics && args.orchestrators > 1),
+        "--metrics runs with one orchestrator only"
+    );
+    let config = if args.metrics {
+        let port = || format!("127.0.0.1:{}", saga_tests::free_port());
+        SystemConfig {
+            participant_env: ["order", "stock", "coupon", "balance"]
+                .into_iter()
+                .map(|role| (role, "SAGA_METRICS_LISTEN".to_owned(), port()))
+                .collect(),
+            orchestrator_args: vec!["--metrics-listen".to_owned(), port()],
+            ..SystemConfig::default()
+        }
+    } else {
+        SystemConfig::default()
+    };
+    let system = System::start(namesrv, config).await;
     let logs = tempfile::tempdir()?;
     // Further orchestrator nodes (scale runs): the same participants and topics, their own
     // logs, node ids and acknowledgement groups.
@@ -189,7 +211,7 @@ async fn run(namesrv: &str, scenario: Scenario, conc: usize, args: &Args) -> any
         workload::percentile_ms(&latencies, 99.0),
         rss_mb,
         if correct { "yes" } else { "no" }
-    ))
+    ) + if args.metrics { " metrics=on" } else { "" })
 }
 
 fn main() -> anyhow::Result<()> {
