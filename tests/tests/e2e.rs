@@ -966,7 +966,18 @@ async fn one_saga_is_one_trace_in_the_orchestrator_and_participant_logs_includin
             .map(str::to_owned)
             .collect()
     };
-    let orchestrator = lines("orchestrator.log");
+    // The line about the last acknowledgement is written just after the append the watch saw:
+    // wait for it (a file offers nothing to await).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let orchestrator = loop {
+        let orchestrator = lines("orchestrator.log");
+        if orchestrator.iter().any(|l| l.contains("acknowledgement handled"))
+            || std::time::Instant::now() > deadline
+        {
+            break orchestrator;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         orchestrator.iter().any(|l| l.contains("step answered")),
         "the orchestrator's step calls carry trace {trace_id}: {orchestrator:#?}"
