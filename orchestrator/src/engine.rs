@@ -514,12 +514,18 @@ impl Engine {
 
     /// A driver worker: drives queued sagas until the queue is empty.
     async fn drive_queue(self) {
+        let mut slot = WorkerSlot {
+            engine: self.clone(),
+            saga: None,
+            armed: true,
+        };
         loop {
             let saga_id = {
                 let mut drivers = self.inner.drivers.lock().expect("drivers lock");
                 match drivers.queue.pop_front() {
                     Some(saga_id) => saga_id,
                     None => {
+                        slot.armed = false;
                         drivers.workers -= 1;
                         if drivers.workers == 0 {
                             self.inner.drivers_idle.notify_waiters();
@@ -528,6 +534,7 @@ impl Engine {
                     }
                 }
             };
+            slot.saga = Some(saga_id.clone());
             loop {
                 let span = saga_proto::trace::saga_span("driver", &saga_id, None);
                 if let Err(error) = tracing::Instrument::instrument(self.run_driver(&saga_id), span).await {
@@ -926,6 +933,39 @@ impl Engine {
             Arc::clone(&self.inner.relay_wake),
         )
         .await
+    }
+}
+
+/// A driver worker's place, given back if the worker ends without returning (a panic in a
+/// pass, a bug: tokio drops the task's future after catching it): the worker count goes down
+/// (a drain does not wait for a worker that is gone) and its saga is no longer marked as
+/// being driven (a later `drive` runs it again).
+struct WorkerSlot {
+    engine: Engine,
+    /// The saga being driven.
+    saga: Option<String>,
+    /// Cleared when the worker returns normally (it gave its place back itself).
+    armed: bool,
+}
+
+impl Drop for WorkerSlot {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let inner = &self.engine.inner;
+        let mut drivers = inner
+            .drivers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        drivers.workers -= 1;
+        if let Some(saga) = &self.saga {
+            drivers.scheduled.remove(saga);
+            tracing::error!(saga = %saga, "a saga driver ended abnormally; the saga is driven again at its next trigger or the next start");
+        }
+        if drivers.workers == 0 {
+            inner.drivers_idle.notify_waiters();
+        }
     }
 }
 

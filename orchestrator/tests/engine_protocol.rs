@@ -627,3 +627,47 @@ async fn a_start_whose_caller_went_away_during_the_append_is_still_driven() {
         .expect("the saga was started");
     wait_status(&engine, &saga_id, Status::Completed).await;
 }
+
+/// Panics in the balance step's call (a bug in an invoker).
+struct PanickingInvoker;
+
+impl StepInvoker for PanickingInvoker {
+    fn invoke(
+        &self,
+        _saga_id: &str,
+        step: &StepDef,
+        _payload: &[u8],
+    ) -> BoxFuture<'static, Result<(), StepError>> {
+        let panics = step.name == order::DEDUCT_BALANCE;
+        Box::pin(async move {
+            assert!(!panics, "invoker bug (test)");
+            Ok(())
+        })
+    }
+}
+
+/// A driver worker that panics gives its place back: a drain does not wait its whole grace
+/// for a worker that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_driver_pass_does_not_hold_a_drain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open_log(LogConfig::new(dir.path())).expect("opens");
+    let engine = Engine::new(
+        log,
+        vec![order::definition(&timing())],
+        Arc::new(PanickingInvoker),
+        EngineConfig::default(),
+    );
+    let (state, _) = engine
+        .start(order::DEFINITION, "req-panics", order_payload(), Vec::new())
+        .await
+        .expect("starts");
+    // The pass reaches the balance step (its start is recorded first), then panics.
+    wait_for_started(engine.log(), &state.saga_id, order::DEDUCT_BALANCE).await;
+    let began = std::time::Instant::now();
+    assert!(
+        engine.drain(Duration::from_secs(20)).await,
+        "every worker gave its place back"
+    );
+    assert!(began.elapsed() < Duration::from_secs(10), "{:?}", began.elapsed());
+}

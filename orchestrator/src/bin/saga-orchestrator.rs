@@ -189,6 +189,7 @@ fn main() -> anyhow::Result<()> {
 async fn run_serve(args: Serve, sources: &saga_proto::config::Sources) -> anyhow::Result<()> {
     // Installed first: from here on SIGTERM / Ctrl-C stop the process in order.
     let stop = saga_proto::server::shutdown_signal();
+    tokio::pin!(stop);
     let participants = ParticipantAddrs::parse(&args.participants)
         .map_err(|e| anyhow::anyhow!("{}: {e}", sources.name("participants")))?;
     if let Some(addr) = args.metrics_listen {
@@ -268,19 +269,32 @@ async fn run_serve(args: Serve, sources: &saga_proto::config::Sources) -> anyhow
             let _ = serving_stopped.await;
         },
     ));
-    let recovered: anyhow::Result<usize> = tokio::select! {
-        recovered = node.recover() => recovered.map_err(Into::into),
+    // A signal during recovery stops the process then (what recovery did not reach is still
+    // durable and resumes at the next start), not after recovery.
+    let recovered: anyhow::Result<bool> = tokio::select! {
+        recovered = node.recover() => recovered.map(|_| true).map_err(Into::into),
         _ = &mut server => Err(anyhow::anyhow!("the gRPC server stopped during recovery")),
+        _ = &mut stop => Ok(false),
     };
-    if let Err(error) = recovered {
-        transport.shutdown().await;
-        return Err(error);
+    match recovered {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!("stopped during recovery");
+            let _ = stop_serving.send(());
+            server.abort();
+            transport.shutdown().await;
+            return Ok(());
+        }
+        Err(error) => {
+            transport.shutdown().await;
+            return Err(error);
+        }
     }
     println!("listening on {addr}");
     std::io::stdout().flush()?;
     tracing::info!(%addr, resumed = node.resumed, "orchestrator started");
     tokio::select! {
-        _ = stop => {}
+        _ = &mut stop => {}
         served = &mut server => {
             transport.shutdown().await;
             served.context("gRPC server task")?.context("gRPC server")?;
