@@ -607,19 +607,7 @@ impl Engine {
             .collect()
     }
 
-    async fn call(
-        &self,
-        saga_id: &str,
-        step: &StepDef,
-        payload: &[u8],
-        attempt: u32,
-    ) -> Result<(), StepError> {
-        let backoff = step.retry.backoff(attempt);
-        // Not even a zero sleep on a first attempt: a timer rounds up to the next millisecond
-        // tick, a whole millisecond added to every step.
-        if !backoff.is_zero() {
-            tokio::time::sleep(backoff).await;
-        }
+    async fn call(&self, saga_id: &str, step: &StepDef, payload: &[u8]) -> Result<(), StepError> {
         let call = self.inner.invoker.invoke(saga_id, step, payload);
         let began = std::time::Instant::now();
         let result = match tokio::time::timeout(Duration::from_millis(step.deadline_ms), call).await {
@@ -1284,6 +1272,18 @@ impl<'e> Driver<'e> {
                 step: name.clone(),
             })
         })?;
+        // A retry waits its backoff before its start is recorded, with the previous attempt's
+        // outcome made durable first (as the overlapped append would have), and calls nothing
+        // if a drain began meanwhile (see `Engine::drain`). Not even a zero sleep on a first
+        // attempt: a timer rounds up to the next millisecond tick.
+        let backoff = step_def.retry.backoff(attempt);
+        if !backoff.is_zero() {
+            self.flush(Vec::new()).await?;
+            tokio::time::sleep(backoff).await;
+            if self.engine.is_draining() {
+                return Ok(());
+            }
+        }
         // Invariant 3: a step without compensation is called for the first time only once its
         // start is durable; any other call overlaps the append (invariant 1 covers it). Earlier
         // starts are durable either way.
@@ -1304,15 +1304,14 @@ impl<'e> Driver<'e> {
                     &events,
                     Vec::new()
                 ),
-                self.engine
-                    .call(self.saga_id, step_def, &self.state.payload, attempt)
+                self.engine.call(self.saga_id, step_def, &self.state.payload)
             );
             self.settle(appended)?;
             outcome
         } else {
             self.flush(Vec::new()).await?;
             self.engine
-                .call(self.saga_id, step_def, &self.state.payload, attempt)
+                .call(self.saga_id, step_def, &self.state.payload)
                 .await
         };
         tracing::debug!(step = %name, attempt, ok = outcome.is_ok(), "step answered");

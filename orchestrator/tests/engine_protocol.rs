@@ -671,3 +671,77 @@ async fn a_panicking_driver_pass_does_not_hold_a_drain() {
     );
     assert!(began.elapsed() < Duration::from_secs(10), "{:?}", began.elapsed());
 }
+
+/// Fails the first call of the stock step transiently; counts the calls of each step.
+#[derive(Default)]
+struct FlakyStock {
+    calls: Mutex<Vec<String>>,
+}
+
+impl StepInvoker for FlakyStock {
+    fn invoke(
+        &self,
+        _saga_id: &str,
+        step: &StepDef,
+        _payload: &[u8],
+    ) -> BoxFuture<'static, Result<(), StepError>> {
+        let mut calls = self.calls.lock().unwrap();
+        calls.push(step.name.clone());
+        let first_stock =
+            step.name == order::RESERVE_STOCK && calls.iter().filter(|c| **c == step.name).count() == 1;
+        Box::pin(async move {
+            if first_stock {
+                Err(StepError::Transient("stock down (test)".into()))
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
+/// A drain that begins while a retry waits its backoff calls no further step: the retry is
+/// left to the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_during_a_retry_backoff_calls_no_further_step() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open_log(LogConfig::new(dir.path())).expect("opens");
+    let invoker = Arc::new(FlakyStock::default());
+    let timing = OrderTiming {
+        step_deadline_ms: 1_000,
+        attempts_max: 3,
+        backoff_base_ms: 1_000,
+        backoff_max_ms: 1_000,
+    };
+    let engine = Engine::new(
+        log,
+        vec![order::definition(&timing)],
+        Arc::clone(&invoker) as Arc<dyn StepInvoker>,
+        EngineConfig::default(),
+    );
+    let (state, _) = engine
+        .start(order::DEFINITION, "req-backoff", order_payload(), Vec::new())
+        .await
+        .expect("starts");
+    // The first attempt failed (its outcome is durable before the backoff); drain now.
+    let mut tail = engine.log().subscribe(Position::new(1));
+    loop {
+        let record = tail.next().await.expect("tail");
+        if record.stream() == state.saga_id
+            && matches!(
+                record.decode::<SagaEvent>().expect("decodes"),
+                SagaEvent::StepFailed { .. }
+            )
+        {
+            break;
+        }
+    }
+    assert!(engine.drain(Duration::from_secs(10)).await, "the pass ended");
+    let calls = invoker.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.iter().filter(|c| *c == order::RESERVE_STOCK).count(),
+        1,
+        "no retry after the drain began: {calls:?}"
+    );
+    let saga = engine.load(&state.saga_id).await.expect("loads").expect("exists");
+    assert_eq!(saga.status, Status::Running, "left for the next start");
+}
