@@ -323,6 +323,21 @@ pub mod server {
             .map_err(|e| format!("{addr}: {e}"))
     }
 
+    /// What every server binary does with its `--metrics-listen` and `--admin-token-file`
+    /// settings at start: serves the metrics endpoint when asked ([`serve_metrics`]) and reads
+    /// the admin token ([`crate::auth::AdminToken::configured`]). `name` names a setting by
+    /// its id in errors (`config::Sources::name`).
+    pub fn start_operability(
+        metrics_listen: Option<std::net::SocketAddr>,
+        admin_token_file: Option<&std::path::Path>,
+        name: &dyn Fn(&str) -> String,
+    ) -> Result<crate::auth::AdminToken, String> {
+        if let Some(addr) = metrics_listen {
+            serve_metrics(addr).map_err(|e| format!("{}: {e}", name("metrics_listen")))?;
+        }
+        crate::auth::AdminToken::configured(admin_token_file, &name("admin_token_file"))
+    }
+
     /// A future that completes on SIGTERM or Ctrl-C (SIGINT): how every process of ours is
     /// asked to stop. The handlers are installed when this is **called**, not when the future
     /// is first polled: call it before the process announces itself (`listening on`), or a

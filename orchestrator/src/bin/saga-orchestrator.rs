@@ -192,15 +192,11 @@ async fn run_serve(args: Serve, sources: &saga_proto::config::Sources) -> anyhow
     tokio::pin!(stop);
     let participants = ParticipantAddrs::parse(&args.participants)
         .map_err(|e| anyhow::anyhow!("{}: {e}", sources.name("participants")))?;
-    if let Some(addr) = args.metrics_listen {
-        saga_proto::server::serve_metrics(addr)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", sources.name("metrics_listen")))?;
-    }
-    let admin_token = saga_proto::auth::AdminToken::configured(
-        args.admin_token_file.as_deref(),
-        &sources.name("admin_token_file"),
-    )
-    .map_err(anyhow::Error::msg)?;
+    let admin_token =
+        saga_proto::server::start_operability(args.metrics_listen, args.admin_token_file.as_deref(), &|id| {
+            sources.name(id)
+        })
+        .map_err(anyhow::Error::msg)?;
     if !admin_token.is_required() {
         tracing::warn!("admin RPCs are open: no --admin-token-file or SAGA_ADMIN_TOKEN given");
     }

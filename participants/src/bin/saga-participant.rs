@@ -135,15 +135,11 @@ async fn run(role: Role, args: Args, sources: saga_proto::config::Sources) -> an
             args.data_dir.display()
         )
     })?;
-    if let Some(addr) = args.metrics_listen {
-        saga_proto::server::serve_metrics(addr)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", sources.name("metrics_listen")))?;
-    }
-    let admin_token = saga_proto::auth::AdminToken::configured(
-        args.admin_token_file.as_deref(),
-        &sources.name("admin_token_file"),
-    )
-    .map_err(anyhow::Error::msg)?;
+    let admin_token =
+        saga_proto::server::start_operability(args.metrics_listen, args.admin_token_file.as_deref(), &|id| {
+            sources.name(id)
+        })
+        .map_err(anyhow::Error::msg)?;
     if !admin_token.is_required() {
         tracing::warn!(
             role = role.name(),
