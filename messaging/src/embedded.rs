@@ -63,9 +63,26 @@ impl EmbeddedConfig {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum QueueEvent {
-    Published { tag: String, key: String, body: Vec<u8> },
-    Acked { position: u64 },
-    RetryScheduled { position: u64, attempt: u32 },
+    Published {
+        tag: String,
+        key: String,
+        body: Vec<u8>,
+    },
+    Acked {
+        position: u64,
+    },
+    RetryScheduled {
+        position: u64,
+        attempt: u32,
+    },
+    /// A message with its user properties (what `publish` writes since properties exist;
+    /// `Published` is read as a message without any).
+    PublishedWithProperties {
+        tag: String,
+        key: String,
+        body: Vec<u8>,
+        properties: Vec<(String, String)>,
+    },
 }
 
 impl QueueEvent {
@@ -74,6 +91,7 @@ impl QueueEvent {
             QueueEvent::Published { .. } => "Published",
             QueueEvent::Acked { .. } => "Acked",
             QueueEvent::RetryScheduled { .. } => "RetryScheduled",
+            QueueEvent::PublishedWithProperties { .. } => "PublishedWithProperties",
         }
     }
 
@@ -130,10 +148,11 @@ impl Transport for EmbeddedTransport {
             // One durable append per topic.
             let mut by_topic: BTreeMap<&str, Vec<NewEvent>> = BTreeMap::new();
             for m in messages {
-                let event = QueueEvent::Published {
+                let event = QueueEvent::PublishedWithProperties {
                     tag: m.tag.clone(),
                     key: m.key.clone(),
                     body: m.body.clone(),
+                    properties: m.properties.clone(),
                 };
                 by_topic.entry(&m.topic).or_default().push(event.to_new()?);
             }
@@ -250,7 +269,7 @@ impl Worker {
                         retries.insert(position, Pending { attempt, due });
                         next_position = next_position.max(position + 1);
                     }
-                    QueueEvent::Published { .. } => {}
+                    QueueEvent::Published { .. } | QueueEvent::PublishedWithProperties { .. } => {}
                 }
             }
         }
@@ -300,14 +319,21 @@ impl Worker {
         attempt: u32,
         retries: &mut BTreeMap<u64, Pending>,
     ) -> Result<(), MessagingError> {
-        let QueueEvent::Published { tag, key, body } =
-            record.decode::<QueueEvent>().map_err(storage_error)?
-        else {
-            return Err(MessagingError::Unavailable(format!(
-                "position {} of {} is not a published message",
-                record.position(),
-                self.topic_stream
-            )));
+        let (tag, key, body, properties) = match record.decode::<QueueEvent>().map_err(storage_error)? {
+            QueueEvent::Published { tag, key, body } => (tag, key, body, Vec::new()),
+            QueueEvent::PublishedWithProperties {
+                tag,
+                key,
+                body,
+                properties,
+            } => (tag, key, body, properties),
+            QueueEvent::Acked { .. } | QueueEvent::RetryScheduled { .. } => {
+                return Err(MessagingError::Unavailable(format!(
+                    "position {} of {} is not a published message",
+                    record.position(),
+                    self.topic_stream
+                )));
+            }
         };
         if !self.spec.accepts(&tag) {
             return Ok(());
@@ -319,6 +345,7 @@ impl Worker {
             tag,
             key,
             body,
+            properties,
             attempt,
         };
         let event = match self.handler.handle(delivery).await {
@@ -364,6 +391,15 @@ mod golden {
                     attempt: 2,
                 },
                 "020702",
+            ),
+            (
+                QueueEvent::PublishedWithProperties {
+                    tag: "g".into(),
+                    key: "k".into(),
+                    body: vec![1],
+                    properties: vec![("n".into(), "v".into())],
+                },
+                "030167016b010101016e0176",
             ),
         ];
         for (event, stored) in cases {

@@ -70,6 +70,7 @@ async fn pass(log: &EventLog, transport: &dyn Transport) -> Pass {
             tag: e.message.tag.clone(),
             key: e.message.key.clone(),
             body: e.message.body.clone(),
+            properties: crate::topics::message_properties(&e.message.key),
         })
         .collect();
     let began = std::time::Instant::now();

@@ -296,16 +296,25 @@ pub struct OutgoingMessage<'a> {
     pub tag: &'a str,
     pub key: &'a str,
     pub body: &'a [u8],
+    /// User properties, (name, value).
+    pub properties: &'a [(String, String)],
 }
 
 impl OutgoingMessage<'_> {
-    fn to_message(&self) -> Message {
-        Message::builder()
+    /// The client's message; a property name of RocketMQ's own (`KEYS`, `TAGS`, ...) is a
+    /// configuration error of ours.
+    fn to_message(&self) -> Result<Message, MessagingError> {
+        let mut builder = Message::builder()
             .topic(self.topic)
             .tags(self.tag)
             .keys(vec![self.key.to_owned()])
-            .body_slice(self.body)
-            .build_unchecked()
+            .body_slice(self.body);
+        for (name, value) in self.properties {
+            builder = builder
+                .raw_property(name.as_str(), value.as_str())
+                .map_err(|e| MessagingError::Config(format!("message property {name}: {e}")))?;
+        }
+        Ok(builder.build_unchecked())
     }
 }
 
@@ -314,7 +323,7 @@ impl Producer {
     pub async fn send(&self, message: &OutgoingMessage<'_>) -> Result<(), MessagingError> {
         let result = self
             .inner
-            .send_with_timeout(message.to_message(), self.send_timeout_ms)
+            .send_with_timeout(message.to_message()?, self.send_timeout_ms)
             .await
             .map_err(MessagingError::client)?;
         match result {
@@ -330,11 +339,12 @@ impl Producer {
         if messages.is_empty() {
             return Ok(());
         }
+        let batch = messages
+            .iter()
+            .map(OutgoingMessage::to_message)
+            .collect::<Result<Vec<_>, _>>()?;
         self.inner
-            .send_batch_with_timeout(
-                messages.iter().map(OutgoingMessage::to_message).collect(),
-                self.send_timeout_ms,
-            )
+            .send_batch_with_timeout(batch, self.send_timeout_ms)
             .await
             .map_err(MessagingError::client)?;
         Ok(())
@@ -354,6 +364,8 @@ pub struct ReceivedMessage<'a> {
     pub tag: &'a str,
     pub key: &'a str,
     pub body: &'a [u8],
+    /// The message's user properties (those not reserved by RocketMQ).
+    pub properties: Vec<(String, String)>,
     /// How often the broker delivered this message before (0 on first delivery).
     pub reconsume_times: i32,
     pub msg_id: &'a str,
@@ -392,6 +404,7 @@ impl MessageListenerConcurrently for Listener {
                 tag: msg.message.tags().unwrap_or(""),
                 key: keys.first().map(String::as_str).unwrap_or(""),
                 body: &body,
+                properties: user_properties(&msg.message),
                 reconsume_times: msg.reconsume_times(),
                 msg_id: msg.msg_id().as_str(),
             };
@@ -401,6 +414,19 @@ impl MessageListenerConcurrently for Listener {
         }
         Ok(ConsumeConcurrentlyStatus::ConsumeSuccess)
     }
+}
+
+/// The properties of `message` that RocketMQ does not reserve for itself: the ones a producer
+/// set with [`OutgoingMessage::properties`].
+fn user_properties(message: &Message) -> Vec<(String, String)> {
+    let reserved = &rocketmq_model::common::message::STRING_HASH_SET;
+    message
+        .properties()
+        .as_map()
+        .iter()
+        .filter(|(name, _)| !reserved.contains(name.as_str()))
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect()
 }
 
 /// A started push consumer.
@@ -463,6 +489,7 @@ impl crate::transport::Transport for RocketMqTransport {
                     tag: &m.tag,
                     key: &m.key,
                     body: &m.body,
+                    properties: &m.properties,
                 });
             }
             for batch in by_topic.values() {
@@ -519,6 +546,7 @@ impl MessageHandler for Bridge {
             tag: message.tag.to_owned(),
             key: message.key.to_owned(),
             body: message.body.to_vec(),
+            properties: message.properties.clone(),
             attempt: u32::try_from(message.reconsume_times).unwrap_or(0),
         };
         match self.runtime.block_on(self.handler.handle(delivery)) {

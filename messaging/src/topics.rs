@@ -24,6 +24,33 @@ pub fn parse_message_key(key: &str) -> Option<(&str, &str)> {
     (!saga_id.is_empty() && !step.is_empty()).then_some((saga_id, step))
 }
 
+/// The user properties of a message of ours, from its key: the W3C trace context
+/// (`traceparent`) of the saga named by a [`message_key`], so that one saga stays one trace
+/// through the broker for any consumer or broker tool that reads message properties
+/// (`saga_proto::trace`: a saga's trace id is derived from its id). A key of another shape
+/// gets none.
+///
+/// Derived when a message is sent rather than stored with it: the outbox stores a message's
+/// topic, tag, key and body, and this is a function of the key.
+pub fn message_properties(key: &str) -> Vec<(String, String)> {
+    match parse_message_key(key) {
+        Some((saga_id, _)) => vec![(
+            saga_proto::trace::TRACEPARENT.to_owned(),
+            saga_proto::trace::TraceContext::for_saga(saga_id)
+                .child()
+                .traceparent(),
+        )],
+        None => Vec::new(),
+    }
+}
+
+/// The trace context a delivered message carries in its `traceparent` property, if valid.
+pub fn delivery_trace(delivery: &crate::transport::Delivery) -> Option<saga_proto::trace::TraceContext> {
+    delivery
+        .property(saga_proto::trace::TRACEPARENT)
+        .and_then(saga_proto::trace::TraceContext::parse)
+}
+
 /// Queues per topic: enough for a few consumer instances per group on one broker.
 pub const QUEUES_PER_TOPIC: i32 = 8;
 
@@ -50,5 +77,25 @@ pub fn namesrv_for_tests() -> Option<String> {
             eprintln!("skipped: {NAMESRV_ENV} not set (run through scripts/test)");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_of_a_saga_carries_the_saga_trace() {
+        let properties = message_properties(&message_key("ord-1", "stock"));
+        let [(name, value)] = properties.as_slice() else {
+            panic!("one property: {properties:?}")
+        };
+        assert_eq!(name, saga_proto::trace::TRACEPARENT);
+        let context = saga_proto::trace::TraceContext::parse(value).expect("a valid traceparent");
+        assert_eq!(
+            context.trace_id,
+            saga_proto::trace::TraceContext::for_saga("ord-1").trace_id
+        );
+        assert!(message_properties("no-saga-here").is_empty());
     }
 }

@@ -10,7 +10,10 @@
 //! - A message the handler answers with `RetryLater` is delivered again later with a higher
 //!   `attempt`, until the handler consumes it: nothing is dropped by the transport.
 //! - Duplicates are possible (a crash between handling and acknowledging): handlers must be
-//!   idempotent by key. A redelivery carries the same key, tag and body.
+//!   idempotent by key. A redelivery carries the same key, tag, body and properties.
+//! - Properties (name, value) travel with the message: RocketMQ carries them as user properties
+//!   of the message, the embedded queue stores them beside the body. We send one, the saga's
+//!   W3C trace context ([`crate::topics::message_properties`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,6 +33,8 @@ pub struct Outgoing {
     /// Consumers deduplicate on it (`<saga_id>:<step>` for compensations).
     pub key: String,
     pub body: Vec<u8>,
+    /// User properties, (name, value); names must not be RocketMQ's own (`KEYS`, `TAGS`, ...).
+    pub properties: Vec<(String, String)>,
 }
 
 /// A delivered message.
@@ -39,8 +44,20 @@ pub struct Delivery {
     pub tag: String,
     pub key: String,
     pub body: Vec<u8>,
+    /// The user properties the message was published with (in no particular order).
+    pub properties: Vec<(String, String)>,
     /// 0 on the first delivery; how many times it was delivered before otherwise.
     pub attempt: u32,
+}
+
+impl Delivery {
+    /// The value of user property `name`, if the message has it.
+    pub fn property(&self, name: &str) -> Option<&str> {
+        self.properties
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// What the handler did with a delivery.

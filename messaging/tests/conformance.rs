@@ -164,7 +164,40 @@ fn message(topic: &str, tag: &str, key: &str) -> Outgoing {
         tag: tag.into(),
         key: key.into(),
         body: format!("body of {key}").into_bytes(),
+        properties: properties_of(key),
     }
+}
+
+/// The user properties `message` gives `key`: the saga trace context of ours and one more.
+fn properties_of(key: &str) -> Vec<(String, String)> {
+    let mut properties = topics::message_properties(key);
+    properties.push(("x-test-key".into(), key.into()));
+    properties
+}
+
+/// Properties arrive as sent (order aside), also on a redelivery. The trace context's span id
+/// is new per message: its trace id is the saga's.
+fn assert_properties(delivery: &Delivery) {
+    let names = |properties: &[(String, String)]| {
+        let mut names: Vec<String> = properties.iter().map(|(n, _)| n.clone()).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        names(&delivery.properties),
+        names(&properties_of(&delivery.key)),
+        "property names of {} (attempt {})",
+        delivery.key,
+        delivery.attempt
+    );
+    assert_eq!(delivery.property("x-test-key"), Some(delivery.key.as_str()));
+    let (saga_id, _) = topics::parse_message_key(&delivery.key).expect("a saga key");
+    assert_eq!(
+        topics::delivery_trace(delivery).map(|c| c.trace_id),
+        Some(saga_proto::trace::TraceContext::for_saga(saga_id).trace_id),
+        "{} carries its saga's traceparent",
+        delivery.key
+    );
 }
 
 fn has_all(deliveries: &[Delivery], keys: &[String]) -> bool {
@@ -218,6 +251,10 @@ async fn delivery_survives_consumer_restart<P: Provider>(provider: &P) {
     for d in second.deliveries.lock().expect("not poisoned").iter() {
         assert_eq!(d.body, format!("body of {}", d.key).into_bytes(), "body intact");
         assert_eq!(d.tag, tag);
+        assert_properties(d);
+    }
+    for d in first.deliveries.lock().expect("not poisoned").iter() {
+        assert_properties(d);
     }
     consumer.shutdown().await;
     provider.close(transport).await;
@@ -270,6 +307,7 @@ async fn retry_later_is_redelivered_until_consumed<P: Provider>(provider: &P) {
             .all(|d| d.body == flaky_deliveries[0].body && d.tag == tag),
         "a redelivery carries the same body and tag, so consumers can deduplicate by key"
     );
+    flaky_deliveries.iter().for_each(assert_properties);
     let steady_deliveries = recorder.of_key(&steady);
     assert_eq!(
         steady_deliveries.len(),

@@ -114,6 +114,7 @@ async fn burst_of_5000_keyed_messages_all_arrive_without_redelivery_stall() {
                             tag: "burst",
                             key: &key,
                             body: body.as_bytes(),
+                            properties: &[],
                         })
                         .await
                         .unwrap_or_else(|e| panic!("send {key}: {e}"));

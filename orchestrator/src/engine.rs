@@ -1363,7 +1363,7 @@ impl Handler for AckHandler {
             let span = saga_proto::trace::saga_span(
                 "ack",
                 ack.key.as_ref().map_or("", |k| k.saga_id.as_str()),
-                None,
+                saga_messaging::topics::delivery_trace(&delivery),
             );
             let applied = tracing::Instrument::instrument(engine.on_ack(&ack), span.clone()).await;
             span.in_scope(|| {

@@ -513,6 +513,7 @@ impl CompensationConsumer {
                 tag: message.tag.clone(),
                 key: message.key.clone(),
                 body: message.body.clone(),
+                properties: topics::message_properties(&message.key),
             }])
             .await?;
         let (stream, requeued) = match log_key.rsplit_once('@') {
@@ -556,17 +557,20 @@ impl Handler for CompensationConsumer {
         let this = self.clone();
         Box::pin(async move {
             let role = this.participant.role().name();
-            // The saga's trace: the request's traceparent, else derived from the saga id in
-            // the message key (saga_proto::trace).
+            // The saga's trace: the message's `traceparent` property, else the request's
+            // field (a message relayed before properties existed), else derived from the saga
+            // id (saga_proto::trace).
             let request = pb::CompensationRequest::decode(delivery.body.as_slice()).ok();
             let saga_id = request
                 .as_ref()
                 .and_then(|r| r.key.as_ref().map(|k| k.saga_id.clone()))
                 .or_else(|| parse_transport_key(&delivery.key).map(|k| k.saga_id))
                 .unwrap_or_default();
-            let context = request
-                .as_ref()
-                .and_then(|r| saga_proto::trace::TraceContext::parse(&r.traceparent));
+            let context = topics::delivery_trace(&delivery).or_else(|| {
+                request
+                    .as_ref()
+                    .and_then(|r| saga_proto::trace::TraceContext::parse(&r.traceparent))
+            });
             let span = saga_proto::trace::saga_span("compensation", &saga_id, context);
             let outcome = tracing::Instrument::instrument(this.handle_delivery(delivery), span).await;
             let outcome_name = match outcome {

@@ -352,6 +352,7 @@ fn delivery(message: Outgoing) -> Delivery {
         tag: message.tag,
         key: message.key,
         body: message.body,
+        properties: message.properties,
         attempt: 0,
     }
 }

@@ -5,9 +5,11 @@
 //!   so the orchestrator, every participant and every restart name the same trace without
 //!   storing it. [`TraceContext::for_saga`].
 //! - The orchestrator sends `traceparent: 00-<trace id>-<span id>-01` in the metadata of each
-//!   step call, and in the `traceparent` field of each compensation request it publishes (the
-//!   outbox stores a message's body only, so the context travels in the body, which every
-//!   transport carries, rather than in a broker property).
+//!   step call. Every message of ours (compensation requests and their acknowledgements)
+//!   carries it as a `traceparent` message property, a RocketMQ user property, which the relay
+//!   derives from the message key when it publishes (`saga_messaging::topics::message_properties`);
+//!   a compensation request also has it in its `traceparent` field, which consumers read when a
+//!   message has no property (one relayed by an older build).
 //! - Every server of ours opens a span per call carrying the caller's trace id
 //!   ([`server_span`]); the participants' compensation consumer opens one per delivery, the
 //!   orchestrator one per saga driver pass and per acknowledgement. Every log line written in

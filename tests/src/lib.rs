@@ -98,6 +98,9 @@ pub fn compensation_request(
         topic: topic.into(),
         tag: role.into(),
         key: saga_messaging::topics::message_key(saga_id, step),
+        properties: saga_messaging::topics::message_properties(&saga_messaging::topics::message_key(
+            saga_id, step,
+        )),
         body: pb::CompensationRequest {
             key: Some(pb::StepKey {
                 saga_id: saga_id.into(),
