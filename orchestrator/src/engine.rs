@@ -598,9 +598,7 @@ impl Engine {
                     ack_tag: self.inner.config.node_id.clone(),
                     // Every caller records the sending's event after building its messages.
                     round: state.compensation_round + 1,
-                    traceparent: saga_proto::trace::TraceContext::for_saga(&state.saga_id)
-                        .child()
-                        .traceparent(),
+                    traceparent: saga_proto::trace::outgoing(&state.saga_id).traceparent(),
                 }
                 .encode_to_vec(),
             })

@@ -317,7 +317,7 @@ impl StepInvoker for OrderInvoker {
         let deadline_ms = step.deadline_ms;
         let call = CallMeta {
             deadline_ms,
-            trace: saga_proto::trace::TraceContext::for_saga(saga_id).child(),
+            trace: saga_proto::trace::outgoing(saga_id),
         };
         let order_id = saga_id.to_owned();
         let action = match step.action.parse::<OrderAction>() {

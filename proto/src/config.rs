@@ -100,6 +100,9 @@ pub fn command<T: CommandFactory>(scopes: &[&str]) -> Command {
     for scope in scopes {
         cmd = cmd.mut_subcommand(scope, |sub| sub.mut_args(with_env));
     }
+    // Copies the global options (`--log-format`, `--otlp-endpoint`) into the subcommands, so
+    // a file's keys and the error names see them in every scope.
+    cmd.build();
     cmd
 }
 

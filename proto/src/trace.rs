@@ -17,8 +17,16 @@
 //!   query on the JSON field) shows one saga's story, compensations included.
 //! - Levels come from `RUST_LOG`; `--log-format json` writes one JSON object per line
 //!   ([`init_logging`]).
+//! - With `--otlp-endpoint` (off unless given) the spans of our crates are also exported over
+//!   OTLP/gRPC to a collector ([`OtlpExport`]). Each span of a saga is parented on the saga's
+//!   derived trace context, so the exported spans of every process share the saga's trace id;
+//!   step calls then carry the sending span's id ([`outgoing`]), so a participant's span
+//!   hangs under the orchestrator's.
 
 use std::hash::{BuildHasher as _, Hasher as _};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use sha2::{Digest as _, Sha256};
 
@@ -131,6 +139,7 @@ pub fn server_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span
     );
     if let Some(context) = context {
         span.record("trace_id", context.trace_id_hex().as_str());
+        context.parent(&span);
     }
     span
 }
@@ -139,13 +148,87 @@ pub fn server_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span
 /// saga's trace id, or the given context's (a message's `traceparent`).
 pub fn saga_span(what: &'static str, saga_id: &str, context: Option<TraceContext>) -> tracing::Span {
     let context = context.unwrap_or_else(|| TraceContext::for_saga(saga_id));
-    tracing::info_span!(
+    let span = tracing::info_span!(
         target: SPAN_TARGET,
         "saga",
         what,
         saga = %saga_id,
         trace_id = %context.trace_id_hex()
-    )
+    );
+    context.parent(&span);
+    span
+}
+
+/// The trace context to send with a call or message about saga `saga_id`: the current span's
+/// when spans are exported and the current span is of that saga's trace (so the receiver's
+/// span is its child), else a new span id of the saga's trace.
+pub fn outgoing(saga_id: &str) -> TraceContext {
+    let saga = TraceContext::for_saga(saga_id);
+    if OTLP_ON.load(Ordering::Relaxed) {
+        use opentelemetry::trace::TraceContextExt as _;
+        let current = tracing::Span::current().context();
+        let current = current.span().span_context().clone();
+        if current.is_valid() && current.trace_id().to_bytes() == saga.trace_id {
+            return TraceContext {
+                trace_id: saga.trace_id,
+                span_id: current.span_id().to_bytes(),
+            };
+        }
+    }
+    saga.child()
+}
+
+/// Whether spans are exported (an [`OtlpExport`] was installed): only then do spans get an
+/// OpenTelemetry parent, which costs an allocation per span.
+static OTLP_ON: AtomicBool = AtomicBool::new(false);
+
+impl TraceContext {
+    /// Makes `span` a child of this (remote) context in the exported trace; nothing when no
+    /// spans are exported.
+    fn parent(&self, span: &tracing::Span) {
+        if !OTLP_ON.load(Ordering::Relaxed) {
+            return;
+        }
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+        };
+        let remote = SpanContext::new(
+            TraceId::from_bytes(self.trace_id),
+            SpanId::from_bytes(self.span_id),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        // An error means the span is disabled (filtered out): nothing to export then.
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+    }
+}
+
+/// OTLP export of spans (`--otlp-endpoint`): where to, and as which service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpExport {
+    /// The collector's OTLP/gRPC address, `http://host:port` (4317 is the usual port).
+    pub endpoint: String,
+    /// `service.name` of the exported spans (`saga-orchestrator`, `saga-participant-stock`).
+    pub service_name: String,
+}
+
+/// What [`init_logging`] installed that needs stopping: the span exporter, if any.
+#[must_use = "call shutdown before exit, or the last spans are not exported"]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still queued (waits up to a few seconds for the collector). Call it
+    /// from outside the Tokio runtime the exporter was made in, while that runtime still runs.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(error) = provider.shutdown_with_timeout(std::time::Duration::from_secs(5))
+        {
+            tracing::warn!(%error, "exporting the last spans failed");
+        }
+    }
 }
 
 /// How a process writes its log lines (standard error).
@@ -158,18 +241,72 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the process's log subscriber: levels from `RUST_LOG`, else `default_filter`;
-/// lines on standard error in `format`.
-pub fn init_logging(default_filter: &str, format: LogFormat) {
+/// Installs the process's log subscriber (an error names what went wrong with `otlp`'s
+/// endpoint, or a second installation): levels from `RUST_LOG`, else `default_filter`;
+/// lines on standard error in `format`; with `otlp`, the spans of our crates (targets
+/// `saga*`) also go to that collector. With `otlp`, call it inside a Tokio runtime (the
+/// exporter's gRPC channel runs on it) and stop the returned [`Telemetry`] before exit.
+pub fn init_logging(
+    default_filter: &str,
+    format: LogFormat,
+    otlp: Option<&OtlpExport>,
+) -> Result<Telemetry, String> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines = match format {
+        LogFormat::Text => lines.boxed(),
+        LogFormat::Json => lines.json().with_current_span(true).with_span_list(true).boxed(),
+    };
+    let provider = otlp.map(otlp_provider).transpose()?;
+    let export = provider.as_ref().map(|provider| {
+        use opentelemetry::trace::TracerProvider as _;
+        // Our spans only: the exporter's own gRPC client must not trace itself.
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("saga"))
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                meta.target().starts_with("saga")
+            }))
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(lines)
+        .with(export)
+        .try_init()
+        .map_err(|e| format!("installing the log subscriber: {e}"))?;
+    OTLP_ON.store(provider.is_some(), Ordering::Relaxed);
+    Ok(Telemetry { provider })
+}
+
+fn otlp_provider(otlp: &OtlpExport) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, String> {
+    use opentelemetry_otlp::WithExportConfig as _;
+    let endpoint: tonic::transport::Uri = otlp
+        .endpoint
+        .parse()
+        .map_err(|e| format!("{:?} is not a URL: {e}", otlp.endpoint))?;
+    if endpoint.scheme_str() != Some("http") || endpoint.host().is_none() {
+        return Err(format!(
+            "{:?}: give http://host:port (OTLP over plaintext gRPC, to a collector on this host or network)",
+            otlp.endpoint
+        ));
     }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(otlp.endpoint.clone())
+        .build()
+        .map_err(|e| format!("{:?}: {e}", otlp.endpoint))?;
+    Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(otlp.service_name.clone())
+                .build(),
+        )
+        .build())
 }
 
 #[cfg(test)]

@@ -1002,3 +1002,173 @@ async fn one_saga_is_one_trace_in_the_orchestrator_and_participant_logs_includin
             serde_json::from_str(line).unwrap_or_else(|e| panic!("JSON line: {e}: {line}"));
     }
 }
+
+/// A stand-in OTLP/gRPC collector: keeps every exported span as (service, trace id, name,
+/// `what` attribute) and wakes whoever waits for more.
+#[derive(Default)]
+struct Collector {
+    spans: std::sync::Mutex<Vec<ExportedSpan>>,
+    arrived: tokio::sync::Notify,
+}
+
+#[derive(Debug, Clone)]
+struct ExportedSpan {
+    service: String,
+    trace_id: String,
+    name: String,
+    what: Option<String>,
+    span_id: Vec<u8>,
+    parent_span_id: Vec<u8>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+        let text = |attributes: &[KeyValue], key: &str| {
+            attributes
+                .iter()
+                .find(|a| a.key == key)
+                .and_then(|a| match a.value {
+                    Some(AnyValue {
+                        value: Some(Value::StringValue(ref s)),
+                    }) => Some(s.clone()),
+                    _ => None,
+                })
+        };
+        let mut spans = Vec::new();
+        for resource in request.into_inner().resource_spans {
+            let service = resource
+                .resource
+                .as_ref()
+                .and_then(|r| text(&r.attributes, "service.name"))
+                .unwrap_or_default();
+            for span in resource.scope_spans.into_iter().flat_map(|s| s.spans) {
+                spans.push(ExportedSpan {
+                    service: service.clone(),
+                    trace_id: span.trace_id.iter().map(|b| format!("{b:02x}")).collect(),
+                    what: text(&span.attributes, "what"),
+                    name: span.name,
+                    span_id: span.span_id,
+                    parent_span_id: span.parent_span_id,
+                });
+            }
+        }
+        self.spans.lock().expect("collector lock").extend(spans);
+        self.arrived.notify_waiters();
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// Issue 12: with `--otlp-endpoint` every process exports its spans over OTLP, and one
+/// compensated saga is one trace there too: the orchestrator's driver span and the stock
+/// participant's step call and compensation spans carry the saga's trace id, and the step
+/// call's span is a child of the driver's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_export_shows_one_compensated_saga_as_one_trace_across_processes() {
+    let Some(namesrv) = topics::namesrv_for_tests() else {
+        return;
+    };
+    let collector = std::sync::Arc::new(Collector::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+    let endpoint = format!("http://{}", listener.local_addr().expect("address"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(saga_proto::server::serve(
+        tonic::service::Routes::new(
+            opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::from_arc(
+                collector.clone(),
+            ),
+        ),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    // Export every 100 ms instead of every 5 s.
+    let env = |name: &str, value: &str| (name.to_owned(), value.to_owned());
+    let config = SystemConfig {
+        participant_env: ["order", "stock", "coupon", "balance"]
+            .into_iter()
+            .flat_map(|role| {
+                [
+                    (role, "SAGA_OTLP_ENDPOINT".to_owned(), endpoint.clone()),
+                    (role, "OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
+                ]
+            })
+            .collect(),
+        orchestrator_env: vec![
+            env("SAGA_OTLP_ENDPOINT", &endpoint),
+            env("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+        ..SystemConfig::default()
+    };
+    let system = System::start(&namesrv, config).await;
+    system.seed_stock("p1", 10).await;
+    system.seed_balance("poor", 0).await;
+    let mut client = system.client().await;
+    let saga_id = start(
+        &mut client,
+        order(&format!("{}-otlp", system.run), "poor", "p1", ""),
+    )
+    .await;
+    let saga = wait_final(&mut client, &saga_id, PATIENCE).await;
+    assert_eq!(saga.state, pb::SagaState::Compensated as i32, "{saga:?}");
+
+    let trace_id = saga_proto::trace::TraceContext::for_saga(&saga_id).trace_id_hex();
+    let wanted = |spans: &[ExportedSpan]| {
+        let of = |service: &str, what: Option<&str>| {
+            spans.iter().any(|s| {
+                s.trace_id == trace_id
+                    && s.service == service
+                    && what.is_none_or(|w| s.what.as_deref() == Some(w))
+            })
+        };
+        of("saga-orchestrator", Some("driver"))
+            && of("saga-participant-stock", None)
+            && of("saga-participant-stock", Some("compensation"))
+    };
+    // The exporters send in batches every 100 ms: wait for the batch holding the last span.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let arrived = collector.arrived.notified();
+        let spans = collector.spans.lock().expect("collector lock").clone();
+        if wanted(&spans) {
+            // The stock participant's step call is a server span in the saga's trace, a child
+            // of the orchestrator's driver span (the call's traceparent names that span).
+            let driver: Vec<&[u8]> = spans
+                .iter()
+                .filter(|s| s.trace_id == trace_id && s.service == "saga-orchestrator")
+                .map(|s| s.span_id.as_slice())
+                .collect();
+            assert!(
+                spans.iter().any(|s| s.trace_id == trace_id
+                    && s.service == "saga-participant-stock"
+                    && s.name == "grpc"
+                    && driver.contains(&s.parent_span_id.as_slice())),
+                "{spans:#?}"
+            );
+            break;
+        }
+        if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+            let ours: Vec<_> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
+            panic!(
+                "spans of trace {trace_id} after 20 s: {ours:#?}\nall services: {:?}",
+                {
+                    let mut services: Vec<_> = spans.iter().map(|s| s.service.clone()).collect();
+                    services.sort();
+                    services.dedup();
+                    services
+                }
+            );
+        }
+    }
+    drop(system);
+    let _ = stop.send(());
+    let _ = server.await;
+}

@@ -37,6 +37,10 @@ struct Args {
     /// carries its trace id.
     #[arg(long, global = true, value_enum, default_value_t)]
     log_format: saga_proto::trace::LogFormat,
+    /// Export spans over OTLP/gRPC to this collector, `http://host:port` (off unless given);
+    /// the exporter's OTEL_* variables (OTEL_BSP_SCHEDULE_DELAY, ...) apply.
+    #[arg(long, global = true)]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -164,16 +168,35 @@ struct DevArgs {
 
 fn main() -> anyhow::Result<()> {
     let (args, sources) = saga_proto::config::parse::<Args>(&["serve", "dev"]);
-    saga_proto::trace::init_logging("warn,saga_orchestrator=info,saga_trace=info", args.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("tokio runtime")?;
+    let otlp = args.otlp_endpoint.map(|endpoint| saga_proto::trace::OtlpExport {
+        endpoint,
+        service_name: "saga-orchestrator".into(),
+    });
+    let telemetry = {
+        // The span exporter's channel runs on the service's runtime.
+        let _entered = runtime.enter();
+        saga_proto::trace::init_logging(
+            "warn,saga_orchestrator=info,saga_trace=info",
+            args.log_format,
+            otlp.as_ref(),
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", sources.name("otlp_endpoint")))?
+    };
     match args.command {
-        Command::Serve(serve) => runtime.block_on(run_serve(*serve, &sources)),
+        Command::Serve(serve) => {
+            let served = runtime.block_on(run_serve(*serve, &sources));
+            telemetry.shutdown();
+            served
+        }
         Command::Dev(dev) => {
-            let outcome = runtime.block_on(run_dev(dev))?;
+            let outcome = runtime.block_on(run_dev(dev));
+            telemetry.shutdown();
+            let outcome = outcome?;
             // Background tasks (consumers, drivers) are not waited for.
             runtime.shutdown_timeout(Duration::from_secs(1));
             match outcome {

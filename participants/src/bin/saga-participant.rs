@@ -76,21 +76,40 @@ struct Args {
     /// carries its trace id.
     #[arg(long, value_enum, default_value_t)]
     log_format: saga_proto::trace::LogFormat,
+    /// Export spans over OTLP/gRPC to this collector, `http://host:port` (off unless given);
+    /// the exporter's OTEL_* variables (OTEL_BSP_SCHEDULE_DELAY, ...) apply.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let (args, sources) = saga_proto::config::parse::<Args>(&[]);
-    saga_proto::trace::init_logging(
-        "warn,saga_participants=info,saga_participant=info,saga_trace=info",
-        args.log_format,
-    );
-    let role: Role = args.role.parse().with_context(|| sources.name("role"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.max(1))
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    runtime.block_on(run(role, args, sources))
+    let otlp = args
+        .otlp_endpoint
+        .clone()
+        .map(|endpoint| saga_proto::trace::OtlpExport {
+            endpoint,
+            service_name: format!("saga-participant-{}", args.role),
+        });
+    let telemetry = {
+        // The span exporter's channel runs on the service's runtime.
+        let _entered = runtime.enter();
+        saga_proto::trace::init_logging(
+            "warn,saga_participants=info,saga_participant=info,saga_trace=info",
+            args.log_format,
+            otlp.as_ref(),
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", sources.name("otlp_endpoint")))?
+    };
+    let role = args.role.parse::<Role>().with_context(|| sources.name("role"));
+    let ran = role.and_then(|role| runtime.block_on(run(role, args, sources)));
+    telemetry.shutdown();
+    ran
 }
 
 /// The fault plan of the environment around the participant's barrier (tests and chaos runs;

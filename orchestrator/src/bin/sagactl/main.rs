@@ -377,7 +377,7 @@ impl From<tonic::Status> for Failure {
 
 /// The server's address as an endpoint: `HOST:PORT`, `http://HOST:PORT`, or with TLS
 /// (`tls`) `https://HOST:PORT`.
-fn endpoint_uri(server: &str, tls: bool) -> Result<String, Failure> {
+fn endpoint_uri(server: &str, tls: bool, setting: &str) -> Result<String, Failure> {
     let scheme = if tls { "https" } else { "http" };
     let hostport = match server.split_once("://") {
         None => server,
@@ -387,29 +387,36 @@ fn endpoint_uri(server: &str, tls: bool) -> Result<String, Failure> {
             return Err(Failure::new(
                 Kind::Invalid,
                 format!(
-                    "--server {server:?}: https needs --tls-ca (the CA of the orchestrator's certificate)"
+                    "{setting}: {server:?}: https needs --tls-ca (the CA of the orchestrator's certificate)"
                 ),
             ));
         }
         Some(_) => {
             return Err(Failure::new(
                 Kind::Invalid,
-                format!("--server {server:?}: use HOST:PORT, http://HOST:PORT or https://HOST:PORT"),
+                format!("{setting}: {server:?}: use HOST:PORT, http://HOST:PORT or https://HOST:PORT"),
             ));
         }
     };
     Ok(format!("{scheme}://{hostport}"))
 }
 
-async fn connect(server: &str, tls: Option<tonic::transport::ClientTlsConfig>) -> Result<Channel, Failure> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(endpoint_uri(server, tls.is_some())?)
-        .map_err(|e| Failure::new(Kind::Invalid, format!("--server {server:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(3));
+/// A channel to `server`; `sources` name the settings in errors.
+async fn connect(
+    server: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    sources: &saga_proto::config::Sources,
+) -> Result<Channel, Failure> {
+    let setting = sources.name("server");
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(endpoint_uri(server, tls.is_some(), &setting)?)
+            .map_err(|e| Failure::new(Kind::Invalid, format!("{setting}: {server:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(3));
     if let Some(tls) = tls {
         endpoint = endpoint.tls_config(tls).map_err(|e| {
             Failure::new(
                 Kind::Invalid,
-                format!("--tls-ca: {}", saga_proto::tls::error_chain(&e)),
+                format!("{}: {}", sources.name("tls_ca"), saga_proto::tls::error_chain(&e)),
             )
         })?;
     }
@@ -475,16 +482,17 @@ impl Calls {
     }
 }
 
-/// The admin token to send, from `--token-file` or `SAGA_ADMIN_TOKEN`.
-fn admin_token(file: Option<&std::path::Path>) -> Result<Option<String>, Failure> {
+/// The admin token to send, from `--token-file` (named `setting` in errors) or
+/// `SAGA_ADMIN_TOKEN`.
+fn admin_token(file: Option<&std::path::Path>, setting: String) -> Result<Option<String>, Failure> {
     let (text, source) = match file {
         Some(path) => (
             std::fs::read_to_string(path)
-                .map_err(|e| Failure::new(Kind::Invalid, format!("--token-file {}: {e}", path.display())))?,
-            "--token-file",
+                .map_err(|e| Failure::new(Kind::Invalid, format!("{setting}: {}: {e}", path.display())))?,
+            setting,
         ),
         None => match std::env::var(saga_proto::auth::TOKEN_ENV) {
-            Ok(text) => (text, saga_proto::auth::TOKEN_ENV),
+            Ok(text) => (text, saga_proto::auth::TOKEN_ENV.to_owned()),
             Err(_) => return Ok(None),
         },
     };
@@ -494,17 +502,17 @@ fn admin_token(file: Option<&std::path::Path>) -> Result<Option<String>, Failure
     Ok(Some(token))
 }
 
-async fn run(args: Args) -> Result<(), Failure> {
-    let token = admin_token(args.token_file.as_deref())?;
+async fn run(args: Args, sources: saga_proto::config::Sources) -> Result<(), Failure> {
+    let token = admin_token(args.token_file.as_deref(), sources.name("token_file"))?;
     let tls = saga_proto::tls::client_config(
         args.tls_ca.as_deref(),
         args.tls_cert.as_deref(),
         args.tls_key.as_deref(),
         "tls_",
-        &|id| format!("--{}", id.replace('_', "-")),
+        &|id| sources.name(id),
     )
     .map_err(|e| Failure::new(Kind::Invalid, e))?;
-    let channel = connect(&args.server, tls).await?;
+    let channel = connect(&args.server, tls, &sources).await?;
     let mut client = pb::orchestrator_client::OrchestratorClient::new(channel);
     let calls = Calls {
         timeout: Duration::from_millis(args.timeout_ms),
@@ -692,7 +700,7 @@ fn main() -> ExitCode {
     }
     // Its global options also come from SAGACTL_* and a TOML file (`--config`, or SAGA_CONFIG;
     // see saga_proto::config and config/sagactl.toml).
-    let (args, _) = saga_proto::config::parse::<Args>(&[]);
+    let (args, sources) = saga_proto::config::parse::<Args>(&[]);
     if let Command::Audit { command } = args.command {
         return run_audit(command, args.json);
     }
@@ -701,7 +709,7 @@ fn main() -> ExitCode {
         .build()
         .expect("a current-thread runtime");
     let as_json = args.json;
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, sources)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             failure.print(as_json);
