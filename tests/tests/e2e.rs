@@ -922,6 +922,23 @@ async fn with_tls_everywhere_sagas_complete_and_compensate_and_plaintext_is_refu
     assert!(!out.status.success(), "sagactl without TLS is refused");
 }
 
+/// A system with `config`, and one saga (request id `<run>-<tag>`) that its balance step
+/// refuses, waited for until Compensated.
+async fn one_compensated_saga(namesrv: &str, config: SystemConfig, tag: &str) -> (System, String) {
+    let system = System::start(namesrv, config).await;
+    system.seed_stock("p1", 10).await;
+    system.seed_balance("poor", 0).await;
+    let mut client = system.client().await;
+    let saga_id = start(
+        &mut client,
+        order(&format!("{}-{tag}", system.run), "poor", "p1", ""),
+    )
+    .await;
+    let saga = wait_final(&mut client, &saga_id, PATIENCE).await;
+    assert_eq!(saga.state, pb::SagaState::Compensated as i32, "{saga:?}");
+    (system, saga_id)
+}
+
 /// Issue 12: one saga is one trace across processes. A compensated saga's trace id (derived
 /// from its id, saga_proto::trace) is on the orchestrator's JSON log lines and on the stock
 /// participant's, both for the step call (gRPC metadata) and for the compensation it
@@ -944,17 +961,7 @@ async fn one_saga_is_one_trace_in_the_orchestrator_and_participant_logs_includin
         log_dir: Some(logs.path().to_owned()),
         ..SystemConfig::default()
     };
-    let system = System::start(&namesrv, config).await;
-    system.seed_stock("p1", 10).await;
-    system.seed_balance("poor", 0).await;
-    let mut client = system.client().await;
-    let saga_id = start(
-        &mut client,
-        order(&format!("{}-trace", system.run), "poor", "p1", ""),
-    )
-    .await;
-    let saga = wait_final(&mut client, &saga_id, PATIENCE).await;
-    assert_eq!(saga.state, pb::SagaState::Compensated as i32, "{saga:?}");
+    let (_system, saga_id) = one_compensated_saga(&namesrv, config, "trace").await;
     // The stock participant's acknowledgement reached the orchestrator, so its consumer
     // handled the compensation before: its log line is written.
     let trace_id = saga_proto::trace::TraceContext::for_saga(&saga_id).trace_id_hex();
@@ -1108,17 +1115,7 @@ async fn otlp_export_shows_one_compensated_saga_as_one_trace_across_processes() 
         ],
         ..SystemConfig::default()
     };
-    let system = System::start(&namesrv, config).await;
-    system.seed_stock("p1", 10).await;
-    system.seed_balance("poor", 0).await;
-    let mut client = system.client().await;
-    let saga_id = start(
-        &mut client,
-        order(&format!("{}-otlp", system.run), "poor", "p1", ""),
-    )
-    .await;
-    let saga = wait_final(&mut client, &saga_id, PATIENCE).await;
-    assert_eq!(saga.state, pb::SagaState::Compensated as i32, "{saga:?}");
+    let (system, saga_id) = one_compensated_saga(&namesrv, config, "otlp").await;
 
     let trace_id = saga_proto::trace::TraceContext::for_saga(&saga_id).trace_id_hex();
     let wanted = |spans: &[ExportedSpan]| {
