@@ -310,10 +310,15 @@ impl CompensationConsumer {
         self.park(&stream, delivery, 1, error, ack).await
     }
 
-    async fn handle_delivery(&self, delivery: Delivery) -> Outcome {
+    /// Handles `delivery`, whose body decoded to `decoded`.
+    async fn handle_delivery(
+        &self,
+        delivery: Delivery,
+        decoded: Result<pb::CompensationRequest, prost::DecodeError>,
+    ) -> Outcome {
         // What the message is: anything but a valid compensation for this role is parked at
         // once (retrying cannot help), with a PARKED ack when the step can be named.
-        let request = match pb::CompensationRequest::decode(delivery.body.as_slice()) {
+        let request = match decoded {
             Ok(r) => r,
             Err(e) => {
                 let key = parse_transport_key(&delivery.key);
@@ -560,19 +565,17 @@ impl Handler for CompensationConsumer {
             // The saga's trace: the message's `traceparent` property, else the request's
             // field (a message relayed before properties existed), else derived from the saga
             // id (saga_proto::trace).
-            let request = pb::CompensationRequest::decode(delivery.body.as_slice()).ok();
+            let decoded = pb::CompensationRequest::decode(delivery.body.as_slice());
+            let request = decoded.as_ref().ok();
             let saga_id = request
-                .as_ref()
                 .and_then(|r| r.key.as_ref().map(|k| k.saga_id.clone()))
                 .or_else(|| parse_transport_key(&delivery.key).map(|k| k.saga_id))
                 .unwrap_or_default();
-            let context = topics::delivery_trace(&delivery).or_else(|| {
-                request
-                    .as_ref()
-                    .and_then(|r| saga_proto::trace::TraceContext::parse(&r.traceparent))
-            });
+            let context = topics::delivery_trace(&delivery)
+                .or_else(|| request.and_then(|r| saga_proto::trace::TraceContext::parse(&r.traceparent)));
             let span = saga_proto::trace::saga_span("compensation", &saga_id, context);
-            let outcome = tracing::Instrument::instrument(this.handle_delivery(delivery), span).await;
+            let outcome =
+                tracing::Instrument::instrument(this.handle_delivery(delivery, decoded), span).await;
             let outcome_name = match outcome {
                 Outcome::Consumed => "consumed",
                 Outcome::RetryLater => "retry_later",
