@@ -41,6 +41,11 @@ struct Args {
     /// the exporter's OTEL_* variables (OTEL_BSP_SCHEDULE_DELAY, ...) apply.
     #[arg(long, global = true)]
     otlp_endpoint: Option<String>,
+    /// Tokio worker threads of the process [default: 1 for serve, 2 for dev]. The event
+    /// log's writer and flusher threads are its own, so one worker serves `serve` on a small
+    /// machine with fewer hand-offs (BENCHMARKS.md); give more where cores are many.
+    #[arg(long, global = true)]
+    worker_threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -168,8 +173,13 @@ struct DevArgs {
 
 fn main() -> anyhow::Result<()> {
     let (args, sources) = saga_proto::config::parse::<Args>(&["serve", "dev"]);
+    // `dev` runs the participants and the embedded queue in this process too.
+    let default_workers = match args.command {
+        Command::Serve(_) => 1,
+        Command::Dev(_) => 2,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(args.worker_threads.unwrap_or(default_workers).max(1))
         .enable_all()
         .build()
         .context("tokio runtime")?;
