@@ -282,6 +282,26 @@ pub fn init_logging(
     Ok(Telemetry { provider })
 }
 
+/// [`init_logging`] for a service process: with `otlp_endpoint` (the `otlp_endpoint`
+/// setting, named as `sources` says in an error) its spans are exported as `service_name`,
+/// through a channel that runs on `runtime`.
+pub fn init_service_logging(
+    runtime: &tokio::runtime::Runtime,
+    default_filter: &str,
+    format: LogFormat,
+    otlp_endpoint: Option<String>,
+    service_name: &str,
+    sources: &crate::config::Sources,
+) -> Result<Telemetry, String> {
+    let otlp = otlp_endpoint.map(|endpoint| OtlpExport {
+        endpoint,
+        service_name: service_name.to_owned(),
+    });
+    let _entered = runtime.enter();
+    init_logging(default_filter, format, otlp.as_ref())
+        .map_err(|e| format!("{}: {e}", sources.name("otlp_endpoint")))
+}
+
 fn otlp_provider(otlp: &OtlpExport) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, String> {
     use opentelemetry_otlp::WithExportConfig as _;
     let endpoint: tonic::transport::Uri = otlp

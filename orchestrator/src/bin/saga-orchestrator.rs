@@ -183,20 +183,15 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let otlp = args.otlp_endpoint.map(|endpoint| saga_proto::trace::OtlpExport {
-        endpoint,
-        service_name: "saga-orchestrator".into(),
-    });
-    let telemetry = {
-        // The span exporter's channel runs on the service's runtime.
-        let _entered = runtime.enter();
-        saga_proto::trace::init_logging(
-            "warn,saga_orchestrator=info,saga_trace=info",
-            args.log_format,
-            otlp.as_ref(),
-        )
-        .map_err(|e| anyhow::anyhow!("{}: {e}", sources.name("otlp_endpoint")))?
-    };
+    let telemetry = saga_proto::trace::init_service_logging(
+        &runtime,
+        "warn,saga_orchestrator=info,saga_trace=info",
+        args.log_format,
+        args.otlp_endpoint,
+        "saga-orchestrator",
+        &sources,
+    )
+    .map_err(anyhow::Error::msg)?;
     match args.command {
         Command::Serve(serve) => {
             let served = runtime.block_on(run_serve(*serve, &sources));

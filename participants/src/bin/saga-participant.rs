@@ -89,23 +89,15 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let otlp = args
-        .otlp_endpoint
-        .clone()
-        .map(|endpoint| saga_proto::trace::OtlpExport {
-            endpoint,
-            service_name: format!("saga-participant-{}", args.role),
-        });
-    let telemetry = {
-        // The span exporter's channel runs on the service's runtime.
-        let _entered = runtime.enter();
-        saga_proto::trace::init_logging(
-            "warn,saga_participants=info,saga_participant=info,saga_trace=info",
-            args.log_format,
-            otlp.as_ref(),
-        )
-        .map_err(|e| anyhow::anyhow!("{}: {e}", sources.name("otlp_endpoint")))?
-    };
+    let telemetry = saga_proto::trace::init_service_logging(
+        &runtime,
+        "warn,saga_participants=info,saga_participant=info,saga_trace=info",
+        args.log_format,
+        args.otlp_endpoint.clone(),
+        &format!("saga-participant-{}", args.role),
+        &sources,
+    )
+    .map_err(anyhow::Error::msg)?;
     let role = args.role.parse::<Role>().with_context(|| sources.name("role"));
     let ran = role.and_then(|role| runtime.block_on(run(role, args, sources)));
     telemetry.shutdown();
