@@ -74,4 +74,50 @@ impl SagaDefinition {
     pub fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.name == name)
     }
+
+    /// What the engine relies on: unique step names, and every compensable step before the
+    /// first step without compensation (the pivot). The engine calls compensable steps without
+    /// a record in between and compensates all of them that may have been called; a
+    /// compensable step after the pivot could only be undone together with a step that cannot
+    /// be (crash-safety invariants 1 and 3, in `state`).
+    pub fn validate(&self) -> Result<(), InvalidDefinition> {
+        for (i, step) in self.steps.iter().enumerate() {
+            if self.steps[..i].iter().any(|s| s.name == step.name) {
+                return Err(InvalidDefinition(format!("step {:?} appears twice", step.name)));
+            }
+            if step.compensable
+                && let Some(pivot) = self.steps[..i].iter().find(|s| !s.compensable)
+            {
+                return Err(InvalidDefinition(format!(
+                    "compensable step {:?} comes after {:?}, which has no compensation",
+                    step.name, pivot.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::order::{self, OrderTiming};
+
+    #[test]
+    fn a_compensable_step_after_the_pivot_or_a_repeated_name_is_refused() {
+        let mut def = order::definition(&OrderTiming::default());
+        assert_eq!(def.validate(), Ok(()));
+        let pivot = def.steps.last().expect("steps").clone();
+        let mut after = def.steps[0].clone();
+        after.name = "after_pivot".into();
+        def.steps.push(after);
+        let error = def.validate().expect_err("compensable after the pivot");
+        assert!(
+            error.0.contains("after_pivot") && error.0.contains(&pivot.name),
+            "{error}"
+        );
+        def.steps.pop();
+        def.steps.push(def.steps[1].clone());
+        let error = def.validate().expect_err("a name twice");
+        assert!(error.0.contains("twice"), "{error}");
+    }
 }

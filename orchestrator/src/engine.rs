@@ -8,16 +8,18 @@
 //! lost update. Abort is cooperative: the API leaves a request that the driver records between
 //! steps.
 //!
-//! Latency: the append that records a step's outcome (and the next `StepStarted`) runs at the
-//! same time as the next step's call, not before it. That is safe because the next call is
-//! idempotent by key, and because compensation covers the step after the last durably started
-//! one (invariant 1 in `state`): a step called before its `StepStarted` was durable is
-//! compensated after a crash all the same. Two rules keep that true here: a step is called
-//! only after every earlier append was awaited (so at most one step runs ahead of the log),
-//! and a step without compensation is never called before its first `StepStarted` is durable
-//! (invariant 3: past the pivot a saga may only go forward, so the log must know). Each append
-//! is still durable before anything depends on it (the outbox, the final event a client waits
-//! for).
+//! Latency and records: the compensable steps of a saga are called one after the other with
+//! no append between them; their `StepStarted` and outcomes wait in the driver's pending
+//! events and reach the log in one append: before the first step without compensation is
+//! called (invariant 3: past the pivot a saga may only go forward, so the log must know first),
+//! or with the compensation request, the saga's final event, a retry's backoff or a drain. A
+//! completed order saga thus makes three appends of its own (start, pivot, end) instead of one
+//! per step. That is safe because every call is idempotent by key, and because compensation
+//! covers every compensable step after the last one the log shows started (invariant 1 in
+//! `state`): a step called with no record is compensated after a crash all the same, and a
+//! resumed saga calls the steps again, which the participants' barriers answer with their first
+//! outcomes. Each append is still durable before anything depends on it (a step without
+//! compensation, the outbox, the final event a client waits for).
 //!
 //! Acknowledgements (invariant 4): every compensation has a deadline. A compensating saga
 //! whose acks did not all come is re-published when it passes (the participants' barrier makes
@@ -225,7 +227,8 @@ impl Engine {
     /// [`Engine::run_relay`] and an acknowledgement subscription ([`AckHandler`]).
     ///
     /// # Panics
-    /// If `invoker` refuses a definition (`StepInvoker::check`): definitions are code.
+    /// If a definition is invalid (`SagaDefinition::validate`) or `invoker` refuses it
+    /// (`StepInvoker::check`): definitions are code.
     pub fn new(
         log: EventLog,
         definitions: Vec<SagaDefinition>,
@@ -233,7 +236,7 @@ impl Engine {
         config: EngineConfig,
     ) -> Engine {
         for def in &definitions {
-            if let Err(error) = invoker.check(def) {
+            if let Err(error) = def.validate().and_then(|()| invoker.check(def)) {
                 // Definitions are code, not input: a definition its invoker cannot run is a bug.
                 panic!("saga definition {:?}: {error}", def.name);
             }
@@ -1282,16 +1285,18 @@ impl<'e> Driver<'e> {
                 return Ok(());
             }
         }
+        // Invariant 1: a compensable step is called with no append (its start and outcome stay
+        // pending until a step without compensation, the end, or a compensation request).
         // Invariant 3: a step without compensation is called for the first time only once its
-        // start is durable; any other call overlaps the append (invariant 1 covers it). Earlier
-        // starts are durable either way.
-        let overlap = step_def.compensable || self.state.steps[step].ever_started;
+        // start, and every record before it, is durable; a later attempt (its start is in the
+        // log already) overlaps the append of the previous attempt's outcome.
+        let record_first = !step_def.compensable && !self.state.steps[step].ever_started;
+        let overlap = !step_def.compensable && !record_first;
         self.record(SagaEvent::StepStarted {
             step: name.clone(),
             attempt,
         })?;
         let outcome = if overlap {
-            // Record the previous outcome and this start while the call runs.
             let events = std::mem::take(&mut self.pending);
             let (appended, outcome) = tokio::join!(
                 self.engine.append(
@@ -1307,7 +1312,9 @@ impl<'e> Driver<'e> {
             self.settle(appended)?;
             outcome
         } else {
-            self.flush(Vec::new()).await?;
+            if record_first {
+                self.flush(Vec::new()).await?;
+            }
             self.engine
                 .call(self.saga_id, step_def, &self.state.payload)
                 .await

@@ -250,16 +250,23 @@ pub fn classify(status: &tonic::Status, deadline_ms: u64) -> StepError {
                     .map_or("UNKNOWN_REASON", saga_proto::status::reason_name),
                 refusal.detail
             )),
-            None => StepError::Business(text),
+            // Not the barrier's refusal: see below.
+            None => StepError::Unknown(text),
         },
-        // The participant will never accept this request: nothing took effect.
+        // Only a refusal the participant's barrier recorded is a business failure: a repeated
+        // call gets it again, so no life of the saga went past it, and the engine bounds what
+        // it compensates by it (crash-safety invariant 1, in `state`). These codes may come
+        // from elsewhere (a proxy's 404 read as UNIMPLEMENTED, a participant upgraded with
+        // stricter validation, a wrong address) after an earlier attempt took effect: the
+        // outcome is unknown (a compensable step is compensated, with every compensable step
+        // after it; a confirmation is retried, then Stuck for an operator).
         Code::InvalidArgument
         | Code::NotFound
         | Code::AlreadyExists
         | Code::OutOfRange
-        | Code::Unimplemented => StepError::Business(text),
+        | Code::Unimplemented
+        | Code::Cancelled => StepError::Unknown(text),
         Code::DeadlineExceeded => crate::engine::deadline_missed(deadline_ms),
-        Code::Cancelled => StepError::Unknown(text),
         // Unavailable, ResourceExhausted, Aborted, Internal, Unknown, ...: try again with the
         // same key; the barrier answers a retry of an applied call with its first outcome.
         _ => StepError::Transient(text),
@@ -410,6 +417,31 @@ mod tests {
             classify(&refused, 2000),
             StepError::Business("OUT_OF_STOCK: p1: 2 wanted".into())
         );
+    }
+
+    /// Only a refusal the participant's barrier recorded (FAILED_PRECONDITION with a
+    /// `BusinessRefusal`) says "nothing took effect, now or in any earlier life": the engine
+    /// bounds compensation by it (invariant 1) and compensates after a refused confirmation.
+    /// Any other refusal-like code may come from something else than the barrier (a proxy's
+    /// 404 read as UNIMPLEMENTED, a participant upgraded with stricter validation, a wrong
+    /// address) after an earlier attempt took effect, so its outcome is unknown.
+    #[test]
+    fn only_a_recorded_refusal_is_a_business_failure() {
+        use tonic::{Code, Status};
+        for code in [
+            Code::FailedPrecondition,
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::OutOfRange,
+            Code::Unimplemented,
+        ] {
+            let classified = classify(&Status::new(code, "no refusal detail"), 2000);
+            assert!(
+                matches!(classified, StepError::Unknown(_)),
+                "{code:?} without a recorded refusal: {classified:?}"
+            );
+        }
     }
 
     fn invoker() -> Arc<OrderInvoker> {

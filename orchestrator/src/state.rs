@@ -4,24 +4,28 @@
 //! # Crash-safety invariants (kept here and by `engine`)
 //!
 //! 1. **Every step that may have been called is either durably recorded as succeeded or is
-//!    compensated.** The engine overlaps the append that records step k's outcome (and k+1's
-//!    `StepStarted`) with the call of k+1, so after a crash the log can show k as the last
-//!    started step while k+1 was applied. Which steps may have been called is therefore
-//!    computed from the log, not from the phases alone ([`SagaState::called_horizon`]): every
-//!    started step, and the first step after the last started one. The engine keeps the other
-//!    half: it calls a step only once the `StepStarted` of every earlier step is durable (each
-//!    overlapped append is awaited before the next call), so nothing beyond the horizon can
-//!    have been called. A step refused for good (a business refusal) did nothing, and nothing
-//!    after it was called. Compensating a step that was never applied is a null compensation
-//!    at the participant's barrier: over-approximating costs a message, never money.
+//!    compensated.** The engine calls the compensable steps of a definition (they all come
+//!    before its first step without compensation, `SagaDefinition::validate`) without waiting
+//!    for any record: their starts and outcomes reach the log in one append, before the first
+//!    step without compensation is called (or with the compensation request, the saga's end, a
+//!    retry's backoff, a drain). So after a crash the log can end at any step before the pivot
+//!    while every compensable step after it was applied. Which steps may have been called is
+//!    therefore computed from the log, not from the phases alone
+//!    ([`SagaState::called_horizon`]): every started step, and every compensable step after
+//!    the last started one up to the next step without compensation. A step refused for good
+//!    (a business refusal) did nothing, and nothing after it was called: a participant's
+//!    barrier answers a repeated call with its first outcome, so a refusal seen in any life
+//!    was the first outcome, and no life went past it. Compensating a step that was never
+//!    applied is a null compensation at the participant's barrier: over-approximating costs a
+//!    message (only after a crash, an abort or an unknown outcome), never money.
 //! 2. **Once compensation is requested, no forward step is called again**:
 //!    `compensation_requested` is set by `CompensationRequested` and nothing clears it; a
 //!    retried or resumed saga with it set goes on compensating ([`SagaState::next`] never
 //!    answers `Call` for it).
 //! 3. **A step past the pivot (no compensation) that may have been called is never followed by
-//!    compensation.** The engine never overlaps the call of a step without compensation with
-//!    the append of its first `StepStarted` (it waits for that append first), so such a step
-//!    is inside the horizon only when its start is durable; from then on failures are retried,
+//!    compensation.** The engine calls a step without compensation for the first time only
+//!    once its `StepStarted` (with every record before it) is durable, so such a step is inside
+//!    the horizon only when its start is durable; from then on failures are retried,
 //!    then the saga is Stuck for an operator, and abort is refused ([`SagaState::abortable`]).
 //! 4. **Every compensation is acknowledged or re-published.** The state remembers when the
 //!    open compensations were last sent and how often they were re-published; the engine
@@ -396,20 +400,31 @@ impl SagaState {
         step.ever_started || step.attempts > 0 || !matches!(step.phase, Phase::Pending | Phase::Skipped)
     }
 
-    /// The furthest step that may have been called (invariant 1), or `None` before any. It is
-    /// the first step (not skipped) after the last started one, because that step's call
-    /// overlaps the append of its start; but the last started step itself when it was refused
-    /// for good (nothing after it was called) or when the next step has no compensation (the
-    /// engine makes such a step's start durable before calling it, invariant 3).
+    /// The furthest step that may have been called (invariant 1), or `None` before any: the
+    /// last started step, or, after it, the last of the compensable steps that follow it up to
+    /// the next step without compensation (the engine calls those with no record in the log);
+    /// but the last started step itself when it was refused for good (nothing after it was
+    /// called). A step without compensation is inside the horizon only once its start is in the
+    /// log (the engine makes it durable before the call, invariant 3).
     pub fn called_horizon(&self, definition: &SagaDefinition) -> Option<usize> {
         let last_started = self.steps.iter().rposition(Self::is_started);
-        let after = last_started.map_or(0, |i| i + 1);
-        let next = (after..self.steps.len()).find(|&i| self.steps[i].phase != Phase::Skipped);
-        match (last_started, next) {
-            (Some(i), _) if self.steps[i].phase == Phase::Failed(FailureKind::Business) => Some(i),
-            (_, Some(j)) if self.compensable(definition, j) => Some(j),
-            (last, _) => last,
+        if let Some(i) = last_started
+            && self.steps[i].phase == Phase::Failed(FailureKind::Business)
+        {
+            return Some(i);
         }
+        let after = last_started.map_or(0, |i| i + 1);
+        let mut horizon = last_started;
+        for j in after..self.steps.len() {
+            if self.steps[j].phase == Phase::Skipped {
+                continue;
+            }
+            if !self.compensable(definition, j) {
+                break;
+            }
+            horizon = Some(j);
+        }
+        horizon
     }
 
     /// The steps to compensate, in reverse order: every compensable step up to the horizon
@@ -636,20 +651,31 @@ mod tests {
                 failed("reserve_stock", FailureKind::Unknown, false),
             ],
         );
-        // lock_coupon too: reserve_stock may have succeeded in a life whose record was lost,
-        // and lock_coupon been called (invariant 1); at worst a null compensation.
-        assert_eq!(unknown.next(&def), Next::Compensate { steps: vec![2, 1, 0] });
+        // lock_coupon and deduct_balance too: reserve_stock may have succeeded in a life whose
+        // record was lost, and the compensable steps after it been called with no record
+        // (invariant 1); at worst null compensations.
+        assert_eq!(
+            unknown.next(&def),
+            Next::Compensate {
+                steps: vec![3, 2, 1, 0]
+            }
+        );
     }
 
     #[test]
-    fn the_step_after_the_last_started_one_is_compensated_unless_it_has_no_compensation() {
+    fn the_compensable_steps_after_the_last_started_one_are_compensated_but_not_the_pivot() {
         let def = order::definition(&OrderTiming::default());
         let started = |step: &str| SagaEvent::StepStarted {
             step: step.into(),
             attempt: 1,
         };
-        // Crash after reserve_stock's call returned and lock_coupon was called, before the
-        // append recording both was durable: the log ends at reserve_stock's start.
+        // A fresh saga: every compensable step may be called before anything is recorded.
+        let state = started_saga(&[]);
+        assert_eq!(state.called_horizon(&def), Some(3));
+        assert!(state.abortable(&def));
+        // Crash after reserve_stock's call returned and the later compensable steps were
+        // called, before the append recording them was durable (a retry's backoff had recorded
+        // reserve_stock's start): the log ends at reserve_stock's start.
         let mut state = started_saga(&[]);
         apply(
             &mut state,
@@ -659,15 +685,32 @@ mod tests {
                 started("reserve_stock"),
             ],
         );
-        assert_eq!(state.called_horizon(&def), Some(2));
+        assert_eq!(state.called_horizon(&def), Some(3));
         apply(
             &mut state,
             &[failed("reserve_stock", FailureKind::Unknown, false)],
         );
-        assert_eq!(state.next(&def), Next::Compensate { steps: vec![2, 1, 0] });
-        // Before the pivot's successor: confirm_order is called only once its start is
-        // durable, so a log ending at deduct_balance's start never compensates it (it has no
-        // compensation) and the saga can still be aborted.
+        assert_eq!(
+            state.next(&def),
+            Next::Compensate {
+                steps: vec![3, 2, 1, 0]
+            }
+        );
+        // A business refusal bounds the horizon: nothing after it was called in any life.
+        let mut refused = started_saga(&[]);
+        apply(
+            &mut refused,
+            &[
+                started("create_order"),
+                ok("create_order"),
+                started("reserve_stock"),
+                failed("reserve_stock", FailureKind::Business, false),
+            ],
+        );
+        assert_eq!(refused.called_horizon(&def), Some(1));
+        // Before the pivot: confirm_order is called only once its start is durable, so a log
+        // ending at deduct_balance's start never compensates it (it has no compensation) and
+        // the saga can still be aborted.
         let mut state = started_saga(&[]);
         for step in ["create_order", "reserve_stock", "lock_coupon"] {
             apply(&mut state, &[started(step), ok(step)]);

@@ -32,11 +32,11 @@ struct Ledger {
 /// Per phase: what the fake participants answer.
 struct FakeInvoker {
     ledger: Arc<Ledger>,
-    /// Phase 1: when this step is called, the log is armed to drop the next append (the one
-    /// that records this step's outcome), then the step succeeds.
+    /// Phase 1: when this step is called, the log is armed to drop the next append (for a
+    /// compensable step, the one that records the forward run before the pivot is called),
+    /// then the step succeeds.
     crash_after: Option<String>,
     gate: Arc<WriterGate>,
-    log: saga_storage::EventLog,
     /// Phase 2: this step's participant is down (every call fails transiently).
     down: Option<String>,
     /// This step is refused for good (a business refusal: nothing took effect).
@@ -46,7 +46,7 @@ struct FakeInvoker {
 impl StepInvoker for FakeInvoker {
     fn invoke(
         &self,
-        saga_id: &str,
+        _saga_id: &str,
         step: &StepDef,
         _payload: &[u8],
     ) -> BoxFuture<'static, Result<(), StepError>> {
@@ -56,8 +56,6 @@ impl StepInvoker for FakeInvoker {
         let down = self.down.as_deref() == Some(name.as_str());
         let refuse = self.refuse.as_deref() == Some(name.as_str());
         let gate = Arc::clone(&self.gate);
-        let log = self.log.clone();
-        let saga_id = saga_id.to_owned();
         Box::pin(async move {
             if down {
                 return Err(StepError::Transient("participant down".into()));
@@ -69,26 +67,10 @@ impl StepInvoker for FakeInvoker {
             ledger.called.lock().unwrap().insert(name.clone());
             ledger.applied.lock().unwrap().insert(name.clone());
             if crash_here {
-                // Wait until this step's own StepStarted is durable, so that the next append
-                // is the one recording its success (and the next step's start).
-                wait_for_started(&log, &saga_id, &name).await;
                 gate.arm(GatePoint::BeforeCommit);
             }
             Ok(())
         })
-    }
-}
-
-async fn wait_for_started(log: &saga_storage::EventLog, saga_id: &str, step: &str) {
-    let mut tail = log.subscribe(Position::new(1));
-    loop {
-        let record = tail.next().await.expect("tail");
-        if record.stream() == saga_id
-            && let SagaEvent::StepStarted { step: s, .. } = record.decode::<SagaEvent>().expect("decodes")
-            && s == step
-        {
-            return;
-        }
     }
 }
 
@@ -136,7 +118,6 @@ async fn crash_then_fail_on_resume(crash_after: &str, down: &str) -> (Arc<Ledger
             ledger: Arc::clone(&ledger),
             crash_after: Some(crash_after.into()),
             gate: Arc::clone(&gate),
-            log: log.clone(),
             down: None,
             refuse: None,
         });
@@ -159,7 +140,6 @@ async fn crash_then_fail_on_resume(crash_after: &str, down: &str) -> (Arc<Ledger
         ledger: Arc::clone(&ledger),
         crash_after: None,
         gate: Arc::new(WriterGate::new()),
-        log: log.clone(),
         down: Some(down.into()),
         refuse: None,
     });
@@ -190,10 +170,11 @@ async fn crash_then_fail_on_resume(crash_after: &str, down: &str) -> (Arc<Ledger
     (ledger, requested, state.status)
 }
 
-/// Item 1 of the crash-safety review: the driver records step k's success (and k+1's start)
-/// while it calls k+1. A crash before that append is durable leaves k Running and k+1 Pending
-/// in the log, yet k+1 was applied. If k then fails for good on resumption, k+1 must be
-/// compensated too.
+/// Item 1 of the crash-safety review, and issue 11's records: the driver calls the compensable
+/// steps with no append in between and records them all before the pivot. A crash before that
+/// append leaves the log at `SagaStarted` (or at an earlier step), yet the steps after it were
+/// applied. If a step then fails for good on resumption, every step after it up to the pivot
+/// must be compensated too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_called_before_its_start_was_durable_is_compensated_when_the_resumed_step_fails() {
     let (ledger, requested, status) =
@@ -201,6 +182,26 @@ async fn a_step_called_before_its_start_was_durable_is_compensated_when_the_resu
     assert!(
         ledger.called.lock().unwrap().contains(order::LOCK_COUPON),
         "the test reproduces the window: lock_coupon was called before the crash"
+    );
+    assert_eq!(status, Status::Compensating, "compensation was requested");
+    let leaked = ledger.applied.lock().unwrap().clone();
+    assert!(
+        leaked.is_empty(),
+        "effects left applied for a compensated saga: {leaked:?} (compensations requested: {requested:?})"
+    );
+}
+
+/// The widest form of that window: every compensable step was applied and the append that
+/// records them (before the pivot is called) is lost; on resumption the first step fails for
+/// good. All four are compensated, and the confirmation was never called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_called_with_no_record_are_all_compensated_when_the_resumed_first_step_fails() {
+    let (ledger, requested, status) =
+        crash_then_fail_on_resume(order::DEDUCT_BALANCE, order::CREATE_ORDER).await;
+    let called = ledger.called.lock().unwrap().clone();
+    assert!(
+        called.contains(order::DEDUCT_BALANCE) && !called.contains(order::CONFIRM_ORDER),
+        "the test reproduces the window: every compensable step was called, the pivot was not ({called:?})"
     );
     assert_eq!(status, Status::Compensating, "compensation was requested");
     let leaked = ledger.applied.lock().unwrap().clone();
@@ -263,7 +264,6 @@ fn running(refuse: &str, config: EngineConfig) -> Running {
         ledger: Arc::clone(&ledger),
         crash_after: None,
         gate: Arc::new(WriterGate::new()),
-        log: log.clone(),
         down: None,
         refuse: Some(refuse.into()),
     });
@@ -459,7 +459,6 @@ async fn acks_reach_the_orchestrator_that_owns_the_saga() {
             ledger: Arc::new(Ledger::default()),
             crash_after: None,
             gate: Arc::new(WriterGate::new()),
-            log: log.clone(),
             down: None,
             refuse: Some("refused".into()),
         });
@@ -581,7 +580,6 @@ async fn a_start_whose_caller_went_away_during_the_append_is_still_driven() {
         ledger: Arc::new(Ledger::default()),
         crash_after: None,
         gate: Arc::new(WriterGate::new()),
-        log: log.clone(),
         down: None,
         refuse: None,
     });
@@ -628,8 +626,12 @@ async fn a_start_whose_caller_went_away_during_the_append_is_still_driven() {
     wait_status(&engine, &saga_id, Status::Completed).await;
 }
 
-/// Panics in the balance step's call (a bug in an invoker).
-struct PanickingInvoker;
+/// Panics in the balance step's call (a bug in an invoker); `reached` is notified when that
+/// call is made.
+#[derive(Default)]
+struct PanickingInvoker {
+    reached: tokio::sync::Notify,
+}
 
 impl StepInvoker for PanickingInvoker {
     fn invoke(
@@ -639,6 +641,9 @@ impl StepInvoker for PanickingInvoker {
         _payload: &[u8],
     ) -> BoxFuture<'static, Result<(), StepError>> {
         let panics = step.name == order::DEDUCT_BALANCE;
+        if panics {
+            self.reached.notify_one();
+        }
         Box::pin(async move {
             assert!(!panics, "invoker bug (test)");
             Ok(())
@@ -652,18 +657,21 @@ impl StepInvoker for PanickingInvoker {
 async fn a_panicking_driver_pass_does_not_hold_a_drain() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = open_log(LogConfig::new(dir.path())).expect("opens");
+    let invoker = Arc::new(PanickingInvoker::default());
     let engine = Engine::new(
         log,
         vec![order::definition(&timing())],
-        Arc::new(PanickingInvoker),
+        Arc::clone(&invoker) as Arc<dyn StepInvoker>,
         EngineConfig::default(),
     );
-    let (state, _) = engine
+    engine
         .start(order::DEFINITION, "req-panics", order_payload(), Vec::new())
         .await
         .expect("starts");
-    // The pass reaches the balance step (its start is recorded first), then panics.
-    wait_for_started(engine.log(), &state.saga_id, order::DEDUCT_BALANCE).await;
+    // The pass reaches the balance step, then panics.
+    tokio::time::timeout(Duration::from_secs(20), invoker.reached.notified())
+        .await
+        .expect("the balance step is called");
     let began = std::time::Instant::now();
     assert!(
         engine.drain(Duration::from_secs(20)).await,
