@@ -18,7 +18,13 @@ pub(super) struct Flusher {
 }
 
 impl Flusher {
-    pub(super) fn run(mut self, committed: std::sync::mpsc::Receiver<Committed>) {
+    /// The flusher thread's loop. The writer finishes a batch itself (under the same lock)
+    /// only when `queued` is zero, so batches are finished in commit order either way.
+    pub(super) fn run(
+        this: &std::sync::Mutex<Flusher>,
+        queued: &AtomicUsize,
+        committed: std::sync::mpsc::Receiver<Committed>,
+    ) {
         let mut ready = Vec::new();
         while let Ok(first) = committed.recv() {
             ready.push(first);
@@ -26,11 +32,14 @@ impl Flusher {
             while let Ok(more) = committed.try_recv() {
                 ready.push(more);
             }
-            self.finish(&mut ready);
+            let taken = ready.len();
+            match this.lock() {
+                Ok(mut flusher) => flusher.finish(&mut ready),
+                // The writer panicked while finishing a batch: nothing becomes durable any more.
+                Err(_) => return,
+            }
+            queued.fetch_sub(taken, Ordering::AcqRel);
         }
-        // Sled flushes on drop as well; this makes committed outbox deletions durable on a
-        // clean close.
-        let _ = self.db.flush();
     }
 
     pub(super) fn finish(&mut self, ready: &mut Vec<Committed>) {

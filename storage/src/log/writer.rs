@@ -90,7 +90,9 @@ impl Writer {
     /// next batch is committed while the previous one is being flushed (pipelined group commit).
     pub(super) fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
         let (to_flusher, from_writer) = std::sync::mpsc::sync_channel::<Committed>(FLUSH_QUEUE_LEN_MAX);
-        let flusher = Flusher {
+        // Tests that hold the flusher (`gate`) keep every flush on the flusher thread.
+        let inline_allowed = self.flush_gate.is_none();
+        let flusher = Arc::new(std::sync::Mutex::new(Flusher {
             db: self.trees.db.clone(),
             shared: Arc::clone(&self.shared),
             durable: self.durable.clone(),
@@ -98,11 +100,17 @@ impl Writer {
             failure: None,
             mark: self.mark.take(),
             gate: self.flush_gate.take(),
+        }));
+        // Batches handed to the flusher thread and not finished yet. Zero means the flusher
+        // thread holds nothing: a batch finished here now is finished after every earlier one.
+        let queued = Arc::new(AtomicUsize::new(0));
+        let flusher_thread = {
+            let (flusher, queued) = (Arc::clone(&flusher), Arc::clone(&queued));
+            std::thread::Builder::new()
+                .name("saga-log-flusher".into())
+                .spawn(move || Flusher::run(&flusher, &queued, from_writer))
+                .expect("spawn the flusher thread")
         };
-        let flusher = std::thread::Builder::new()
-            .name("saga-log-flusher".into())
-            .spawn(move || flusher.run(from_writer))
-            .expect("spawn the flusher thread");
         let mut batch = Vec::with_capacity(self.batch_len_max);
         while let Some(job) = jobs.blocking_recv() {
             batch.push(job);
@@ -112,9 +120,22 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if let Some(committed) = self.process(&mut batch)
-                && let Err(unsent) = to_flusher.send(committed)
+            let Some(committed) = self.process(&mut batch) else {
+                continue;
+            };
+            // Nothing else waits to be committed and the flusher thread is idle: flush here,
+            // saving the hand-off (concurrency 1). Otherwise the flusher thread flushes while
+            // the next batch is committed (pipelined group commit).
+            if inline_allowed
+                && jobs.is_empty()
+                && queued.load(Ordering::Acquire) == 0
+                && let Ok(mut flusher) = flusher.lock()
             {
+                flusher.finish(&mut vec![committed]);
+                continue;
+            }
+            queued.fetch_add(1, Ordering::AcqRel);
+            if let Err(unsent) = to_flusher.send(committed) {
                 // The flusher is gone (it panicked): nothing can become durable any more. These
                 // jobs were committed, so their outcome is unknown to their callers (FlushFailed,
                 // not Failed), and the log stops: later batches are refused, readers fail.
@@ -128,7 +149,12 @@ impl Writer {
             }
         }
         drop(to_flusher);
-        let _ = flusher.join();
+        let _ = flusher_thread.join();
+        // Sled flushes on drop as well; this makes committed outbox deletions durable on a
+        // clean close.
+        if let Ok(flusher) = flusher.lock() {
+            let _ = flusher.db.flush();
+        }
     }
 
     /// Commits one batch. Returns it for the flusher, or `None` when it was answered already.
