@@ -8,7 +8,8 @@
 //!   readers) and not yet flushed. Readers must not return it before the flush covers it.
 //! - [`GatePoint::BeforeFlush`]: the **flusher** thread holds committed batches before their
 //!   flush (a gate of its own, [`crate::LogConfig::flush_gate`]), so that the writer can go on
-//!   meanwhile, as it does when a flush is slow.
+//!   meanwhile, as it does when a flush is slow. With this gate set the writer never flushes a
+//!   batch itself (it does when nothing else is queued, without the gate).
 //!
 //! Off unless a `WriterGate` is put in [`crate::LogConfig::gate`]; production never sets one.
 //! The gate is one-shot: `arm` holds the next batch that reaches the point, then disarms.

@@ -871,3 +871,42 @@ async fn a_failed_batch_stops_the_log_even_while_an_earlier_flush_is_running() {
         "an append after the failure must be refused, got {third:?}"
     );
 }
+
+/// Panics on the stream `boom` (a bug in a projector).
+struct PanickingProjector;
+
+impl Projector for PanickingProjector {
+    fn project(&self, event: &EventView<'_>, _tx: &mut ProjectionTx<'_>) -> Result<(), ProjectError> {
+        assert!(event.stream != "boom", "projector bug (test)");
+        Ok(())
+    }
+}
+
+/// A panic of the writer thread (in a projector, or in a flush the writer runs itself) stops
+/// the log visibly: the append fails, later ones too, and `is_failed`/`failure` report it, so
+/// that health checks stop serving instead of answering SERVING over a dead log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_of_the_writer_thread_marks_the_log_failed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log =
+        EventLog::open_with(LogConfig::new(dir.path()), Some(Arc::new(PanickingProjector))).expect("opens");
+    let event = AccountEvent::Deposited { amount: 1 }.to_new();
+    log.append(AppendRequest::new("fine", ExpectedVersion::Any).event(event.clone()))
+        .await
+        .expect("a fine append");
+    assert!(!log.is_failed());
+    let failed = log
+        .append(AppendRequest::new("boom", ExpectedVersion::Any).event(event.clone()))
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    let reported = tokio::time::timeout(std::time::Duration::from_secs(10), log.failure())
+        .await
+        .expect("failure() resolves");
+    assert!(reported, "the log reports its failure");
+    assert!(log.is_failed());
+    assert!(
+        log.append(AppendRequest::new("fine", ExpectedVersion::Any).event(event))
+            .await
+            .is_err()
+    );
+}

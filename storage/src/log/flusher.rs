@@ -1,9 +1,10 @@
-//! The flusher thread: makes committed batches durable, in commit order, answers them, and
-//! writes the durable mark.
+//! The flusher: makes committed batches durable, in commit order, answers them, and writes the
+//! durable mark. Its steps run on the flusher thread, or on the writer thread when nothing else
+//! is queued and the flusher thread holds no batch (see `Writer::run`).
 
 use super::*;
 
-/// The flusher thread: makes committed batches durable, in commit order, then answers them.
+/// The flusher: makes committed batches durable, in commit order, then answers them.
 pub(super) struct Flusher {
     pub(super) db: sled::Db,
     pub(super) shared: Arc<Shared>,
@@ -115,7 +116,8 @@ impl Flusher {
                 reply(job, outcome);
             }
         }
-        // The mark's fdatasync (power-loss staleness, see `mark`) is off the answers' latency.
+        // The mark's fdatasync (power-loss staleness, see `mark`) is off the answers' latency
+        // (run inline by the writer, it delays the next commit instead).
         if let Some(mark) = &mut self.mark
             && let Err(error) = mark.sync_if_due()
         {

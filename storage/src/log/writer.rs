@@ -67,6 +67,17 @@ pub(super) struct Writer {
     pub(super) written: Vec<(usize, Vec<IVec>)>,
 }
 
+/// Sets the log's `failed` flag when the thread holding it unwinds from a panic.
+struct FailOnPanic(watch::Sender<Durable>);
+
+impl Drop for FailOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.send_modify(|d| d.failed = true);
+        }
+    }
+}
+
 /// A committed batch on its way to the flusher.
 pub(super) struct Committed {
     pub(super) seq: u64,
@@ -89,6 +100,10 @@ impl Writer {
     /// The writer thread: commits batches and hands them to the flusher thread, so that the
     /// next batch is committed while the previous one is being flushed (pipelined group commit).
     pub(super) fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        // A panic of this thread (in a commit, or in a flush it runs itself) stops the log
+        // visibly: `failed` is set, so health checks and `EventLog::failure` report it, as for
+        // a panic of the flusher thread.
+        let _stops_on_panic = FailOnPanic(self.durable.clone());
         let (to_flusher, from_writer) = std::sync::mpsc::sync_channel::<Committed>(FLUSH_QUEUE_LEN_MAX);
         // Tests that hold the flusher (`gate`) keep every flush on the flusher thread.
         let inline_allowed = self.flush_gate.is_none();
@@ -152,9 +167,7 @@ impl Writer {
         let _ = flusher_thread.join();
         // Sled flushes on drop as well; this makes committed outbox deletions durable on a
         // clean close.
-        if let Ok(flusher) = flusher.lock() {
-            let _ = flusher.db.flush();
-        }
+        let _ = self.trees.db.flush();
     }
 
     /// Commits one batch. Returns it for the flusher, or `None` when it was answered already.
