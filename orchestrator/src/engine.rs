@@ -1290,8 +1290,9 @@ impl<'e> Driver<'e> {
         // Invariant 3: a step without compensation is called for the first time only once its
         // start, and every record before it, is durable; a later attempt (its start is in the
         // log already) overlaps the append of the previous attempt's outcome.
-        let record_first = !step_def.compensable && !self.state.steps[step].ever_started;
-        let overlap = !step_def.compensable && !record_first;
+        let ever_started = self.state.steps[step].ever_started;
+        let record_first = !step_def.compensable && !ever_started;
+        let overlap = !step_def.compensable && ever_started;
         self.record(SagaEvent::StepStarted {
             step: name.clone(),
             attempt,

@@ -170,6 +170,16 @@ async fn crash_then_fail_on_resume(crash_after: &str, down: &str) -> (Arc<Ledger
     (ledger, requested, state.status)
 }
 
+/// The saga compensates, and the compensations requested undid every effect applied.
+fn assert_compensated_without_leak(ledger: &Ledger, requested: &[String], status: Status) {
+    assert_eq!(status, Status::Compensating, "compensation was requested");
+    let leaked = ledger.applied.lock().unwrap().clone();
+    assert!(
+        leaked.is_empty(),
+        "effects left applied for a compensated saga: {leaked:?} (compensations requested: {requested:?})"
+    );
+}
+
 /// Item 1 of the crash-safety review, and issue 11's records: the driver calls the compensable
 /// steps with no append in between and records them all before the pivot. A crash before that
 /// append leaves the log at `SagaStarted` (or at an earlier step), yet the steps after it were
@@ -183,12 +193,7 @@ async fn a_step_called_before_its_start_was_durable_is_compensated_when_the_resu
         ledger.called.lock().unwrap().contains(order::LOCK_COUPON),
         "the test reproduces the window: lock_coupon was called before the crash"
     );
-    assert_eq!(status, Status::Compensating, "compensation was requested");
-    let leaked = ledger.applied.lock().unwrap().clone();
-    assert!(
-        leaked.is_empty(),
-        "effects left applied for a compensated saga: {leaked:?} (compensations requested: {requested:?})"
-    );
+    assert_compensated_without_leak(&ledger, &requested, status);
 }
 
 /// The widest form of that window: every compensable step was applied and the append that
@@ -203,12 +208,7 @@ async fn steps_called_with_no_record_are_all_compensated_when_the_resumed_first_
         called.contains(order::DEDUCT_BALANCE) && !called.contains(order::CONFIRM_ORDER),
         "the test reproduces the window: every compensable step was called, the pivot was not ({called:?})"
     );
-    assert_eq!(status, Status::Compensating, "compensation was requested");
-    let leaked = ledger.applied.lock().unwrap().clone();
-    assert!(
-        leaked.is_empty(),
-        "effects left applied for a compensated saga: {leaked:?} (compensations requested: {requested:?})"
-    );
+    assert_compensated_without_leak(&ledger, &requested, status);
 }
 
 /// The same window when k+1 is the pivot's successor (confirm_order, no compensation): a saga

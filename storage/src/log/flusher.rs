@@ -22,7 +22,7 @@ impl Flusher {
     /// The flusher thread's loop. The writer finishes a batch itself (under the same lock)
     /// only when `queued` is zero, so batches are finished in commit order either way.
     pub(super) fn run(
-        this: &std::sync::Mutex<Flusher>,
+        this: &Mutex<Flusher>,
         queued: &AtomicUsize,
         committed: std::sync::mpsc::Receiver<Committed>,
     ) {

@@ -107,7 +107,7 @@ impl Writer {
         let (to_flusher, from_writer) = std::sync::mpsc::sync_channel::<Committed>(FLUSH_QUEUE_LEN_MAX);
         // Tests that hold the flusher (`gate`) keep every flush on the flusher thread.
         let inline_allowed = self.flush_gate.is_none();
-        let flusher = Arc::new(std::sync::Mutex::new(Flusher {
+        let flusher = Arc::new(Mutex::new(Flusher {
             db: self.trees.db.clone(),
             shared: Arc::clone(&self.shared),
             durable: self.durable.clone(),
