@@ -135,8 +135,9 @@ impl LogConfig {
     /// stream cache holds those) and of the right edge of its trees, so a small cache loses
     /// nothing measurable; sled's accounting undercounts what it holds, so a larger one costs
     /// far more than it says (BENCHMARKS.md: after 20,000 sagas the orchestrator held 220 MiB
-    /// with 64 MiB here, 82 MiB with 8, at the same saga rate).
-    pub const CACHE_MB_DEFAULT: u64 = 8;
+    /// with 64 MiB here, 82 MiB with 8; the five processes 414 MB with 8 and 320 MB with 1,
+    /// and 1 was not slower at 1 or 32 in flight).
+    pub const CACHE_MB_DEFAULT: u64 = 1;
 
     pub fn new(path: impl Into<PathBuf>) -> Self {
         LogConfig {

@@ -9,7 +9,10 @@
 //! extends it only with the next version, and does both right after the transaction commits,
 //! before the batch goes to the flusher. A stream whose entry is evicted (or grew past
 //! [`STREAM_RECORDS_MAX`], or got a record larger than [`RECORD_BYTES_MAX`]) is never cached
-//! again: its next append does not start at version 1. Memory is bounded by [`BYTES_MAX`].
+//! again: its next append does not start at version 1. Memory is bounded by [`BYTES_MAX`],
+//! counted as the heap memory the entries hold (see [`cost_of`]), not only the records' bytes:
+//! most streams of a participant have one or two records of a few hundred bytes, and the keys,
+//! the `Record` structs and the allocations' headers came to more than the bytes themselves.
 //! So a stream either has a complete entry or none, and `None` sends the reader to sled.
 //!
 //! Readers see the cache as they would see sled: a batch at once (the writer applies it under
@@ -22,9 +25,11 @@ use std::sync::Mutex;
 
 use super::record::Record;
 
-/// Most bytes of records the cache holds (about a thousand sagas of the orchestrator); past it
-/// whole streams are evicted, oldest entry first.
+/// Most bytes of memory the cache's entries hold (a few hundred sagas of the orchestrator, far
+/// more than it has in flight); past it whole streams are evicted, oldest entry first.
 pub(super) const BYTES_MAX: usize = 4 << 20;
+/// What the allocator adds to each allocation (its header and rounding), about.
+const ALLOCATION_OVERHEAD: usize = 16;
 /// Largest record kept: a stream with a larger one loses its entry (payloads may be up to
 /// 1 MiB; a saga's events are a few hundred bytes).
 pub(super) const RECORD_BYTES_MAX: usize = 4 << 10;
@@ -46,8 +51,19 @@ struct Inner {
     bytes: usize,
 }
 
-fn bytes_of(records: &[Record]) -> usize {
-    records.iter().map(|r| r.as_bytes().len()).sum()
+/// The heap memory an entry holds, about: its name twice (the map's key and the eviction
+/// queue's copy) with the map's and the queue's slots, its `Vec` of records, and each record's
+/// shared bytes (an `Arc<[u8]>` inside sled's `IVec`: two counters before the bytes).
+fn cost_of(stream: &str, records: &Vec<Record>) -> usize {
+    let names = 2 * (stream.len() + ALLOCATION_OVERHEAD)
+        + std::mem::size_of::<(String, Vec<Record>)>()
+        + std::mem::size_of::<String>();
+    let vec = records.capacity() * std::mem::size_of::<Record>() + ALLOCATION_OVERHEAD;
+    let bytes: usize = records
+        .iter()
+        .map(|r| r.as_bytes().len() + 2 * std::mem::size_of::<usize>() + ALLOCATION_OVERHEAD)
+        .sum();
+    names + vec + bytes
 }
 
 impl StreamCache {
@@ -85,18 +101,19 @@ impl StreamCache {
                         && entry.len() as u64 + 1 == first_version
                         && entry.len() + records.len() <= STREAM_RECORDS_MAX =>
                 {
-                    inner.bytes += bytes_of(&records);
+                    inner.bytes -= cost_of(stream, entry);
                     entry.extend(records);
+                    inner.bytes += cost_of(stream, entry);
                 }
                 Some(_) => {
                     // Too long, a record too large, or not the next version (the writer's
                     // head of the stream was re-read after a failure): from now on the stream
                     // is read from sled.
                     let dropped = inner.streams.remove(stream).expect("present");
-                    inner.bytes -= bytes_of(&dropped);
+                    inner.bytes -= cost_of(stream, &dropped);
                 }
                 None if keep && first_version == 1 && records.len() <= STREAM_RECORDS_MAX => {
-                    inner.bytes += bytes_of(&records);
+                    inner.bytes += cost_of(stream, &records);
                     inner.streams.insert(stream.to_owned(), records);
                     inner.order.push_back(stream.to_owned());
                 }
@@ -108,7 +125,7 @@ impl StreamCache {
                 break;
             };
             if let Some(dropped) = inner.streams.remove(&oldest) {
-                inner.bytes -= bytes_of(&dropped);
+                inner.bytes -= cost_of(&oldest, &dropped);
             }
         }
         // Names of entries dropped (too long, too large) stay in `order` until they reach its
@@ -117,5 +134,59 @@ impl StreamCache {
             let streams = &inner.streams;
             inner.order.retain(|name| streams.contains_key(name));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record_format::{self, RecordFields};
+
+    fn record(stream: &str, version: u64, payload_len: usize) -> Record {
+        let (bytes, _) = record_format::encode(&RecordFields {
+            position: version,
+            version,
+            timestamp_us: 0,
+            prev_checksum: 0,
+            stream,
+            event_type: "StepSucceeded",
+            payload: &vec![7; payload_len],
+        });
+        Record::verify(version, bytes.into()).expect("a record just encoded verifies")
+    }
+
+    /// The heap memory the entries hold, without the allocator's overhead: a lower bound.
+    fn held(cache: &StreamCache) -> usize {
+        let inner = cache.inner.lock().expect("stream cache lock");
+        let entries: usize = inner
+            .streams
+            .iter()
+            .map(|(name, records)| {
+                name.capacity()
+                    + records.capacity() * std::mem::size_of::<Record>()
+                    + records.iter().map(|r| r.as_bytes().len()).sum::<usize>()
+            })
+            .sum();
+        let queue: usize = inner.order.iter().map(String::capacity).sum();
+        entries + queue
+    }
+
+    /// A participant's streams: one or two small records each (a step's outcome, an order),
+    /// under names about as long as the records. The bound holds for the memory they take,
+    /// not only for the records' bytes.
+    #[test]
+    fn many_small_streams_stay_within_the_memory_bound() {
+        let cache = StreamCache::default();
+        for saga in 0..40_000 {
+            let stream = format!("step/{saga:036}/create_order");
+            let first = record(&stream, 1, 60);
+            let second = record(&stream, 2, 60);
+            cache.appended(vec![(stream.as_str(), vec![first])]);
+            cache.appended(vec![(stream.as_str(), vec![second])]);
+        }
+        let inner_len = cache.inner.lock().expect("stream cache lock").streams.len();
+        assert!(inner_len > 1_000, "the cache still holds recent streams ({inner_len})");
+        let held = held(&cache);
+        assert!(held <= BYTES_MAX, "the entries hold {held} bytes, more than the bound of {BYTES_MAX}");
     }
 }

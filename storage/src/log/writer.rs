@@ -22,8 +22,11 @@ pub(super) type Head = (u64, u64);
 pub(super) type LeftOut = HashMap<usize, StorageError>;
 
 /// Most stream heads the writer caches; past it the cache is emptied (heads are re-derived on
-/// demand), so memory stays bounded however many streams exist.
-pub(super) const HEAD_CACHE_LEN_MAX: usize = 100_000;
+/// demand, one sled read per stream), so memory stays bounded however many streams exist. An
+/// entry takes about 100 bytes with its name; a participant makes two or three new streams per
+/// saga, so this is several seconds of sagas at full speed, far more than are in flight, and
+/// about 2 MB (100,000 here held 10 MB in a participant after 20,000 sagas: BENCHMARKS.md).
+pub(super) const HEAD_CACHE_LEN_MAX: usize = 16_384;
 
 /// A job's outcome inside the transaction, before the flush decides whether it stands.
 pub(super) enum Outcome {
