@@ -12,19 +12,35 @@ use std::process::Command;
 fn sled_is_built_without_its_operation_histograms() {
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
     // The graph for this machine only: the packages of other platforms are not downloaded.
-    let version = Command::new(env!("CARGO")).arg("-vV").output().expect("run cargo -vV");
+    let version = Command::new(env!("CARGO"))
+        .arg("-vV")
+        .output()
+        .expect("run cargo -vV");
     let version = String::from_utf8_lossy(&version.stdout);
     let host = version
         .lines()
         .find_map(|l| l.strip_prefix("host: "))
         .expect("cargo -vV names the host");
     let out = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--locked", "--offline", "--filter-platform", host])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--locked",
+            "--offline",
+            "--filter-platform",
+            host,
+        ])
         .args(["--manifest-path", manifest])
         .output()
         .expect("run cargo metadata");
-    assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
-    let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON");
+    assert!(
+        out.status.success(),
+        "cargo metadata: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON");
     let sled = metadata["packages"]
         .as_array()
         .expect("packages")

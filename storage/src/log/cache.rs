@@ -185,8 +185,14 @@ mod tests {
             cache.appended(vec![(stream.as_str(), vec![second])]);
         }
         let inner_len = cache.inner.lock().expect("stream cache lock").streams.len();
-        assert!(inner_len > 1_000, "the cache still holds recent streams ({inner_len})");
+        assert!(
+            inner_len > 1_000,
+            "the cache still holds recent streams ({inner_len})"
+        );
         let held = held(&cache);
-        assert!(held <= BYTES_MAX, "the entries hold {held} bytes, more than the bound of {BYTES_MAX}");
+        assert!(
+            held <= BYTES_MAX,
+            "the entries hold {held} bytes, more than the bound of {BYTES_MAX}"
+        );
     }
 }
