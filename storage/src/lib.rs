@@ -17,6 +17,7 @@
 //! - [`outbox`]: messages written with the events that decide them, for a relay to publish.
 //! - [`mark`]: the durable mark beside the log, so that a lost tail is detected at open.
 //! - [`gate`]: a test hook that holds the writer at a named point (crash-window tests).
+//! - [`heap`]: the allocator setting that keeps sled's I/O buffers out of the heap.
 //! - [`error`]: the error type, [`StorageError`], with variants a caller can act on.
 //! - [`metric`]: the names of the log's metrics (the `metrics` facade; a no-op until a
 //!   binary installs a recorder).
@@ -27,6 +28,7 @@ pub mod codec;
 pub mod conflict;
 pub mod error;
 pub mod gate;
+pub mod heap;
 pub mod log;
 pub mod mark;
 pub mod metric;

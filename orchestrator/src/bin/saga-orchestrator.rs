@@ -172,6 +172,8 @@ struct DevArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread: sled's I/O buffers in mappings of their own (see the function).
+    saga_storage::heap::keep_large_buffers_out_of_the_heap();
     let (args, sources) = saga_proto::config::parse::<Args>(&["serve", "dev"]);
     // `dev` runs the participants and the embedded queue in this process too.
     let default_workers = match args.command {

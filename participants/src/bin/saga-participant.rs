@@ -83,6 +83,8 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread: sled's I/O buffers in mappings of their own (see the function).
+    saga_storage::heap::keep_large_buffers_out_of_the_heap();
     let (args, sources) = saga_proto::config::parse::<Args>(&[]);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.max(1))
