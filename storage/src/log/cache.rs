@@ -10,7 +10,7 @@
 //! before the batch goes to the flusher. A stream whose entry is evicted (or grew past
 //! [`STREAM_RECORDS_MAX`], or got a record larger than [`RECORD_BYTES_MAX`]) is never cached
 //! again: its next append does not start at version 1. Memory is bounded by [`BYTES_MAX`],
-//! counted as the heap memory the entries hold (see [`cost_of`]), not only the records' bytes:
+//! counted as the heap memory the entries hold (see [`entry_cost`], [`record_cost`]), not only the records' bytes:
 //! most streams of a participant have one or two records of a few hundred bytes, and the keys,
 //! the `Record` structs and the allocations' headers came to more than the bytes themselves.
 //! So a stream either has a complete entry or none, and `None` sends the reader to sled.
@@ -51,19 +51,26 @@ struct Inner {
     bytes: usize,
 }
 
-/// The heap memory an entry holds, about: its name twice (the map's key and the eviction
-/// queue's copy) with the map's and the queue's slots, its `Vec` of records, and each record's
-/// shared bytes (an `Arc<[u8]>` inside sled's `IVec`: two counters before the bytes).
-fn cost_of(stream: &str, records: &Vec<Record>) -> usize {
-    let names = 2 * (stream.len() + ALLOCATION_OVERHEAD)
+/// The heap memory an entry holds apart from its records' bytes, about: its name twice (the
+/// map's key and the eviction queue's copy) with the map's and the queue's slots, and its
+/// `Vec` of records (`capacity` slots).
+fn entry_cost(stream: &str, capacity: usize) -> usize {
+    2 * (stream.len() + ALLOCATION_OVERHEAD)
         + std::mem::size_of::<(String, Vec<Record>)>()
-        + std::mem::size_of::<String>();
-    let vec = records.capacity() * std::mem::size_of::<Record>() + ALLOCATION_OVERHEAD;
-    let bytes: usize = records
-        .iter()
-        .map(|r| r.as_bytes().len() + 2 * std::mem::size_of::<usize>() + ALLOCATION_OVERHEAD)
-        .sum();
-    names + vec + bytes
+        + std::mem::size_of::<String>()
+        + capacity * std::mem::size_of::<Record>()
+        + ALLOCATION_OVERHEAD
+}
+
+/// The heap memory of a record's shared bytes, about: an `Arc<[u8]>` inside sled's `IVec`,
+/// two counters before the bytes.
+fn record_cost(record: &Record) -> usize {
+    record.as_bytes().len() + 2 * std::mem::size_of::<usize>() + ALLOCATION_OVERHEAD
+}
+
+/// The heap memory an entry holds, about.
+fn cost_of(stream: &str, records: &Vec<Record>) -> usize {
+    entry_cost(stream, records.capacity()) + records.iter().map(record_cost).sum::<usize>()
 }
 
 impl StreamCache {
@@ -101,9 +108,11 @@ impl StreamCache {
                         && entry.len() as u64 + 1 == first_version
                         && entry.len() + records.len() <= STREAM_RECORDS_MAX =>
                 {
-                    inner.bytes -= cost_of(stream, entry);
+                    let capacity = entry.capacity();
+                    inner.bytes += records.iter().map(record_cost).sum::<usize>();
                     entry.extend(records);
-                    inner.bytes += cost_of(stream, entry);
+                    inner.bytes =
+                        inner.bytes - entry_cost(stream, capacity) + entry_cost(stream, entry.capacity());
                 }
                 Some(_) => {
                     // Too long, a record too large, or not the next version (the writer's
