@@ -11,6 +11,12 @@
 //! Races need no lock: an action appends with `ExpectedVersion::NoStream` and a compensation
 //! with the exact version it folded, so of two racing calls on one key exactly one appends
 //! and the other re-reads and follows the barrier's answer.
+//!
+//! A compensation's caller may hand a record of its own ([`AlsoRecord`]: the consumer log's
+//! success and the acknowledgement in the outbox), built from the outcome; it is written in
+//! **the same atomic append** as the barrier's record (`EventLog::append_all`), or alone when
+//! the step was compensated before. So an undo is never durable without its consumer-log
+//! success and ack, nor the reverse, and the compensation costs one durable wait, not two.
 
 use saga_storage::{
     AppendRequest, Contended, EventLog, ExpectedVersion, NewEvent, StorageError, Tried, retry_on_conflict,
@@ -51,8 +57,13 @@ pub trait Barrier: Send + Sync + 'static {
         key: &StepKey,
         action: ParticipantEvent,
     ) -> Result<(ParticipantEvent, bool), BarrierError>;
-    /// Undoes whatever `key`'s action did, exactly once.
-    async fn compensate(&self, key: &StepKey) -> Result<Compensated, BarrierError>;
+    /// Undoes whatever `key`'s action did, exactly once, and writes `also`'s record for the
+    /// outcome in the same append (see [`AlsoRecord`]).
+    async fn compensate(
+        &self,
+        key: &StepKey,
+        also: Option<&AlsoRecord<'_>>,
+    ) -> Result<Compensated, BarrierError>;
     /// What `key`'s stream says now.
     async fn state(&self, key: &StepKey) -> Result<StepState, BarrierError>;
 }
@@ -80,8 +91,12 @@ impl Barrier for StepBarrier {
         acted
     }
 
-    async fn compensate(&self, key: &StepKey) -> Result<Compensated, BarrierError> {
-        let compensated = compensate(&self.log, key).await;
+    async fn compensate(
+        &self,
+        key: &StepKey,
+        also: Option<&AlsoRecord<'_>>,
+    ) -> Result<Compensated, BarrierError> {
+        let compensated = compensate(&self.log, key, also).await;
         tracing::debug!(saga = %key.saga_id, step = %key.step, outcome = ?compensated, "compensation handled");
         compensated
     }
@@ -247,14 +262,34 @@ pub enum Compensated {
     AlreadyApplied,
 }
 
-/// Undoes whatever `key`'s action did, exactly once.
-pub async fn compensate(log: &EventLog, key: &StepKey) -> Result<Compensated, BarrierError> {
+/// A caller's record of a compensation's outcome, written with the barrier's (see the module
+/// doc): the consumer log's `ConsumeSucceeded` and the acknowledgement, for the compensation
+/// consumer. Its stream must not be the step's own, and it should not expect an exact version
+/// (a conflict on it would retry the compensation's decision, which is harmless but wasted).
+pub type AlsoRecord<'a> = dyn Fn(Compensated) -> Result<AppendRequest, StorageError> + Send + Sync + 'a;
+
+/// Undoes whatever `key`'s action did, exactly once. `also` (if any) is written for the outcome
+/// in the same append as the undo or the null compensation, or alone when the step was
+/// compensated before (see the module doc).
+pub async fn compensate(
+    log: &EventLog,
+    key: &StepKey,
+    also: Option<&AlsoRecord<'_>>,
+) -> Result<Compensated, BarrierError> {
     retry_on_conflict(
         || key.stream(),
         || async move {
             let (state, version) = read(log, key).await?;
             let (event, outcome) = match state {
-                StepState::Compensated { .. } => return Ok(Tried::Done(Compensated::AlreadyApplied)),
+                StepState::Compensated { .. } => {
+                    if let Some(also) = also {
+                        match Tried::of(log.append(also(Compensated::AlreadyApplied)?).await)? {
+                            Tried::Done(_) => {}
+                            Tried::Conflicted => return Ok(Tried::Conflicted),
+                        }
+                    }
+                    return Ok(Tried::Done(Compensated::AlreadyApplied));
+                }
                 StepState::Empty | StepState::Refused(_) => {
                     (StepEvent::NullCompensated.into(), Compensated::Null)
                 }
@@ -265,10 +300,12 @@ pub async fn compensate(log: &EventLog, key: &StepKey) -> Result<Compensated, Ba
                     None => (StepEvent::NullCompensated.into(), Compensated::Null),
                 },
             };
-            match log
-                .append(append_request(key, ExpectedVersion::Exact(version), &event)?)
-                .await
-            {
+            let own = append_request(key, ExpectedVersion::Exact(version), &event)?;
+            let appended = match also {
+                None => log.append(own).await.map(|_| ()),
+                Some(also) => log.append_all(vec![own, also(outcome)?]).await.map(|_| ()),
+            };
+            match appended {
                 // The undo would break an invariant (e.g. cancel a confirmed order): a refusal the
                 // consumer parks, with nothing written.
                 Err(e @ StorageError::Refused { .. }) => Err(match e.refusal::<Refused>() {

@@ -17,8 +17,15 @@
 //! list is keyed by the digest: every parked message stays listed.
 //!
 //! Exactly once: the transport delivers at least once, the consumer log skips what succeeded,
-//! and the barrier (`barrier::compensate`) makes even a redelivery after a crash between
-//! "applied" and "success recorded" harmless.
+//! and the undo is written in one append with its success and acknowledgement
+//! (`barrier::AlsoRecord`), so no crash separates "applied" from "success recorded". The
+//! barrier (`barrier::compensate`) still answers "already applied" to a redelivery that finds
+//! the undo without its success (logs written before that append existed, or another consumer
+//! log of the same step), and records the success then.
+//!
+//! A compensation costs two durable appends: the try's start (`ConsumeStarted`, durable before
+//! the undo runs, so a try that kills the process is counted), then the undo with its success
+//! and acknowledgement.
 //!
 //! Acknowledgements are as durable as compensations: each `saga.v1.CompensationAck` (APPLIED,
 //! NULL, ALREADY_APPLIED or PARKED) is written to the participant's outbox **in the same
@@ -431,22 +438,23 @@ impl CompensationConsumer {
         }
         // A try counts once its start is durable (what the consumer log's bound counts).
         metrics::counter!(CONSUMER_TRIES_TOTAL, "role" => self.participant.role().name()).increment(1);
-        match self.participant.compensate(&key).await {
-            Ok(compensated) => {
-                let outcome = match compensated {
-                    Compensated::Applied => pb::CompensationOutcome::Applied,
-                    Compensated::Null => pb::CompensationOutcome::Null,
-                    Compensated::AlreadyApplied => pb::CompensationOutcome::AlreadyApplied,
-                };
-                let recorded = ConsumerEvent::Succeeded {
-                    outcome: outcome.as_str_name().into(),
-                };
-                let ack = self.ack(&key, &route, outcome, String::new());
-                match self.append(&stream, recorded, Some(ack)).await {
-                    Ok(()) => Outcome::Consumed,
-                    // The barrier makes the redelivery harmless.
-                    Err(_) => Outcome::RetryLater,
-                }
+        // The undo (or null compensation), its consumer-log success and its acknowledgement
+        // in one append (`barrier::AlsoRecord`): a crash leaves all three or none, and a
+        // redelivery after it finds "succeeded" (and acknowledges again) or "processing"
+        // (and tries again).
+        let record = |compensated: Compensated| {
+            let outcome = ack_outcome(compensated);
+            let recorded = ParticipantEvent::from(ConsumerEvent::Succeeded {
+                outcome: outcome.as_str_name().into(),
+            });
+            Ok(AppendRequest::new(stream.as_str(), ExpectedVersion::Any)
+                .event(NewEvent::encode(recorded.name(), &recorded)?)
+                .outbox(self.ack(&key, &route, outcome, String::new())))
+        };
+        match self.participant.compensate_recording(&key, &record).await {
+            Ok(_) => {
+                self.relay.wake.notify_one();
+                Outcome::Consumed
             }
             Err(BarrierError::Refused(refused)) => {
                 // The undo would break an invariant: retrying cannot help.
@@ -535,6 +543,15 @@ impl CompensationConsumer {
             .await
             .map_err(ParkedError::Log)?;
         Ok(Some(message))
+    }
+}
+
+/// The acknowledgement's outcome for what the barrier did.
+fn ack_outcome(compensated: Compensated) -> pb::CompensationOutcome {
+    match compensated {
+        Compensated::Applied => pb::CompensationOutcome::Applied,
+        Compensated::Null => pb::CompensationOutcome::Null,
+        Compensated::AlreadyApplied => pb::CompensationOutcome::AlreadyApplied,
     }
 }
 

@@ -12,14 +12,15 @@
 //! - [`FAULT_PREFIX_ENV`]: compensations of sagas whose id starts with this prefix fail (as a
 //!   storage outage would), so the consumer's retry and parking paths run end to end;
 //! - [`CRASH_PREFIX_ENV`]: right after applying a compensation of a saga whose id starts with
-//!   this prefix, the call stops for good, before the consumer records success or
-//!   acknowledges, and says so on stderr; a test then kills the process with SIGKILL (the
-//!   "killed between consuming and acknowledging" case, at a known point).
+//!   this prefix (durable, with the consumer log's success and the acknowledgement in the
+//!   outbox: one append), the call stops for good, before the consumer hands the message back
+//!   as consumed, and says so on stderr; a test then kills the process with SIGKILL (the
+//!   "killed between applying and consuming" case, at a known point: the broker redelivers).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::barrier::{Barrier, BarrierError, Compensated, StepKey, StepState};
+use crate::barrier::{AlsoRecord, Barrier, BarrierError, Compensated, StepKey, StepState};
 use crate::record::ParticipantEvent;
 use crate::refusal::{Refusal, Refused};
 
@@ -170,7 +171,11 @@ impl Barrier for FaultyBarrier {
         self.inner.state(key).await
     }
 
-    async fn compensate(&self, key: &StepKey) -> Result<Compensated, BarrierError> {
+    async fn compensate(
+        &self,
+        key: &StepKey,
+        also: Option<&AlsoRecord<'_>>,
+    ) -> Result<Compensated, BarrierError> {
         let prefixed =
             |prefix: &Option<String>| prefix.as_deref().is_some_and(|p| key.saga_id.starts_with(p));
         if prefixed(&self.plan.compensation_fails_for) {
@@ -178,7 +183,7 @@ impl Barrier for FaultyBarrier {
                 format!("injected fault ({FAULT_PREFIX_ENV})"),
             )));
         }
-        let compensated = self.inner.compensate(key).await?;
+        let compensated = self.inner.compensate(key, also).await?;
         if prefixed(&self.plan.freeze_after_apply_for) {
             eprintln!(
                 "injected fault ({CRASH_PREFIX_ENV}): frozen after applying {}:{}",

@@ -221,11 +221,22 @@ impl Participant {
         Ok(saga_proto::server::serve_tls(routes, listener, self.tls.clone(), shutdown).await?)
     }
 
-    /// Undoes `key`'s action exactly once (the compensation consumer calls this).
+    /// Undoes `key`'s action exactly once.
     pub async fn compensate(
         &self,
         key: &barrier::StepKey,
     ) -> Result<barrier::Compensated, barrier::BarrierError> {
-        self.barrier.compensate(key).await
+        self.barrier.compensate(key, None).await
+    }
+
+    /// Undoes `key`'s action exactly once, writing `also`'s record of the outcome in the same
+    /// append (the compensation consumer: its consumer log and acknowledgement; see
+    /// [`barrier::AlsoRecord`]).
+    pub async fn compensate_recording(
+        &self,
+        key: &barrier::StepKey,
+        also: &barrier::AlsoRecord<'_>,
+    ) -> Result<barrier::Compensated, barrier::BarrierError> {
+        self.barrier.compensate(key, Some(also)).await
     }
 }

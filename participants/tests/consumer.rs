@@ -370,6 +370,58 @@ async fn deliver_until_consumed(consumer: &CompensationConsumer, message: &Outgo
     panic!("not consumed after {times} deliveries");
 }
 
+/// A compensation costs two durable appends: the try's start, then the undo with its
+/// consumer-log success and its ack (one atomic append across the step's and the consumer
+/// log's streams), so no crash can leave the undo without the success and the ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_is_two_appends_the_undo_with_its_success_and_ack() {
+    let s = direct(Role::Stock, None).await;
+    let key = reserve(&s.participant, "saga-2a").await;
+    let message = compensation_request(topics::COMPENSATION_TOPIC, "stock", &key.saga_id, &key.step);
+    let before = s.participant.log().stats();
+    assert_eq!(deliver_until_consumed(&s.consumer, &message, 1).await, 1);
+    let after = s.participant.log().stats();
+    assert_eq!(
+        after.appends - before.appends,
+        2,
+        "ConsumeStarted, then the undo with ConsumeSucceeded and the ack: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        level(&s.participant).await,
+        StockLevel {
+            available: 10,
+            reserved: 0
+        }
+    );
+    assert_eq!(
+        consumer_log(&s.participant, &key).await,
+        vec!["ConsumeStarted", "ConsumeSucceeded"]
+    );
+    // The undo and the success are one append: consecutive positions, one commit timestamp.
+    let undo = s
+        .participant
+        .log()
+        .read_stream(&key.stream(), StreamVersion::new(2), 1)
+        .await
+        .expect("reads");
+    let consumer_stream = format!(
+        "consumer/saga-compensation-stock/stock/{}:{}",
+        key.saga_id, key.step
+    );
+    let success = s
+        .participant
+        .log()
+        .read_stream(&consumer_stream, StreamVersion::new(2), 1)
+        .await
+        .expect("reads");
+    assert_eq!(undo[0].event_type(), "StockReleased");
+    assert_eq!(success[0].position().get(), undo[0].position().get() + 1);
+    assert_eq!(success[0].timestamp_us(), undo[0].timestamp_us());
+    // Its ack was in that append's outbox and is relayed.
+    let acks = s.acks.wait_for(1).await;
+    assert_eq!(acks[0].outcome, pb::CompensationOutcome::Applied as i32);
+}
+
 /// Item 3: a PARKED acknowledgement whose publish fails must not be lost: it is written to the
 /// participant's log with the parking and relayed once the broker is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

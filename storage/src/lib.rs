@@ -41,7 +41,7 @@ pub use conflict::{CONFLICT_RETRIES_MAX, Contended, Tried, retry_on_conflict};
 pub use error::StorageError;
 pub use log::{
     AppendRequest, Appended, Durability, EventLog, ExpectedVersion, LOG_STREAM, LogConfig, LogStats,
-    LostTailAccepted, NewEvent, Record, Subscription,
+    LostTailAccepted, NewEvent, Record, STREAMS_PER_APPEND_MAX, Subscription,
 };
 pub use outbox::{OutboxEntry, OutboxId, OutboxMessage};
 pub use position::{Position, StreamVersion};

@@ -86,7 +86,9 @@ pub use open::{LOG_STREAM, LOST_TAIL_ACCEPTED, LostTailAccepted};
 pub(crate) use open::{check_mark, open_sled};
 pub use reads::Subscription;
 pub use record::Record;
-pub use request::{AppendRequest, Appended, EVENTS_PER_APPEND_MAX, ExpectedVersion, NewEvent};
+pub use request::{
+    AppendRequest, Appended, EVENTS_PER_APPEND_MAX, ExpectedVersion, NewEvent, STREAMS_PER_APPEND_MAX,
+};
 #[allow(
     unused_imports,
     reason = "the submodules see each other through `use super::*`"
@@ -336,19 +338,41 @@ impl EventLog {
     /// result is `VersionConflict` with the actual version.
     pub async fn append(&self, request: AppendRequest) -> Result<Appended, StorageError> {
         request.validate()?;
-        let outbox = request
-            .outbox
-            .iter()
-            .map(codec::encode)
-            .collect::<Result<Vec<_>, _>>()?;
+        let appended = self.send_append(vec![request]).await?;
+        Ok(appended[0])
+    }
+
+    /// Appends to several streams **atomically**: every request is written, or none is. Each
+    /// request is checked as in [`EventLog::append`] (its expected version, its events through
+    /// the projector); a conflict or refusal of any of them leaves all of them out. One flush
+    /// covers them all. Returns where each landed, in the order given (positions follow that
+    /// order). At most [`STREAMS_PER_APPEND_MAX`] requests, each to another stream.
+    ///
+    /// What it is for: a decision and its bookkeeping in other streams that must never be
+    /// seen apart (a participant's undo and its consumer log's success, with the
+    /// acknowledgement in the outbox), in one durable wait instead of two.
+    pub async fn append_all(&self, requests: Vec<AppendRequest>) -> Result<Vec<Appended>, StorageError> {
+        request::validate_all(&requests)?;
+        self.send_append(requests).await
+    }
+
+    /// Hands validated requests to the writer as one job and waits for their flush.
+    async fn send_append(&self, requests: Vec<AppendRequest>) -> Result<Vec<Appended>, StorageError> {
+        let parts = requests
+            .into_iter()
+            .map(|request| {
+                let outbox = request
+                    .outbox
+                    .iter()
+                    .map(codec::encode)
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Part { request, outbox })
+            })
+            .collect::<Result<Vec<_>, StorageError>>()?;
         let (reply, answer) = oneshot::channel();
         let began = std::time::Instant::now();
         self.jobs
-            .send(Job::Append {
-                request,
-                outbox,
-                reply,
-            })
+            .send(Job::Append { parts, reply })
             .await
             .map_err(|_| StorageError::Closed)?;
         let appended = answer.await.map_err(|_| StorageError::Closed)?;

@@ -285,6 +285,151 @@ async fn appends_in_one_call_are_atomic_and_a_refused_projection_writes_nothing(
     );
 }
 
+/// `append_all` writes to several streams as one: a version conflict or a projector's refusal
+/// in any part leaves every part out (versions, projections, outbox, positions), and what it
+/// wrote is read back whole, from the cache and from sled after a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_across_streams_in_one_call_are_atomic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let deposit = |amount| AccountEvent::Deposited { amount }.to_new();
+    let withdraw = |amount| AccountEvent::Withdrawn { amount }.to_new();
+    let ack = |key: &str| OutboxMessage {
+        topic: "t".into(),
+        tag: "g".into(),
+        key: key.into(),
+        body: key.as_bytes().to_vec(),
+    };
+    {
+        let log = open(&dir);
+        log.append(AppendRequest::new("a", ExpectedVersion::NoStream).event(deposit(10)))
+            .await
+            .expect("appends");
+        // Conflict in the second part: nothing of the first is written either.
+        let conflicted = log
+            .append_all(vec![
+                AppendRequest::new("a", ExpectedVersion::Exact(StreamVersion::new(1))).event(withdraw(3)),
+                AppendRequest::new("b", ExpectedVersion::Exact(StreamVersion::new(7)))
+                    .event(deposit(1))
+                    .outbox(ack("b1")),
+            ])
+            .await;
+        assert!(
+            matches!(&conflicted, Err(StorageError::VersionConflict { stream, .. }) if stream == "b"),
+            "{conflicted:?}"
+        );
+        // Refusal in the second part (b would go negative): nothing of the first either.
+        let refused = log
+            .append_all(vec![
+                AppendRequest::new("a", ExpectedVersion::Exact(StreamVersion::new(1))).event(withdraw(3)),
+                AppendRequest::new("b", ExpectedVersion::NoStream)
+                    .event(withdraw(1))
+                    .outbox(ack("b2")),
+            ])
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            refused.refusal::<WouldGoNegative>(),
+            Some(&WouldGoNegative("b".into()))
+        );
+        assert_eq!(log.stream_version("a").await.expect("v"), 1);
+        assert_eq!(log.stream_version("b").await.expect("v"), 0);
+        assert_eq!(projected_balance(&log, "a").await, 10);
+        assert!(log.outbox_pending(10).expect("outbox").is_empty());
+        assert_eq!(log.durable_position(), 1, "no position was used");
+
+        let landed = log
+            .append_all(vec![
+                AppendRequest::new("a", ExpectedVersion::Exact(StreamVersion::new(1))).event(withdraw(3)),
+                AppendRequest::new("b", ExpectedVersion::NoStream)
+                    .event(deposit(2))
+                    .event(deposit(5))
+                    .outbox(ack("b3")),
+            ])
+            .await
+            .expect("appends both");
+        assert_eq!(landed.len(), 2);
+        assert_eq!(
+            (landed[0].first_position.get(), landed[0].last_position.get()),
+            (2, 2)
+        );
+        assert_eq!(
+            (landed[1].first_position.get(), landed[1].last_position.get()),
+            (3, 4)
+        );
+        assert_eq!(landed[1].stream_version, StreamVersion::new(2));
+        let pending = log.outbox_pending(10).expect("outbox");
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].message.key, "b3");
+    }
+    // After a reopen (sled, not the cache): the same streams, projections and outbox.
+    let log = open(&dir);
+    let events = |records: Vec<saga_storage::Record>| {
+        records
+            .iter()
+            .map(|r| r.decode::<AccountEvent>().expect("decodes"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        events(
+            log.read_stream("a", StreamVersion::new(1), 10)
+                .await
+                .expect("reads")
+        ),
+        vec![
+            AccountEvent::Deposited { amount: 10 },
+            AccountEvent::Withdrawn { amount: 3 }
+        ]
+    );
+    assert_eq!(
+        events(
+            log.read_stream("b", StreamVersion::new(1), 10)
+                .await
+                .expect("reads")
+        ),
+        vec![
+            AccountEvent::Deposited { amount: 2 },
+            AccountEvent::Deposited { amount: 5 }
+        ]
+    );
+    assert_eq!(projected_balance(&log, "a").await, 7);
+    assert_eq!(projected_balance(&log, "b").await, 7);
+    assert_eq!(log.outbox_pending(10).expect("outbox").len(), 1);
+    assert_eq!(log.read_all(Position::new(1), 10).expect("reads").len(), 4);
+    // Each stream's hash chain goes on from there.
+    log.append(AppendRequest::new("b", ExpectedVersion::Exact(StreamVersion::new(2))).event(deposit(1)))
+        .await
+        .expect("appends after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_appends_across_streams_name_the_field_and_write_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(&dir);
+    let one = |stream: &str| {
+        AppendRequest::new(stream, ExpectedVersion::Any).event(AccountEvent::Deposited { amount: 1 }.to_new())
+    };
+    let too_many = (0..=saga_storage::STREAMS_PER_APPEND_MAX)
+        .map(|i| one(&format!("s{i}")))
+        .collect();
+    let cases = [
+        (vec![], "requests"),
+        (too_many, "requests"),
+        (vec![one("s"), one("s")], "requests"),
+        (
+            vec![one("s"), AppendRequest::new("t", ExpectedVersion::Any)],
+            "events",
+        ),
+        (vec![one("s"), one("")], "stream"),
+    ];
+    for (requests, field) in cases {
+        match log.append_all(requests).await {
+            Err(StorageError::Invalid { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("expected Invalid({field}), got {other:?}"),
+        }
+    }
+    assert_eq!(log.durable_position(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_appends_name_the_field_and_write_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");

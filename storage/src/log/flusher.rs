@@ -107,11 +107,13 @@ impl Flusher {
         for batch in ready.drain(..) {
             for (job, outcome) in batch.jobs {
                 if let Outcome::Appended(appended) = &outcome {
+                    // One append call, however many streams it wrote (`append_all`).
                     self.shared.appends.fetch_add(1, Ordering::Relaxed);
-                    self.shared.events.fetch_add(
-                        appended.last_position.get() - appended.first_position.get() + 1,
-                        Ordering::Relaxed,
-                    );
+                    let events: u64 = appended
+                        .iter()
+                        .map(|a| a.last_position.get() - a.first_position.get() + 1)
+                        .sum();
+                    self.shared.events.fetch_add(events, Ordering::Relaxed);
                 }
                 reply(job, outcome);
             }

@@ -5,6 +5,8 @@ use super::*;
 
 /// Most events in one append.
 pub const EVENTS_PER_APPEND_MAX: usize = 1024;
+/// Most streams in one atomic append across streams ([`EventLog::append_all`]).
+pub const STREAMS_PER_APPEND_MAX: usize = 16;
 
 /// What the writer expects a stream's version to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +120,27 @@ impl AppendRequest {
         }
         Ok(())
     }
+}
+
+/// Checks the appends of one [`EventLog::append_all`]: 1..=[`STREAMS_PER_APPEND_MAX`] of them,
+/// each valid, each to another stream (a stream's appends in one call are one request).
+pub(super) fn validate_all(requests: &[AppendRequest]) -> Result<(), StorageError> {
+    if requests.is_empty() || requests.len() > STREAMS_PER_APPEND_MAX {
+        return Err(StorageError::Invalid {
+            field: "requests",
+            reason: format!("must hold 1..={STREAMS_PER_APPEND_MAX} appends"),
+        });
+    }
+    for (i, request) in requests.iter().enumerate() {
+        request.validate()?;
+        if requests[..i].iter().any(|r| r.stream == request.stream) {
+            return Err(StorageError::Invalid {
+                field: "requests",
+                reason: format!("stream {:?} appears twice", request.stream),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Where an append landed.

@@ -3,11 +3,18 @@
 
 use super::*;
 
+/// One stream's share of an append job: the request and its outbox messages, encoded.
+pub(super) struct Part {
+    pub(super) request: AppendRequest,
+    pub(super) outbox: Vec<Vec<u8>>,
+}
+
 pub(super) enum Job {
+    /// Appends to one stream per part, all or none (`EventLog::append_all`; a plain append is
+    /// one part).
     Append {
-        request: AppendRequest,
-        outbox: Vec<Vec<u8>>,
-        reply: oneshot::Sender<Result<Appended, StorageError>>,
+        parts: Vec<Part>,
+        reply: oneshot::Sender<Result<Vec<Appended>, StorageError>>,
     },
     AckOutbox {
         ids: Vec<OutboxId>,
@@ -30,7 +37,8 @@ pub(super) const HEAD_CACHE_LEN_MAX: usize = 16_384;
 
 /// A job's outcome inside the transaction, before the flush decides whether it stands.
 pub(super) enum Outcome {
-    Appended(Appended),
+    /// Where each part of an append landed, in the job's order.
+    Appended(Vec<Appended>),
     Acked,
     Failed(StorageError),
 }
@@ -66,8 +74,9 @@ pub(super) struct Writer {
     pub(super) flush_gate: Option<Arc<WriterGate>>,
     /// Handed to the flusher when it starts.
     pub(super) mark: Option<MarkWriter>,
-    /// Records written by the batch being committed, by job index (see `cache_written`).
-    pub(super) written: Vec<(usize, Vec<IVec>)>,
+    /// Records written by the batch being committed, by job and part index (see
+    /// `cache_written`).
+    pub(super) written: Vec<(usize, usize, Vec<IVec>)>,
 }
 
 /// Sets the log's `failed` flag when the thread holding it unwinds from a panic.
@@ -309,10 +318,11 @@ impl Writer {
     /// append from the cache.
     fn cache_written(&mut self, batch: &[Job]) {
         let mut appends = Vec::with_capacity(self.written.len());
-        for (index, bytes) in self.written.drain(..) {
-            let Job::Append { request, .. } = &batch[index] else {
+        for (index, part, bytes) in self.written.drain(..) {
+            let Job::Append { parts, .. } = &batch[index] else {
                 unreachable!("only appends write records")
             };
+            let request = &parts[part].request;
             let mut records = Vec::with_capacity(bytes.len());
             for bytes in bytes {
                 let layout = record_format::decode(&bytes).expect("the writer's own encoding decodes");
@@ -332,8 +342,11 @@ impl Writer {
         let mut loaded = HashMap::new();
         let mut left_out = HashMap::new();
         for (index, job) in batch.iter().enumerate() {
-            if let Job::Append { request, .. } = job {
-                let stream = request.stream.as_str();
+            let Job::Append { parts, .. } = job else {
+                continue;
+            };
+            for part in parts {
+                let stream = part.request.stream.as_str();
                 if self.heads.contains_key(stream) || loaded.contains_key(stream) {
                     continue;
                 }
@@ -343,6 +356,7 @@ impl Writer {
                     }
                     Err(error) => {
                         left_out.insert(index, error);
+                        break;
                     }
                 }
             }
@@ -363,7 +377,9 @@ impl Writer {
             .zip(outcomes)
             .rev()
             .find_map(|(job, outcome)| match (job, outcome) {
-                (Job::Append { request, .. }, Some(Outcome::Appended(_))) => Some(request.stream.as_str()),
+                (Job::Append { parts, .. }, Some(Outcome::Appended(_))) => {
+                    parts.last().map(|part| part.request.stream.as_str())
+                }
                 _ => None,
             });
         if let Some(stream) = last_stream {
@@ -408,7 +424,7 @@ impl Writer {
                         continue;
                     }
                     let job = &batch[index];
-                    let (request, encoded_outbox) = match job {
+                    let parts = match job {
                         Job::AckOutbox { ids, .. } => {
                             for id in ids {
                                 tx.outbox.remove(&id.to_key())?;
@@ -416,45 +432,54 @@ impl Writer {
                             outcomes.push((index, Outcome::Acked));
                             continue;
                         }
-                        Job::Append { request, outbox, .. } => (request, outbox),
+                        Job::Append { parts, .. } => parts,
                     };
-                    let stream = request.stream.as_str();
-                    let head = new_heads.get(stream).copied().or_else(|| heads.get(stream));
-                    let Some(head) = head else {
-                        // Loading this stream's head failed for an earlier job of the batch
-                        // (that job carries the error).
-                        outcomes.push((
-                            index,
-                            Outcome::Failed(StorageError::Failed(format!(
+                    // Every part's version is checked before anything of the job is written:
+                    // a job is written whole or not at all.
+                    let mut job_heads = Vec::with_capacity(parts.len());
+                    let mut refused = None;
+                    for part in parts {
+                        let stream = part.request.stream.as_str();
+                        let head = new_heads.get(stream).copied().or_else(|| heads.get(stream));
+                        let Some(head) = head else {
+                            // Loading this stream's head failed for an earlier job of the batch
+                            // (that job carries the error).
+                            refused = Some(StorageError::Failed(format!(
                                 "the head of stream {stream:?} could not be read"
-                            ))),
-                        ));
-                        continue;
-                    };
-                    if !request.expected.admits(head.0) {
-                        outcomes.push((
-                            index,
-                            Outcome::Failed(StorageError::VersionConflict {
+                            )));
+                            break;
+                        };
+                        if !part.request.expected.admits(head.0) {
+                            refused = Some(StorageError::VersionConflict {
                                 stream: stream.to_owned(),
-                                expected: request.expected,
+                                expected: part.request.expected,
                                 actual: StreamVersion::new(head.0),
-                            }),
-                        ));
+                            });
+                            break;
+                        }
+                        job_heads.push(head);
+                    }
+                    if let Some(error) = refused {
+                        outcomes.push((index, Outcome::Failed(error)));
                         continue;
                     }
-                    let append = AppendAt {
-                        index,
-                        request,
-                        encoded_outbox,
-                        head,
-                        position,
-                        timestamp_us,
-                    };
-                    let (appended, new_head, records) = self.write_append(&tx, append)?;
-                    position = appended.last_position.next().get();
-                    new_heads.insert(stream, new_head);
+                    let mut appended = Vec::with_capacity(parts.len());
+                    for (part_index, (part, head)) in parts.iter().zip(job_heads).enumerate() {
+                        let append = AppendAt {
+                            index,
+                            request: &part.request,
+                            encoded_outbox: &part.outbox,
+                            head,
+                            position,
+                            timestamp_us,
+                        };
+                        let (landed, new_head, records) = self.write_append(&tx, append)?;
+                        position = landed.last_position.next().get();
+                        new_heads.insert(part.request.stream.as_str(), new_head);
+                        appended.push(landed);
+                        written.push((index, part_index, records));
+                    }
                     outcomes.push((index, Outcome::Appended(appended)));
-                    written.push((index, records));
                 }
                 Ok(Segment {
                     outcomes,
@@ -585,12 +610,17 @@ fn recent_appends(batch: &[Job], outcomes: &[Outcome]) -> Vec<RecentAppend> {
         if appends.len() == mark::RECENT_LEN_MAX {
             break;
         }
-        if let (Job::Append { request, .. }, Outcome::Appended(appended)) = (job, outcome) {
-            appends.push(RecentAppend {
-                first_position: appended.first_position.get(),
-                last_position: appended.last_position.get(),
-                stream: request.stream.clone(),
-            });
+        if let (Job::Append { parts, .. }, Outcome::Appended(appended)) = (job, outcome) {
+            for (part, appended) in parts.iter().zip(appended).rev() {
+                if appends.len() == mark::RECENT_LEN_MAX {
+                    break;
+                }
+                appends.push(RecentAppend {
+                    first_position: appended.first_position.get(),
+                    last_position: appended.last_position.get(),
+                    stream: part.request.stream.clone(),
+                });
+            }
         }
     }
     appends.sort_by_key(|a| a.first_position);
@@ -620,8 +650,9 @@ pub(super) struct Segment<'b> {
     pub(super) outcomes: Vec<(usize, Outcome)>,
     pub(super) next_position: u64,
     pub(super) heads: HashMap<&'b str, Head>,
-    /// The records each append of the segment wrote, by job index (for the stream cache).
-    pub(super) written: Vec<(usize, Vec<IVec>)>,
+    /// The records each append of the segment wrote, by job and part index (for the stream
+    /// cache).
+    pub(super) written: Vec<(usize, usize, Vec<IVec>)>,
 }
 
 pub(super) fn reply(job: Job, outcome: Outcome) {
