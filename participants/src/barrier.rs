@@ -58,7 +58,9 @@ pub trait Barrier: Send + Sync + 'static {
         action: ParticipantEvent,
     ) -> Result<(ParticipantEvent, bool), BarrierError>;
     /// Undoes whatever `key`'s action did, exactly once, and writes `also`'s record for the
-    /// outcome in the same append (see [`AlsoRecord`]).
+    /// outcome in the same append (alone when the step was compensated before; see
+    /// [`AlsoRecord`]). Every implementation must hand `also` on to the barrier over the log:
+    /// an `Ok` tells the compensation consumer that its success and ack are written.
     async fn compensate(
         &self,
         key: &StepKey,
@@ -264,8 +266,9 @@ pub enum Compensated {
 
 /// A caller's record of a compensation's outcome, written with the barrier's (see the module
 /// doc): the consumer log's `ConsumeSucceeded` and the acknowledgement, for the compensation
-/// consumer. Its stream must not be the step's own, and it should not expect an exact version
-/// (a conflict on it would retry the compensation's decision, which is harmless but wasted).
+/// consumer. Its stream must not be the step's own, and it should expect `Any` version: a
+/// conflict on it would retry the whole compensation (at most `CONFLICT_RETRIES_MAX` times,
+/// then `Contended`).
 pub type AlsoRecord<'a> = dyn Fn(Compensated) -> Result<AppendRequest, StorageError> + Send + Sync + 'a;
 
 /// Undoes whatever `key`'s action did, exactly once. `also` (if any) is written for the outcome

@@ -422,6 +422,50 @@ async fn a_compensation_is_two_appends_the_undo_with_its_success_and_ack() {
     assert_eq!(acks[0].outcome, pb::CompensationOutcome::Applied as i32);
 }
 
+/// A log written before the undo and its success were one append can hold an undo whose try
+/// never recorded success (the process died between the two). Its redelivery finds the step
+/// compensated: nothing is undone again, the success is recorded with an ALREADY_APPLIED ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undo_recorded_without_its_success_is_acknowledged_already_applied() {
+    let s = direct(Role::Stock, None).await;
+    let key = reserve(&s.participant, "saga-old").await;
+    let consumer_stream = format!(
+        "consumer/saga-compensation-stock/stock/{}:{}",
+        key.saga_id, key.step
+    );
+    let started = ParticipantEvent::from(ConsumerEvent::Started { attempt: 1 });
+    s.participant
+        .log()
+        .append(
+            AppendRequest::new(consumer_stream.as_str(), ExpectedVersion::NoStream)
+                .event(NewEvent::encode(started.name(), &started).expect("enc")),
+        )
+        .await
+        .expect("try started");
+    assert_eq!(
+        barrier::compensate(s.participant.log(), &key, None)
+            .await
+            .expect("undone"),
+        barrier::Compensated::Applied
+    );
+    let message = compensation_request(topics::COMPENSATION_TOPIC, "stock", &key.saga_id, &key.step);
+    assert_eq!(deliver_until_consumed(&s.consumer, &message, 1).await, 1);
+    assert_eq!(
+        level(&s.participant).await,
+        StockLevel {
+            available: 10,
+            reserved: 0
+        },
+        "released once"
+    );
+    assert_eq!(
+        consumer_log(&s.participant, &key).await,
+        vec!["ConsumeStarted", "ConsumeStarted", "ConsumeSucceeded"]
+    );
+    let acks = s.acks.wait_for(1).await;
+    assert_eq!(acks[0].outcome, pb::CompensationOutcome::AlreadyApplied as i32);
+}
+
 /// Item 3: a PARKED acknowledgement whose publish fails must not be lost: it is written to the
 /// participant's log with the parking and relayed once the broker is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 
 use super::*;
 
-/// Most events in one append.
+/// Most events in one append request (each request of an `append_all` has its own bound).
 pub const EVENTS_PER_APPEND_MAX: usize = 1024;
 /// Most streams in one atomic append across streams ([`EventLog::append_all`]).
 pub const STREAMS_PER_APPEND_MAX: usize = 16;

@@ -442,8 +442,8 @@ impl Writer {
                         let stream = part.request.stream.as_str();
                         let head = new_heads.get(stream).copied().or_else(|| heads.get(stream));
                         let Some(head) = head else {
-                            // Loading this stream's head failed for an earlier job of the batch
-                            // (that job carries the error).
+                            // Not expected: a job whose head could not be loaded is left out
+                            // before the transaction; answered as a failure, never a panic.
                             refused = Some(StorageError::Failed(format!(
                                 "the head of stream {stream:?} could not be read"
                             )));
