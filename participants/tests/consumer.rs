@@ -101,6 +101,18 @@ async fn level(p: &Participant) -> StockLevel {
     saga_storage::codec::decode(&bytes).expect("decodes")
 }
 
+/// The seeded 10 units are all available again: the reservation (of 4) was released, once.
+async fn assert_released_once(p: &Participant) {
+    assert_eq!(
+        level(p).await,
+        StockLevel {
+            available: 10,
+            reserved: 0
+        },
+        "released once"
+    );
+}
+
 async fn consumer_log(p: &Participant, key: &StepKey) -> Vec<String> {
     let stream = format!(
         "consumer/saga-compensation-stock/stock/{}:{}",
@@ -155,14 +167,7 @@ async fn compensation_delivered_twice_is_applied_once_and_acked_twice() {
             pb::CompensationOutcome::AlreadyApplied as i32
         ]
     );
-    assert_eq!(
-        level(&s.participant).await,
-        StockLevel {
-            available: 10,
-            reserved: 0
-        },
-        "released once"
-    );
+    assert_released_once(&s.participant).await;
     assert_eq!(
         consumer_log(&s.participant, &key).await,
         vec!["ConsumeStarted", "ConsumeSucceeded", "DuplicateAcknowledged"],
@@ -386,13 +391,7 @@ async fn a_compensation_is_two_appends_the_undo_with_its_success_and_ack() {
         2,
         "ConsumeStarted, then the undo with ConsumeSucceeded and the ack: {before:?} -> {after:?}"
     );
-    assert_eq!(
-        level(&s.participant).await,
-        StockLevel {
-            available: 10,
-            reserved: 0
-        }
-    );
+    assert_released_once(&s.participant).await;
     assert_eq!(
         consumer_log(&s.participant, &key).await,
         vec!["ConsumeStarted", "ConsumeSucceeded"]
@@ -450,14 +449,7 @@ async fn an_undo_recorded_without_its_success_is_acknowledged_already_applied() 
     );
     let message = compensation_request(topics::COMPENSATION_TOPIC, "stock", &key.saga_id, &key.step);
     assert_eq!(deliver_until_consumed(&s.consumer, &message, 1).await, 1);
-    assert_eq!(
-        level(&s.participant).await,
-        StockLevel {
-            available: 10,
-            reserved: 0
-        },
-        "released once"
-    );
+    assert_released_once(&s.participant).await;
     assert_eq!(
         consumer_log(&s.participant, &key).await,
         vec!["ConsumeStarted", "ConsumeStarted", "ConsumeSucceeded"]
