@@ -1017,6 +1017,73 @@ async fn a_failed_batch_stops_the_log_even_while_an_earlier_flush_is_running() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_does_not_wait_for_the_next_batchs_transaction() {
+    // Pipelined group commit: the flusher makes batch 1 durable while the writer commits batch
+    // 2. sled's `flush` holds its concurrency-control read lock, and a transaction holds the
+    // write lock, so a flush through `flush` waited for batch 2's whole transaction (and the
+    // transaction for the flush). The flusher flushes up to batch 1's end without the lock
+    // (`sled::Tree::flush_to`, vendor/sled/PATCHES.md): batch 1 is answered, durable, while
+    // batch 2 is held inside its transaction.
+    use saga_storage::gate::{GatePoint, WriterGate};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = Arc::new(WriterGate::new());
+    let flush_gate = Arc::new(WriterGate::new());
+    let config = LogConfig {
+        gate: Some(Arc::clone(&gate)),
+        flush_gate: Some(Arc::clone(&flush_gate)),
+        ..LogConfig::new(dir.path())
+    };
+    let log = EventLog::open_with(config, Some(Arc::new(BalanceProjector))).expect("opens");
+    let append = |stream: &'static str| {
+        let log = log.clone();
+        tokio::spawn(async move {
+            log.append(
+                AppendRequest::new(stream, ExpectedVersion::Any)
+                    .event(AccountEvent::Deposited { amount: 1 }.to_new()),
+            )
+            .await
+        })
+    };
+    // Batch 1 is committed; its flush is held back until batch 2 is inside its transaction.
+    flush_gate.arm(GatePoint::BeforeFlush);
+    let mut first = append("a");
+    assert!(flush_gate.held(std::time::Duration::from_secs(10)).await);
+    gate.arm(GatePoint::InTransaction);
+    let second = append("b");
+    assert!(gate.held(std::time::Duration::from_secs(10)).await);
+    flush_gate.release();
+    // Bounded so that a flush that waits for the held transaction fails the test instead of
+    // hanging it; the transaction is let go before anything is asserted.
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(10), &mut first).await;
+    gate.release();
+    let first = match answered {
+        Ok(joined) => joined,
+        Err(_) => {
+            let _ = first.await;
+            panic!("batch 1's flush waited for batch 2's transaction")
+        }
+    };
+    let first = first.expect("joins").expect("batch 1 is durable");
+    assert_eq!(first.last_position, Position::FIRST);
+    let second = second
+        .await
+        .expect("joins")
+        .expect("batch 2 commits after its hold");
+    assert_eq!(second.last_position, Position::new(2));
+    // Both are durable: they survive a reopen.
+    drop(log);
+    let log =
+        EventLog::open_with(LogConfig::new(dir.path()), Some(Arc::new(BalanceProjector))).expect("reopens");
+    for stream in ["a", "b"] {
+        let records = log
+            .read_stream(stream, StreamVersion::NONE, 10)
+            .await
+            .expect("reads");
+        assert_eq!(records.len(), 1, "{stream}");
+    }
+}
+
 /// Panics on the stream `boom` (a bug in a projector).
 struct PanickingProjector;
 
