@@ -10,9 +10,6 @@
 //!   flush (a gate of its own, [`crate::LogConfig::flush_gate`]), so that the writer can go on
 //!   meanwhile, as it does when a flush is slow. With this gate set the writer never flushes a
 //!   batch itself (it does when nothing else is queued, without the gate).
-//! - [`GatePoint::InTransaction`]: inside the batch's sled transaction, after its writes, before
-//!   the transaction commits (sled's concurrency-control write lock is held): what a slow commit
-//!   looks like to a flush of the batch before it, which must not wait for it.
 //!
 //! Off unless a `WriterGate` is put in [`crate::LogConfig::gate`]; production never sets one.
 //! The gate is one-shot: `arm` holds the next batch that reaches the point, then disarms.
@@ -26,7 +23,6 @@ pub enum GatePoint {
     BeforeCommit,
     AfterCommit,
     BeforeFlush,
-    InTransaction,
 }
 
 /// What the held batch does when let go.

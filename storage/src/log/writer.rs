@@ -97,11 +97,6 @@ pub(super) struct Committed {
     pub(super) position: u64,
     /// The batch wrote events, so its answer must wait for a flush.
     pub(super) needs_flush: bool,
-    /// sled's last reserved log sequence number once the batch's transactions had returned:
-    /// every byte of them lies at or below it, so the flush makes the log stable up to here
-    /// (`sled::Tree::flush_to`, vendor/sled/PATCHES.md) and not further, and does not wait for
-    /// the next batch's transaction.
-    pub(super) log_end: i64,
     /// The checksum of the record at `position`.
     pub(super) checksum: u64,
     /// The batch's last appends (for the durable mark), oldest first.
@@ -235,15 +230,12 @@ impl Writer {
         self.seq += 1;
         self.shared.batches.fetch_add(1, Ordering::Relaxed);
         let needs_flush = next_position != self.next_position;
-        // Read on this thread after the transactions returned (see `Committed::log_end`).
-        let log_end = self.trees.db.reserved_lsn();
         self.next_position = next_position;
         let appends = recent_appends(batch, &outcomes);
         Some(Committed {
             seq: self.seq,
             position: next_position - 1,
             needs_flush,
-            log_end,
             checksum: last_checksum,
             appends,
             jobs: batch.drain(..).zip(outcomes).collect(),
@@ -488,9 +480,6 @@ impl Writer {
                         written.push((index, part_index, records));
                     }
                     outcomes.push((index, Outcome::Appended(appended)));
-                }
-                if let Some(gate) = &self.gate {
-                    gate.pass(GatePoint::InTransaction);
                 }
                 Ok(Segment {
                     outcomes,

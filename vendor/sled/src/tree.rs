@@ -799,34 +799,6 @@ impl Tree {
         self.context.pagecache.flush()
     }
 
-    /// PATCH (saga-orchestrator, see PATCHES.md): the last log sequence
-    /// number reserved so far. Every write whose call has returned on this
-    /// thread (an insert, a committed transaction, its batch manifest
-    /// included) lies at or below it, so `flush_to(reserved_lsn())` made
-    /// after such a call makes that write durable.
-    pub fn reserved_lsn(&self) -> i64 {
-        self.context
-            .pagecache
-            .log
-            .iobufs
-            .max_reserved_lsn
-            .load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// PATCH (saga-orchestrator, see PATCHES.md): as `flush`, but up to
-    /// `lsn` (from `reserved_lsn`) only, and without the concurrency
-    /// control's read lock, which `flush` holds for its whole duration.
-    /// A transaction that runs meanwhile (it holds the write lock) is
-    /// therefore neither waited for nor blocked: it begins by sealing the
-    /// I/O buffer it finds (`pin_log`), so its own writes, its batch
-    /// manifest included, all lie in later buffers, which this call neither
-    /// seals nor waits for (`make_stable` only seals the current buffer if
-    /// it begins at or before `lsn`). Returns once the log is stable up to
-    /// `lsn`, like `flush`.
-    pub fn flush_to(&self, lsn: i64) -> Result<usize> {
-        self.context.pagecache.log.make_stable(lsn)
-    }
-
     /// Asynchronously flushes all dirty IO buffers
     /// and calls fsync. If this succeeds, it is
     /// guaranteed that all previous writes will
