@@ -1,15 +1,15 @@
 //! The saga benchmark of shared/BENCH.md: the orchestrator and the four participants as
-//! separate processes (release builds, one sled log each, full fsync), compensations through
+//! separate processes (optimised builds, one sled log each, full fsync), compensations through
 //! the real RocketMQ broker of scripts/dev-env.
 //!
 //! ```text
 //! scripts/bench [-- --scenario fail20,all_ok --conc 32,128 --n 2000 --warmup 200]
 //! ```
 //!
-//! (`scripts/bench` builds the release binaries, starts the broker, runs this and stops the
-//! broker.) For each scenario and concurrency: a fresh system (new data directories, topics and
-//! consumer groups), BENCH.md's data seeded through the participants' Seed calls, a warm-up of
-//! `--warmup` sagas, then `--n` sagas with C in flight. A saga's latency runs from the client's
+//! (`scripts/bench` builds the binaries in the `production` profile, starts the broker, runs
+//! this and stops the broker.) For each scenario and concurrency: a fresh system (new data
+//! directories, topics and consumer groups), BENCH.md's data seeded through the participants'
+//! Seed calls, a warm-up of `--warmup` sagas, then `--n` sagas with C in flight. A saga's latency runs from the client's
 //! StartOrder call to the final event seen on WatchSaga. One line per run, the shape BENCH.md
 //! fixes:
 //!
