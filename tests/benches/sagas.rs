@@ -9,9 +9,9 @@
 //! (`scripts/bench` builds the binaries in the `production` profile, starts the broker, runs
 //! this and stops the broker.) For each scenario and concurrency: a fresh system (new data
 //! directories, topics and consumer groups), BENCH.md's data seeded through the participants'
-//! Seed calls, a warm-up of `--warmup` sagas, then `--n` sagas with C in flight. A saga's latency runs from the client's
-//! StartOrder call to the final event seen on WatchSaga. One line per run, the shape BENCH.md
-//! fixes:
+//! Seed calls, a warm-up of `--warmup` sagas, then `--n` sagas with C in flight. A saga's
+//! latency runs from the client's StartOrder call to the final event seen on WatchSaga. One line
+//! per run, the shape BENCH.md fixes:
 //!
 //! `peer=ours scenario=fail20 conc=32 n=2000 sagas_per_s=... p50_ms=... p95_ms=... p99_ms=... rss_mb=... correct=yes`
 //!
