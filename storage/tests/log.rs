@@ -846,7 +846,7 @@ async fn reads_of_streams_written_since_open_equal_the_reads_of_sled_after_reope
     // that existed before open, a stream that grew past the cache's length limit, a stream
     // with a record larger than the cache keeps, two appends to one stream in one batch,
     // streams evicted by the cache's byte bound (10,000 records of about 700 bytes here,
-    // above its 4 MiB), and a stream with a refused append in the middle.
+    // above its 1 MiB bound), and a stream with a refused append in the middle.
     let dir = tempfile::tempdir().expect("tempdir");
     let deposit = |amount| AccountEvent::Deposited { amount }.to_new();
     let note = |len: usize| {

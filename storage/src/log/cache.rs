@@ -25,9 +25,13 @@ use std::sync::Mutex;
 
 use super::record::Record;
 
-/// Most bytes of memory the cache's entries hold (a few hundred sagas of the orchestrator, far
-/// more than it has in flight); past it whole streams are evicted, oldest entry first.
-pub(super) const BYTES_MAX: usize = 4 << 20;
+/// Most bytes of memory the cache's entries hold; past it whole streams are evicted, oldest
+/// entry first. A saga's stream in the orchestrator holds 2-4 KB with its overheads, so this is
+/// a few hundred sagas, more than it has in flight at 128 (a miss only costs a sled read). 4 MiB
+/// cost about 30 MB more summed peak RSS over the five processes, through the allocator's
+/// fragmentation more than the bytes themselves, and saved no CPU the pairs could show
+/// (BENCHMARKS.md, "Issue 11, 2026-12-03 (fifth session)").
+pub(super) const BYTES_MAX: usize = 1 << 20;
 /// What the allocator adds to each allocation (its header and rounding), about.
 const ALLOCATION_OVERHEAD: usize = 16;
 /// Largest record kept: a stream with a larger one loses its entry (payloads may be up to
@@ -194,8 +198,10 @@ mod tests {
             cache.appended(vec![(stream.as_str(), vec![second])]);
         }
         let inner_len = cache.inner.lock().expect("stream cache lock").streams.len();
+        // Such an entry takes about 1.2 KB with its overheads: the cache keeps about half the
+        // streams its bound allows for, not a handful.
         assert!(
-            inner_len > 1_000,
+            inner_len > BYTES_MAX / 2048,
             "the cache still holds recent streams ({inner_len})"
         );
         let held = held(&cache);

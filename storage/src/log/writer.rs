@@ -31,9 +31,11 @@ pub(super) type LeftOut = HashMap<usize, StorageError>;
 /// Most stream heads the writer caches; past it the cache is emptied (heads are re-derived on
 /// demand, one sled read per stream), so memory stays bounded however many streams exist. An
 /// entry takes about 100 bytes with its name; a participant makes two or three new streams per
-/// saga, so this is several seconds of sagas at full speed, far more than are in flight, and
-/// about 2 MB (100,000 here held 10 MB in a participant after 20,000 sagas: BENCHMARKS.md).
-pub(super) const HEAD_CACHE_LEN_MAX: usize = 16_384;
+/// saga, so this is a few seconds of sagas at today's rates (about 1.5 s at 1,000 sagas/s), far
+/// more than are in flight, and about 0.5 MB. 100,000 held 10 MB in a participant after 20,000
+/// sagas; 16,384 with a 4 MiB stream cache cost the five processes about 30 MB more summed
+/// peak RSS than 4,096 with 1 MiB, at no CPU cost the pairs could show (BENCHMARKS.md).
+pub(super) const HEAD_CACHE_LEN_MAX: usize = 4_096;
 
 /// A job's outcome inside the transaction, before the flush decides whether it stands.
 pub(super) enum Outcome {
