@@ -28,9 +28,9 @@ use super::record::Record;
 /// Most bytes of memory the cache's entries hold; past it whole streams are evicted, oldest
 /// entry first. A saga's stream in the orchestrator holds 2-4 KB with its overheads, so this is
 /// a few hundred sagas, more than it has in flight at 128 (a miss only costs a sled read). 4 MiB
-/// cost about 30 MB more summed peak RSS over the five processes, through the allocator's
-/// fragmentation more than the bytes themselves, and saved no CPU the pairs could show
-/// (BENCHMARKS.md, "Issue 11, 2026-12-03 (fifth session)").
+/// (with 16,384 writer heads) cost about 30 MB more summed peak RSS over the five processes,
+/// more than the bytes themselves, and saved no CPU the pairs could show (BENCHMARKS.md,
+/// "Issue 11, 2026-12-03 (fifth session)").
 pub(super) const BYTES_MAX: usize = 1 << 20;
 /// What the allocator adds to each allocation (its header and rounding), about.
 const ALLOCATION_OVERHEAD: usize = 16;
