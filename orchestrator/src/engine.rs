@@ -382,7 +382,15 @@ impl Engine {
         for message in outbox {
             request = request.outbox(message);
         }
-        let appended = self.inner.log.append(request).await?;
+        let appended = match self.inner.log.append(request).await {
+            Ok(appended) => appended,
+            Err(error) => {
+                if matches!(error, StorageError::VersionConflict { .. }) {
+                    crate::metric::append_conflicted();
+                }
+                return Err(error);
+            }
+        };
         crate::metric::sagas_appended(definition, before, events);
         if has_outbox {
             self.inner.relay_wake.notify_one();

@@ -23,6 +23,10 @@ pub const SAGAS_IN_FLIGHT: &str = "saga_sagas_in_flight";
 /// Histogram by `step` and `outcome` (`ok`, `business`, `transient`, `unknown`): seconds of one
 /// step call, from the call to its answer or missed deadline.
 pub const STEP_SECONDS: &str = "saga_step_seconds";
+/// Counter: appends to a saga's stream refused with a version conflict (another writer of the
+/// saga appended first: its driver, an acknowledgement, an operator); the loser read and
+/// decided again.
+pub const SAGA_APPEND_CONFLICTS_TOTAL: &str = "saga_append_conflicts_total";
 
 /// Whether a saga is in flight (driven: running or compensating) after `event`, given whether
 /// it was before. Mirrors the statuses `SagaState::apply` sets; only in-flight or not matters
@@ -66,6 +70,11 @@ pub fn sagas_appended(definition: &str, before: Option<Status>, events: &[SagaEv
 /// first append of this process.
 pub fn set_in_flight(count: usize) {
     metrics::gauge!(SAGAS_IN_FLIGHT).set(count as f64);
+}
+
+/// Counts an append to a saga's stream refused with a version conflict.
+pub fn append_conflicted() {
+    metrics::counter!(SAGA_APPEND_CONFLICTS_TOTAL).increment(1);
 }
 
 /// Records one step call.

@@ -14,6 +14,8 @@ use saga_orchestrator::order::{self, OrderTiming};
 use saga_orchestrator::state::Status;
 use saga_proto::v1 as pb;
 use saga_storage::LogConfig;
+use saga_storage::gate::{GatePoint, WriterGate};
+use std::future::Future as _;
 
 /// Refuses the balance step of an order of 1 (minor unit), never answers it for an order of 2,
 /// accepts everything else.
@@ -88,7 +90,12 @@ async fn the_in_flight_gauge_follows_each_sagas_status() {
     metrics::set_global_recorder(recorder).expect("the only recorder of this binary");
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = open_log(LogConfig::new(dir.path())).expect("opens");
+    let gate = Arc::new(WriterGate::new());
+    let log = open_log(LogConfig {
+        gate: Some(Arc::clone(&gate)),
+        ..LogConfig::new(dir.path())
+    })
+    .expect("opens");
     let timing = OrderTiming {
         step_deadline_ms: 120_000,
         attempts_max: 1,
@@ -147,4 +154,51 @@ async fn the_in_flight_gauge_follows_each_sagas_status() {
     assert_eq!(sample(&handle.render(), metric::SAGAS_IN_FLIGHT), 1.0);
     assert_eq!(engine.count_in_flight().await.expect("counts"), 1);
     assert_eq!(sample(&handle.render(), metric::SAGAS_IN_FLIGHT), 1.0);
+
+    // Two acknowledgements of one saga decided from the same version: the second one's append
+    // meets a version conflict (counted), and it decides again from the first one's result.
+    let (state, _) = engine
+        .start(order::DEFINITION, "req-conflict", payload(REFUSED), Vec::new())
+        .await
+        .expect("starts");
+    let id = state.saga_id;
+    wait_status(&engine, &id, Status::Compensating).await;
+    assert!(
+        !handle.render().contains(metric::SAGA_APPEND_CONFLICTS_TOTAL),
+        "no conflict so far: every append above had the saga's stream to itself"
+    );
+    gate.arm(GatePoint::BeforeCommit);
+    let first = tokio::spawn({
+        let (engine, ack) = (engine.clone(), ack(&id, order::LOCK_COUPON, O::Applied));
+        async move { engine.on_ack(&ack).await }
+    });
+    assert!(
+        gate.held(Duration::from_secs(20)).await,
+        "the first ack's append reached the writer"
+    );
+    let second_ack = ack(&id, order::RESERVE_STOCK, O::Applied);
+    let mut second = Box::pin(engine.on_ack(&second_ack));
+    // Polled until it waits: it has read the saga (committed, durable) and queued its append
+    // at the version the held one is about to take.
+    std::future::poll_fn(|cx| {
+        assert!(second.as_mut().poll(cx).is_pending(), "the writer is held");
+        std::task::Poll::Ready(())
+    })
+    .await;
+    gate.release();
+    first.await.expect("joins").expect("applies");
+    second.await.expect("applies after deciding again");
+    assert_eq!(sample(&handle.render(), metric::SAGA_APPEND_CONFLICTS_TOTAL), 1.0);
+    let state = engine.load(&id).await.unwrap().unwrap();
+    let applied: Vec<&str> = state
+        .steps
+        .iter()
+        .filter(|s| s.phase == saga_orchestrator::state::Phase::Compensated)
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(
+        applied.len(),
+        2,
+        "both acknowledgements are in the log: {applied:?}"
+    );
 }
