@@ -382,15 +382,11 @@ impl Engine {
         for message in outbox {
             request = request.outbox(message);
         }
-        let appended = match self.inner.log.append(request).await {
-            Ok(appended) => appended,
-            Err(error) => {
-                if matches!(error, StorageError::VersionConflict { .. }) {
-                    crate::metric::append_conflicted();
-                }
-                return Err(error);
+        let appended = self.inner.log.append(request).await.inspect_err(|error| {
+            if matches!(error, StorageError::VersionConflict { .. }) {
+                crate::metric::append_conflicted();
             }
-        };
+        })?;
         crate::metric::sagas_appended(definition, before, events);
         if has_outbox {
             self.inner.relay_wake.notify_one();
