@@ -25,6 +25,8 @@ const PAGE_SIZE_DEFAULT: u32 = 100;
 pub const STREAM_CHUNK: usize = 256;
 /// Longest operator reason.
 const REASON_LEN_MAX: usize = 1024;
+/// Most acknowledgements in one AcknowledgeCompensations call.
+pub const ACKS_MAX: usize = 1024;
 
 pub struct OrchestratorService {
     pub engine: Engine,
@@ -441,6 +443,89 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         Ok(Response::new(pb::AbortSagaResponse {
             saga: Some(saga_to_proto(&state)),
         }))
+    }
+
+    async fn acknowledge_compensations(
+        &self,
+        request: Request<pb::AcknowledgeCompensationsRequest>,
+    ) -> Result<Response<pb::AcknowledgeCompensationsResponse>, Status> {
+        self.check_ready()?;
+        let Some(endpoint) = self.engine.ack_endpoint() else {
+            return Err(Status::failed_precondition(
+                "acknowledgements over gRPC are off (start with --ack-endpoint): publish them on the acknowledgement topic",
+            ));
+        };
+        let acks = request.into_inner().acks;
+        if acks.len() > ACKS_MAX {
+            return Err(invalid("acks", format!("more than {ACKS_MAX}")));
+        }
+        for (i, ack) in acks.iter().enumerate() {
+            let Some(key) = &ack.key else {
+                return Err(invalid(&format!("acks[{i}].key"), "missing"));
+            };
+            check_id(&format!("acks[{i}].key.saga_id"), &key.saga_id, ID_LEN_MAX, true)?;
+            check_id(&format!("acks[{i}].key.step"), &key.step, ID_LEN_MAX, true)?;
+            // Authentication: each ack carries the token its request named (`crate::ack_key`);
+            // another node's acks (an address that served it before) do not verify either.
+            if !endpoint.key.verify(&key.saga_id, &key.step, &ack.ack_token) {
+                return Err(Status::permission_denied(format!(
+                    "acks[{i}].ack_token is not this orchestrator's token for {}:{}",
+                    key.saga_id, key.step
+                )));
+            }
+        }
+        crate::metric::acks_received("grpc", acks.len());
+        // The acks of one saga in their order (they would conflict if applied together), the
+        // sagas side by side, each in a task of its own that runs to its end even if this call
+        // is dropped (a caller that gives up, or an error of another saga's acks): an ack's
+        // effects (its append, the drive after a resumption) are never cut short. The caller
+        // sends again what it was not told was applied; applying an ack twice changes nothing.
+        let mut by_saga: std::collections::HashMap<String, Vec<(u32, pb::CompensationAck)>> =
+            std::collections::HashMap::new();
+        for (index, ack) in (0u32..).zip(acks) {
+            let saga = ack.key.as_ref().map(|k| k.saga_id.clone()).unwrap_or_default();
+            by_saga.entry(saga).or_default().push((index, ack));
+        }
+        let tasks: Vec<_> = by_saga
+            .into_iter()
+            .map(|(saga, group)| {
+                let engine = self.engine.clone();
+                tokio::spawn(async move {
+                    let mut not_owned = Vec::new();
+                    for (index, ack) in &group {
+                        let span = saga_proto::trace::saga_span("ack", &saga, None);
+                        if !tracing::Instrument::instrument(engine.on_ack(ack), span).await? {
+                            not_owned.push(*index);
+                        }
+                    }
+                    Ok::<Vec<u32>, EngineError>(not_owned)
+                })
+            })
+            .collect();
+        let mut not_owned = Vec::new();
+        for task in tasks {
+            match task.await {
+                Ok(Ok(indices)) => not_owned.extend(indices),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "acknowledgement not applied; the participant sends it again");
+                    return Err(engine_status(error));
+                }
+                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                Err(_) => return Err(Status::unavailable("the orchestrator is stopping")),
+            }
+        }
+        if !not_owned.is_empty() {
+            // Tokens of ours for sagas this log does not have (it lost them, or another node
+            // runs with a copy of this one's directory): the participant publishes them on the
+            // acknowledgement topic, which routes by the owner's node id, and they are loud
+            // there if nobody has them either.
+            not_owned.sort_unstable();
+            tracing::warn!(
+                count = not_owned.len(),
+                "acknowledgements for sagas this orchestrator does not have: sent back"
+            );
+        }
+        Ok(Response::new(pb::AcknowledgeCompensationsResponse { not_owned }))
     }
 }
 

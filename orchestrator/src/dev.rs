@@ -16,7 +16,8 @@ use saga_participants::{Participant, Role};
 use saga_proto::v1 as pb;
 use tonic::transport::Channel;
 
-use crate::engine::{Engine, EngineConfig};
+use crate::ack_key::AckKey;
+use crate::engine::{AckEndpoint, Engine, EngineConfig};
 use crate::node::{Node, NodeConfig, NodeError};
 use crate::order::{OrderTiming, ParticipantAddrs};
 use crate::workload::Scenario;
@@ -70,6 +71,8 @@ pub enum DevError {
     Seed(#[source] crate::workload::WorkloadError),
     #[error(transparent)]
     Workload(#[from] crate::workload::WorkloadError),
+    #[error("the orchestrator's acknowledgement key: {0}")]
+    AckKey(#[from] crate::ack_key::AckKeyError),
 }
 
 /// A running all-in-one system.
@@ -176,12 +179,28 @@ impl Dev {
             balance: addrs[3].clone(),
         };
 
+        // The API's address first: compensation requests name it, and the participants
+        // acknowledge there over loopback gRPC (`saga_participants::acks`), not through the
+        // queue.
+        let listener = bind(listen).await?;
+        let api_addr = local_addr(&listener)?;
+        let ack_addr = if api_addr.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], api_addr.port()))
+        } else {
+            api_addr
+        };
         let node = Node::start(
             NodeConfig {
                 log: dev_log(data_dir.join("orchestrator")),
                 participants: participants.clone(),
                 timing: OrderTiming::default(),
-                engine: EngineConfig::default(),
+                engine: EngineConfig {
+                    ack_endpoint: Some(AckEndpoint {
+                        url: format!("http://{ack_addr}"),
+                        key: AckKey::load_or_create(&data_dir.join("orchestrator"))?,
+                    }),
+                    ..EngineConfig::default()
+                },
                 ack_group: None,
                 admin_token: saga_proto::auth::AdminToken::none(),
                 participant_tls: None,
@@ -192,8 +211,6 @@ impl Dev {
         if node.resumed > 0 {
             tracing::info!(resumed = node.resumed, "resumed unfinished sagas");
         }
-        let listener = bind(listen).await?;
-        let api_addr = local_addr(&listener)?;
         let (s, server) = serve_routes(node.routes.clone(), listener);
         stop.push(s);
         servers.push(server);

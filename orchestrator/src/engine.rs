@@ -106,6 +106,11 @@ pub struct EngineConfig {
     pub ack_topic: String,
     /// This orchestrator's id: the tag of its acknowledgements (named in every request).
     pub node_id: String,
+    /// Acknowledgements over gRPC: this orchestrator's address as participants reach it and its
+    /// key, named (the address, a token per step) in every request, so that participants
+    /// acknowledge with `AcknowledgeCompensations` instead of through `ack_topic`; `None`:
+    /// through the topic only.
+    pub ack_endpoint: Option<AckEndpoint>,
     /// Most sagas driven at once; further ones queue (one queue entry per saga, no task).
     pub drivers_max: usize,
     /// How long the first acknowledgement of a compensation may take before it is re-published;
@@ -113,6 +118,14 @@ pub struct EngineConfig {
     pub compensation_ack_deadline_ms: u64,
     /// Re-publishes of unacknowledged compensations before the saga is marked Stuck.
     pub compensation_republishes_max: u32,
+}
+
+/// Where and how participants acknowledge over gRPC (see [`EngineConfig::ack_endpoint`]).
+#[derive(Debug, Clone)]
+pub struct AckEndpoint {
+    /// `http://host:port`.
+    pub url: String,
+    pub key: crate::ack_key::AckKey,
 }
 
 impl Default for EngineConfig {
@@ -125,6 +138,7 @@ impl Default for EngineConfig {
             compensation_topic: saga_messaging::topics::COMPENSATION_TOPIC.into(),
             ack_topic: saga_messaging::topics::COMPENSATION_ACK_TOPIC.into(),
             node_id: NODE_ID_DEFAULT.into(),
+            ack_endpoint: None,
             drivers_max: 4096,
             compensation_ack_deadline_ms: 30_000,
             compensation_republishes_max: 6,
@@ -262,6 +276,11 @@ impl Engine {
                 drivers_idle: Notify::new(),
             }),
         }
+    }
+
+    /// Acknowledgements over gRPC, when on (`EngineConfig::ack_endpoint`).
+    pub fn ack_endpoint(&self) -> Option<&AckEndpoint> {
+        self.inner.config.ack_endpoint.as_ref()
     }
 
     pub fn log(&self) -> &EventLog {
@@ -606,6 +625,20 @@ impl Engine {
                     // Every caller records the sending's event after building its messages.
                     round: state.compensation_round + 1,
                     traceparent: saga_proto::trace::outgoing(&state.saga_id).traceparent(),
+                    ack_endpoint: self
+                        .inner
+                        .config
+                        .ack_endpoint
+                        .as_ref()
+                        .map(|a| a.url.clone())
+                        .unwrap_or_default(),
+                    ack_token: self
+                        .inner
+                        .config
+                        .ack_endpoint
+                        .as_ref()
+                        .map(|a| a.key.token(&state.saga_id, &step.name))
+                        .unwrap_or_default(),
                 }
                 .encode_to_vec(),
             })
@@ -643,11 +676,12 @@ impl Engine {
     }
 
     /// Applies a participant's acknowledgement. Acks of unknown sagas (another orchestrator's)
-    /// and duplicates change nothing.
-    pub async fn on_ack(&self, ack: &pb::CompensationAck) -> Result<(), EngineError> {
+    /// and duplicates change nothing. `Ok(false)`: this orchestrator does not have the saga (the
+    /// caller says so: a misrouted ack).
+    pub async fn on_ack(&self, ack: &pb::CompensationAck) -> Result<bool, EngineError> {
         let Some(key) = &ack.key else {
             tracing::warn!(?ack, "ack without a step key ignored");
-            return Ok(());
+            return Ok(true);
         };
         let outcome =
             pb::CompensationOutcome::try_from(ack.outcome).unwrap_or(pb::CompensationOutcome::Unspecified);
@@ -655,14 +689,14 @@ impl Engine {
             || format!("acknowledgement of {}:{}", key.saga_id, key.step),
             || async move {
                 let Some(mut state) = self.load(&key.saga_id).await? else {
-                    // Acks are routed by the owner's node id, so this is a misrouted ack (a wrong
-                    // node id, or a log that lost the saga): loud, never silent.
-                    tracing::error!(saga = %key.saga_id, step = %key.step, node = %self.inner.config.node_id, "{MISROUTED_ACK}");
-                    return Ok(Tried::Done(()));
+                    // Acks are routed to the owner (its node id, its endpoint), so this is a
+                    // misrouted ack (a wrong node id, an endpoint that now serves another node,
+                    // or a log that lost the saga): the caller makes it loud, never silent.
+                    return Ok(Tried::Done(false));
                 };
                 let Some(step) = state.steps.iter().find(|s| s.name == key.step) else {
                     tracing::warn!(saga = %key.saga_id, step = %key.step, "ack for an unknown step ignored");
-                    return Ok(Tried::Done(()));
+                    return Ok(Tried::Done(true));
                 };
                 let event = match (step.phase, outcome) {
                     (Phase::Compensating | Phase::CompensationParked, pb::CompensationOutcome::Applied) => {
@@ -689,13 +723,13 @@ impl Engine {
                         if ack.round != 0 && ack.round < state.compensation_round =>
                     {
                         tracing::info!(saga = %key.saga_id, step = %key.step, round = ack.round, current = state.compensation_round, "PARKED acknowledgement of an earlier round ignored");
-                        return Ok(Tried::Done(()));
+                        return Ok(Tried::Done(true));
                     }
                     (Phase::Compensating, pb::CompensationOutcome::Parked) => SagaEvent::CompensationParked {
                         step: key.step.clone(),
                         error: ack.detail.clone(),
                     },
-                    _ => return Ok(Tried::Done(())),
+                    _ => return Ok(Tried::Done(true)),
                 };
                 let (version, before) = (state.version, state.status);
                 let corrupt = |error| EngineError::Corrupt {
@@ -733,7 +767,7 @@ impl Engine {
                             // Its acknowledgement deadline runs again.
                             self.drive(&key.saga_id);
                         }
-                        Ok(Tried::Done(()))
+                        Ok(Tried::Done(true))
                     }
                     Err(StorageError::VersionConflict { .. }) => Ok(Tried::Conflicted),
                     Err(e) => Err(e.into()),
@@ -1361,6 +1395,7 @@ impl Handler for AckHandler {
     fn handle(&self, delivery: Delivery) -> BoxFuture<'static, Outcome> {
         let engine = self.engine.clone();
         Box::pin(async move {
+            crate::metric::acks_received("topic", 1);
             let ack = match pb::CompensationAck::decode(delivery.body.as_slice()) {
                 Ok(ack) => ack,
                 Err(error) => {
@@ -1384,7 +1419,15 @@ impl Handler for AckHandler {
                 )
             });
             match applied {
-                Ok(()) => Outcome::Consumed,
+                Ok(true) => Outcome::Consumed,
+                Ok(false) => {
+                    let (saga, step) = ack
+                        .key
+                        .as_ref()
+                        .map_or(("", ""), |k| (k.saga_id.as_str(), k.step.as_str()));
+                    tracing::error!(%saga, %step, node = %engine.inner.config.node_id, "{MISROUTED_ACK}");
+                    Outcome::Consumed
+                }
                 Err(error) => {
                     tracing::warn!(key = %delivery.key, %error, "acknowledgement not applied; retry later");
                     Outcome::RetryLater

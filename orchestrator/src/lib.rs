@@ -19,6 +19,7 @@
 //!
 //! The binaries: `saga-orchestrator` (`serve`, `dev`) and `sagactl` (the client CLI).
 
+pub mod ack_key;
 pub mod api;
 pub mod definition;
 #[cfg(feature = "dev")]

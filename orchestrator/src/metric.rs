@@ -27,6 +27,9 @@ pub const STEP_SECONDS: &str = "saga_step_seconds";
 /// saga appended first: its driver, an acknowledgement, an operator); the loser read and
 /// decided again.
 pub const SAGA_APPEND_CONFLICTS_TOTAL: &str = "saga_append_conflicts_total";
+/// Counter by `via` (`topic`: the acknowledgement topic; `grpc`: AcknowledgeCompensations):
+/// participants' acknowledgements received (duplicates included), before they are applied.
+pub const ACKS_RECEIVED_TOTAL: &str = "saga_acks_received_total";
 
 /// Whether a saga is in flight (driven: running or compensating) after `event`, given whether
 /// it was before. Mirrors the statuses `SagaState::apply` sets; only in-flight or not matters
@@ -75,6 +78,11 @@ pub fn set_in_flight(count: usize) {
 /// Counts an append to a saga's stream refused with a version conflict.
 pub fn append_conflicted() {
     metrics::counter!(SAGA_APPEND_CONFLICTS_TOTAL).increment(1);
+}
+
+/// Counts acknowledgements received by `via` (`topic` or `grpc`).
+pub fn acks_received(via: &'static str, count: usize) {
+    metrics::counter!(ACKS_RECEIVED_TOTAL, "via" => via).increment(count as u64);
 }
 
 /// Records one step call.

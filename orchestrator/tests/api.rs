@@ -668,6 +668,72 @@ async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_se
     for answer in answers {
         assert_eq!(answer.expect_err("unknown").code(), Code::NotFound);
     }
+    // Acknowledgements (the dev system takes them over gRPC): one that names no step is refused
+    // by field (the whole request), one without its request's token is PERMISSION_DENIED, one
+    // for a saga this orchestrator does not have is accepted, named, and changes nothing.
+    let ack_key = system
+        .engine
+        .ack_endpoint()
+        .expect("dev takes acks over gRPC")
+        .key
+        .clone();
+    let ack = |saga_id: &str, step: &str| pb::CompensationAck {
+        key: Some(pb::StepKey {
+            saga_id: saga_id.into(),
+            step: step.into(),
+        }),
+        role: "stock".into(),
+        outcome: pb::CompensationOutcome::Applied as i32,
+        round: 1,
+        ack_token: ack_key.token(saga_id, step),
+        ..Default::default()
+    };
+    let ack_cases: Vec<(&str, Vec<pb::CompensationAck>)> = vec![
+        ("acks[0].key", vec![pb::CompensationAck::default()]),
+        (
+            "acks[1].key.saga_id",
+            vec![ack(&unknown, "reserve_stock"), ack(&huge, "reserve_stock")],
+        ),
+        ("acks[0].key.step", vec![ack(&unknown, "")]),
+        (
+            "acks",
+            (0..=saga_orchestrator::api::ACKS_MAX)
+                .map(|_| ack(&unknown, "reserve_stock"))
+                .collect(),
+        ),
+    ];
+    for (field, acks) in ack_cases {
+        let answer = client
+            .acknowledge_compensations(pb::AcknowledgeCompensationsRequest { acks })
+            .await;
+        expect_invalid("AcknowledgeCompensations", field, answer.map(|_| ()));
+    }
+    for token in [
+        String::new(),
+        "00".repeat(16),
+        ack_key.token(&unknown, "lock_coupon"),
+    ] {
+        let forged = pb::CompensationAck {
+            ack_token: token,
+            ..ack(&unknown, "reserve_stock")
+        };
+        let answer = client
+            .acknowledge_compensations(pb::AcknowledgeCompensationsRequest {
+                acks: vec![ack(&unknown, "create_order"), forged],
+            })
+            .await
+            .expect_err("a wrong token is refused");
+        assert_eq!(answer.code(), Code::PermissionDenied, "{answer:?}");
+        assert!(answer.message().starts_with("acks[1].ack_token"), "{answer:?}");
+    }
+    let answer = client
+        .acknowledge_compensations(pb::AcknowledgeCompensationsRequest {
+            acks: vec![ack(&unknown, "reserve_stock")],
+        })
+        .await
+        .expect("an ack of an unknown saga is accepted")
+        .into_inner();
+    assert_eq!(answer.not_owned, vec![0], "and named as not this orchestrator's");
     assert_eq!(
         system.engine.log().durable_position(),
         before,
@@ -779,4 +845,80 @@ async fn watch_to_end(
         watched.len()
     );
     watched
+}
+
+/// Records what is published through it (the participant router's topic side).
+#[derive(Default)]
+struct Recording(std::sync::Mutex<Vec<saga_messaging::transport::Outgoing>>);
+
+impl saga_messaging::transport::Transport for Recording {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [saga_messaging::transport::Outgoing],
+    ) -> saga_messaging::transport::BoxFuture<'a, Result<(), saga_messaging::MessagingError>> {
+        self.0.lock().expect("lock").extend(messages.iter().cloned());
+        Box::pin(async { Ok(()) })
+    }
+
+    fn subscribe(
+        &self,
+        _spec: saga_messaging::transport::SubscriptionSpec,
+        _handler: std::sync::Arc<dyn saga_messaging::transport::Handler>,
+    ) -> saga_messaging::transport::BoxFuture<
+        '_,
+        Result<Box<dyn saga_messaging::transport::Consumer>, saga_messaging::MessagingError>,
+    > {
+        Box::pin(async { Err(saga_messaging::MessagingError::Config("not used".into())) })
+    }
+}
+
+/// Issue 11: an acknowledgement sent over gRPC to an orchestrator that does not have its saga
+/// (a log that lost it) is not lost there: the orchestrator names it, and the participant's
+/// router publishes it as it is, on the topic and tag its request named, which route by the
+/// owner's node id. Its token is the orchestrator's (else it would be refused, and published on
+/// the topic just the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_of_a_saga_the_orchestrator_does_not_have_goes_through_the_topic() {
+    use prost::Message as _;
+    use saga_messaging::transport::{Outgoing, Transport as _};
+    use saga_participants::acks::AckRouter;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let system = Dev::start(dir.path(), "127.0.0.1:0", 100, DevOptions::default())
+        .await
+        .expect("starts");
+    let endpoint = system.engine.ack_endpoint().expect("dev takes acks over gRPC");
+    let ack = Outgoing {
+        topic: "ack-topic".into(),
+        tag: "owner".into(),
+        key: "ord-elsewhere:reserve_stock".into(),
+        body: pb::CompensationAck {
+            key: Some(pb::StepKey {
+                saga_id: "ord-elsewhere".into(),
+                step: "reserve_stock".into(),
+            }),
+            role: "stock".into(),
+            outcome: pb::CompensationOutcome::Applied as i32,
+            round: 1,
+            ack_token: endpoint.key.token("ord-elsewhere", "reserve_stock"),
+            ack_endpoint: endpoint.url.clone(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        properties: Vec::new(),
+    };
+    let topic = std::sync::Arc::new(Recording::default());
+    let router = AckRouter::new(topic.clone());
+    let before = system.engine.log().durable_position();
+    router
+        .publish(std::slice::from_ref(&ack))
+        .await
+        .expect("published");
+    assert_eq!(topic.0.lock().expect("lock").clone(), vec![ack]);
+    assert_eq!(
+        system.engine.log().durable_position(),
+        before,
+        "nothing recorded here"
+    );
+    system.shutdown().await;
 }

@@ -33,8 +33,10 @@
 //! the orchestrator's mechanism) publishes it. So a delivery is consumed only once its ack is
 //! durable here; a crash before the append redelivers the message, a crash after it relays the
 //! ack on restart. Acks go to the topic and tag the request names (the owning orchestrator's),
-//! with the key `<saga_id>:<step>`. A duplicate delivery of a successful message writes the
-//! ack again (the first may have gone to an orchestrator that lost it).
+//! with the key `<saga_id>:<step>`, or, when the request names the orchestrator's
+//! `ack_endpoint`, straight to it over gRPC (`crate::acks`; the same outbox and relay). A
+//! duplicate delivery of a successful message writes the ack again (the first may have gone to
+//! an orchestrator that lost it).
 
 use std::sync::Arc;
 
@@ -118,6 +120,10 @@ struct AckRoute {
     topic: String,
     tag: String,
     round: u32,
+    /// The orchestrator's address for acknowledgements over gRPC (`crate::acks`), if the
+    /// request named a usable one, and the token to echo.
+    endpoint: Option<String>,
+    token: String,
 }
 
 /// Handles compensation messages for one participant.
@@ -139,9 +145,12 @@ impl CompensationConsumer {
     pub fn new(participant: Participant, transport: Arc<dyn Transport>) -> Self {
         let group = topics::compensation_group(participant.role().name());
         let wake = Arc::new(Notify::new());
+        // Acknowledgements whose request named an `ack_endpoint` go to it over gRPC, the rest
+        // through the transport (`crate::acks`).
+        let relayed: Arc<dyn Transport> = Arc::new(crate::acks::AckRouter::new(Arc::clone(&transport)));
         let task = tokio::spawn(saga_messaging::relay::run(
             participant.log().clone(),
-            Arc::clone(&transport),
+            relayed,
             Arc::clone(&wake),
         ))
         .abort_handle();
@@ -241,6 +250,8 @@ impl CompensationConsumer {
             outcome: outcome as i32,
             detail,
             round: route.round,
+            ack_token: route.token.clone(),
+            ack_endpoint: route.endpoint.clone().unwrap_or_default(),
         }
         .encode_to_vec();
         OutboxMessage {
@@ -262,6 +273,12 @@ impl CompensationConsumer {
                 .and_then(|r| named(&r.ack_tag))
                 .unwrap_or_else(|| self.participant.role().name().into()),
             round: request.map_or(0, |r| r.round),
+            // An address the router could not call is left out: the ack takes the topic.
+            endpoint: request
+                .map(|r| r.ack_endpoint.as_str())
+                .filter(|e| crate::acks::usable_endpoint(e))
+                .map(str::to_owned),
+            token: request.map(|r| r.ack_token.clone()).unwrap_or_default(),
         }
     }
 

@@ -31,6 +31,7 @@
 //!
 //! The `saga-participant` binary (`src/bin/saga-participant.rs`) runs one role as a process.
 
+pub mod acks;
 pub mod admin;
 pub mod balance;
 pub mod barrier;

@@ -54,6 +54,11 @@ struct Args {
     /// so that their cost shows; the line ends with `metrics=on`.
     #[arg(long)]
     metrics: bool,
+    /// How participants acknowledge compensations: `grpc` (the orchestrator runs with
+    /// `--ack-endpoint listen`) or `topic` (through the broker; the line ends with
+    /// `acks=topic`).
+    #[arg(long, default_value = "grpc", value_parser = ["grpc", "topic"])]
+    acks: String,
     /// cargo bench passes --bench; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -104,6 +109,13 @@ async fn run(namesrv: &str, scenario: Scenario, conc: usize, args: &Args) -> any
     } else {
         SystemConfig::default()
     };
+    let mut config = config;
+    if args.acks == "grpc" {
+        // Each node names its own API address (extra nodes share these arguments).
+        config
+            .orchestrator_args
+            .extend(["--ack-endpoint".to_owned(), "listen".to_owned()]);
+    }
     let system = System::start(namesrv, config).await;
     let logs = tempfile::tempdir()?;
     // Further orchestrator nodes (scale runs): the same participants and topics, their own
@@ -211,7 +223,8 @@ async fn run(namesrv: &str, scenario: Scenario, conc: usize, args: &Args) -> any
         workload::percentile_ms(&latencies, 99.0),
         rss_mb,
         if correct { "yes" } else { "no" }
-    ) + if args.metrics { " metrics=on" } else { "" })
+    ) + if args.metrics { " metrics=on" } else { "" }
+        + if args.acks == "topic" { " acks=topic" } else { "" })
 }
 
 fn main() -> anyhow::Result<()> {

@@ -82,6 +82,7 @@ pub fn compensation_ack(saga_id: &str, step: &str, outcome: pb::CompensationOutc
         outcome: outcome as i32,
         detail: format!("{outcome:?} (test)"),
         round: 1,
+        ..Default::default()
     }
 }
 

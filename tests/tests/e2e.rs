@@ -692,6 +692,29 @@ async fn metrics_endpoints_count_sagas_steps_appends_and_compensations() {
     assert!(sample(&body, "saga_log_append_seconds_count") >= 4.0, "{body}");
     assert!(sample(&body, "saga_log_fsync_seconds_count") >= 1.0, "{body}");
     assert!(sample(&body, "saga_relay_published_total") >= 2.0, "{body}");
+    // Without --ack-endpoint the acknowledgements (create_order's and reserve_stock's) come
+    // through the topic.
+    assert!(
+        sample(&body, "saga_acks_received_total{via=\"topic\"}") >= 2.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "saga_acks_received_total{via=\"grpc\"}"),
+        0.0,
+        "{body}"
+    );
+    // And the gRPC route is closed.
+    let refused = client
+        .acknowledge_compensations(pb::AcknowledgeCompensationsRequest {
+            acks: vec![saga_tests::compensation_ack(
+                &poor,
+                "reserve_stock",
+                pb::CompensationOutcome::Applied,
+            )],
+        })
+        .await
+        .expect_err("off without --ack-endpoint");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
 
     // The stock participant applied the compensation of the poor user's reservation.
     let stock = scrape(&stock_metrics).await;
@@ -714,6 +737,51 @@ async fn metrics_endpoints_count_sagas_steps_appends_and_compensations() {
         "{stock}"
     );
     assert!(sample(&stock, "saga_log_append_seconds_count") >= 3.0, "{stock}");
+}
+
+/// Issue 11: with `--ack-endpoint listen` the compensation requests name the orchestrator's
+/// address and the participants acknowledge there over gRPC (`saga_participants::acks`): a
+/// compensated saga's acknowledgements all arrive that way, none through the topic, and the
+/// saga ends COMPENSATED with the stock back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_ack_endpoint_acknowledgements_arrive_over_grpc_not_the_topic() {
+    let Some(namesrv) = topics::namesrv_for_tests() else {
+        return;
+    };
+    let orchestrator_metrics = format!("127.0.0.1:{}", saga_tests::free_port());
+    let config = SystemConfig {
+        orchestrator_args: vec![
+            "--metrics-listen".to_owned(),
+            orchestrator_metrics.clone(),
+            "--ack-endpoint".to_owned(),
+            "listen".to_owned(),
+        ],
+        ..SystemConfig::default()
+    };
+    let system = System::start(&namesrv, config).await;
+    system.seed_stock("p1", 10).await;
+    system.seed_balance("poor", 0).await;
+    let mut client = system.client().await;
+    let poor = start(
+        &mut client,
+        order(&format!("{}-g1", system.run), "poor", "p1", ""),
+    )
+    .await;
+    let saga = wait_final(&mut client, &poor, PATIENCE).await;
+    assert_eq!(saga.state, pb::SagaState::Compensated as i32, "{saga:?}");
+
+    let body = scrape(&orchestrator_metrics).await;
+    // create_order's and reserve_stock's (at least once each; a duplicate is possible).
+    assert!(
+        sample(&body, "saga_acks_received_total{via=\"grpc\"}") >= 2.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "saga_acks_received_total{via=\"topic\"}"),
+        0.0,
+        "{body}"
+    );
+    assert_eq!(system.stock("p1").await, (10, 0), "the reservation was undone");
 }
 
 /// Issue 12: SIGTERM under load stops the orchestrator in order: new StartOrder calls are told

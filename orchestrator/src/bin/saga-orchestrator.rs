@@ -90,6 +90,17 @@ struct Serve {
     /// Consumer group on the acknowledgement topic (default `saga-orchestrator-<node id>`).
     #[arg(long)]
     ack_group: Option<String>,
+    /// This orchestrator's gRPC address as participants reach it (`http://HOST:PORT`, or
+    /// `listen` for the address it listens on): compensation requests name it, and
+    /// participants acknowledge there (AcknowledgeCompensations) instead of through the
+    /// acknowledgement topic, which saves a broker message per compensation. Unset: through
+    /// the topic. The topic is consumed either way (participants of older versions use it, and
+    /// participants fall back to it when this address does not answer). Give an address that
+    /// reaches this orchestrator itself, not a load balancer in front of several: another
+    /// node refuses the acks (their tokens are this node's) and they go through the topic.
+    /// Not yet with TLS (participants have no TLS client settings for it).
+    #[arg(long)]
+    ack_endpoint: Option<String>,
     /// sled's page cache for the event log, in MiB.
     #[arg(long, env = "SAGA_CACHE_MB", default_value_t = saga_storage::LogConfig::CACHE_MB_DEFAULT)]
     cache_mb: u64,
@@ -247,6 +258,16 @@ async fn run_serve(args: Serve, sources: &saga_proto::config::Sources) -> anyhow
         .await
         .with_context(|| format!("{}: cannot bind {}", sources.name("listen"), args.listen))?;
     let addr = listener.local_addr()?;
+    let ack_endpoint = match args.ack_endpoint.as_deref() {
+        None => None,
+        Some(endpoint) => {
+            let url = ack_endpoint(endpoint, addr, server_tls.is_some())
+                .map_err(|why| anyhow::anyhow!("{}: {why}", sources.name("ack_endpoint")))?;
+            let key = saga_orchestrator::ack_key::AckKey::load_or_create(&args.data_dir)
+                .with_context(|| format!("{}: the acknowledgement key", sources.name("data_dir")))?;
+            Some(saga_orchestrator::engine::AckEndpoint { url, key })
+        }
+    };
     let config = RocketMqConfig {
         thread_name: "saga-orchestrator-mq".into(),
         ..RocketMqConfig::new(args.rocketmq.clone())
@@ -265,6 +286,7 @@ async fn run_serve(args: Serve, sources: &saga_proto::config::Sources) -> anyhow
                 compensation_topic: args.compensation_topic.clone(),
                 ack_topic: args.ack_topic.clone(),
                 node_id: args.node_id.clone(),
+                ack_endpoint,
                 compensation_ack_deadline_ms: args.compensation_ack_deadline_ms,
                 compensation_republishes_max: args.compensation_republishes_max,
                 ..EngineConfig::default()
@@ -372,6 +394,33 @@ enum DevOutcome {
     /// SIGTERM or Ctrl-C during `--orders`: the system was stopped and a temporary data dir
     /// removed.
     Interrupted,
+}
+
+/// The address compensation requests name for acknowledgements (`--ack-endpoint`): `listen`
+/// is the bound address.
+fn ack_endpoint(endpoint: &str, listening: std::net::SocketAddr, tls: bool) -> Result<String, String> {
+    if tls {
+        return Err(
+            "not supported yet with TLS (participants have no TLS client settings for \
+                    the orchestrator); leave it unset to acknowledge through the broker"
+                .into(),
+        );
+    }
+    if endpoint == "listen" {
+        if listening.ip().is_unspecified() {
+            return Err(format!(
+                "`listen` needs a specific address, not {listening}: give http://HOST:PORT"
+            ));
+        }
+        return Ok(format!("http://{listening}"));
+    }
+    let Some(authority) = endpoint.strip_prefix("http://") else {
+        return Err(format!("{endpoint:?}: expected http://HOST:PORT or `listen`"));
+    };
+    if authority.is_empty() || authority.contains(|c: char| c == '/' || c.is_whitespace() || c.is_control()) {
+        return Err(format!("{endpoint:?}: expected http://HOST:PORT or `listen`"));
+    }
+    Ok(endpoint.to_owned())
 }
 
 async fn run_dev(args: DevArgs) -> anyhow::Result<DevOutcome> {

@@ -71,6 +71,11 @@ struct Args {
     /// Keep the work dir (data dirs, process logs) also after a clean run.
     #[arg(long)]
     keep: bool,
+    /// How participants acknowledge compensations: `grpc` (the orchestrator runs with
+    /// `--ack-endpoint listen`; acks fall back to the topic while it is down or paused, so both
+    /// routes are exercised) or `topic` (through the broker only).
+    #[arg(long, default_value = "grpc", value_parser = ["grpc", "topic"])]
+    acks: String,
 }
 
 /// The order saga as the orchestrator runs it (default timing): which role serves each step,
@@ -552,7 +557,7 @@ struct System {
 }
 
 impl System {
-    fn start(work: &Path) -> anyhow::Result<System> {
+    fn start(work: &Path, acks: &str) -> anyhow::Result<System> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/dev-env");
         let mut broker = Broker {
             script,
@@ -613,7 +618,15 @@ impl System {
                 list,
                 "--rocketmq".into(),
                 namesrv,
-            ],
+            ]
+            .into_iter()
+            .chain(
+                (acks == "grpc")
+                    .then(|| ["--ack-endpoint".to_owned(), "listen".to_owned()])
+                    .into_iter()
+                    .flatten(),
+            )
+            .collect(),
             log: work.join("orchestrator.log"),
             fault: None,
             child: None,
@@ -749,7 +762,7 @@ async fn count_in(
 async fn run(args: &Args, seed: u64, work: &Path) -> anyhow::Result<Outcome> {
     let duration = Duration::from_secs(args.duration);
     let schedule = plan(seed, duration);
-    let mut system = System::start(work)?;
+    let mut system = System::start(work, &args.acks)?;
     workload::seed(&system.addrs, 0..COUPON_BLOCK, Scenario::Fail20)
         .await
         .context("seeds stock, balances and the first coupons")?;
@@ -1052,8 +1065,8 @@ fn main() -> ExitCode {
             .unwrap_or(1)
     });
     println!(
-        "chaos: seed={seed} duration_s={} concurrency={} (replay: saga-chaos --seed {seed} --duration {})",
-        args.duration, args.concurrency, args.duration
+        "chaos: seed={seed} duration_s={} concurrency={} acks={} (replay: saga-chaos --seed {seed} --duration {} --acks {})",
+        args.duration, args.concurrency, args.acks, args.duration, args.acks
     );
     let work = match tempfile::Builder::new().prefix("saga-chaos-").tempdir() {
         Ok(dir) => dir,
