@@ -28,7 +28,7 @@ use saga_messaging::MessagingError;
 use saga_messaging::transport::{BoxFuture, Consumer, Handler, Outgoing, SubscriptionSpec, Transport};
 use saga_proto::v1 as pb;
 use saga_proto::v1::orchestrator_client::OrchestratorClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// Deadline of one AcknowledgeCompensations call (and of connecting); past it the acks go
 /// through the topic.
@@ -42,11 +42,15 @@ const SKIP_MAX: Duration = Duration::from_secs(60);
 /// Longest endpoint taken from a request.
 const ENDPOINT_LEN_MAX: usize = 256;
 
-/// Whether a request's `ack_endpoint` is one the router can call: `http://` and an authority,
-/// nothing else (no path, no whitespace or control characters), that tonic accepts.
-pub fn usable_endpoint(endpoint: &str) -> bool {
+/// Whether a request's `ack_endpoint` is one a router can call: `http://` (or `https://` when
+/// it has TLS settings, `tls`) and an authority, nothing else (no path, no whitespace or
+/// control characters), that tonic accepts.
+pub fn usable_endpoint(endpoint: &str, tls: bool) -> bool {
+    let authority = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://").filter(|_| tls));
     endpoint.len() <= ENDPOINT_LEN_MAX
-        && endpoint.strip_prefix("http://").is_some_and(|authority| {
+        && authority.is_some_and(|authority| {
             !authority.is_empty()
                 && !authority.contains(|c: char| c == '/' || c.is_whitespace() || c.is_control())
         })
@@ -64,6 +68,9 @@ enum EndpointState {
 pub struct AckRouter {
     inner: Arc<dyn Transport>,
     endpoints: Mutex<HashMap<String, EndpointState>>,
+    /// How `https://` endpoints are called (the orchestrator's CA, and this participant's
+    /// certificate when the orchestrator asks for one); without it only `http://` ones are.
+    tls: Mutex<Option<ClientTlsConfig>>,
 }
 
 impl AckRouter {
@@ -71,7 +78,19 @@ impl AckRouter {
         AckRouter {
             inner,
             endpoints: Mutex::new(HashMap::new()),
+            tls: Mutex::new(None),
         }
+    }
+
+    /// Calls `https://` endpoints with `tls` (channels made before are dropped).
+    pub fn set_tls(&self, tls: ClientTlsConfig) {
+        *self.tls.lock().expect("ack tls lock") = Some(tls);
+        self.endpoints.lock().expect("ack endpoints lock").clear();
+    }
+
+    /// Whether this router can call `endpoint` (see [`usable_endpoint`]).
+    pub fn usable(&self, endpoint: &str) -> bool {
+        usable_endpoint(endpoint, self.tls.lock().expect("ack tls lock").is_some())
     }
 
     /// The channel to `endpoint`, or `None` while it is skipped after a failure.
@@ -82,12 +101,16 @@ impl AckRouter {
             Some(EndpointState::Skipped { until, .. }) if Instant::now() < *until => return None,
             _ => {}
         }
-        let channel = Endpoint::from_shared(endpoint.to_owned())
+        let mut builder = Endpoint::from_shared(endpoint.to_owned())
             .ok()?
             .connect_timeout(ACK_CALL_TIMEOUT)
             .timeout(ACK_CALL_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        if endpoint.starts_with("https://") {
+            let tls = self.tls.lock().expect("ack tls lock").clone()?;
+            builder = builder.tls_config(tls).ok()?;
+        }
+        let channel = builder.connect_lazy();
         if endpoints.len() >= CHANNELS_MAX && !endpoints.contains_key(endpoint) {
             endpoints.clear();
         }
@@ -109,6 +132,17 @@ impl AckRouter {
                 skip,
             },
         );
+    }
+
+    /// The acknowledgement in `message` and the endpoint it names, if it names one this router
+    /// can call and a step the orchestrator would accept (anything else takes the topic, whose
+    /// consumer logs what it cannot apply).
+    fn addressed(&self, message: &Outgoing) -> Option<(String, pb::CompensationAck)> {
+        let ack = pb::CompensationAck::decode(message.body.as_slice()).ok()?;
+        let key = ack.key.as_ref()?;
+        let named = |id: &str| saga_proto::ids::check_len(id, saga_proto::ids::ID_LEN_MAX).is_ok();
+        (self.usable(&ack.ack_endpoint) && named(&key.saga_id) && named(&key.step))
+            .then(|| (ack.ack_endpoint.clone(), ack))
     }
 
     /// Sends `acks` to `endpoint`. Ok once the orchestrator applied them, with the indices (in
@@ -136,24 +170,13 @@ impl AckRouter {
     }
 }
 
-/// The acknowledgement in `message` and the endpoint it names, if it names one the router can
-/// call and a step the orchestrator would accept (anything else takes the topic, whose consumer
-/// logs what it cannot apply).
-fn addressed(message: &Outgoing) -> Option<(String, pb::CompensationAck)> {
-    let ack = pb::CompensationAck::decode(message.body.as_slice()).ok()?;
-    let key = ack.key.as_ref()?;
-    let named = |id: &str| saga_proto::ids::check_len(id, saga_proto::ids::ID_LEN_MAX).is_ok();
-    (usable_endpoint(&ack.ack_endpoint) && named(&key.saga_id) && named(&key.step))
-        .then(|| (ack.ack_endpoint.clone(), ack))
-}
-
 impl Transport for AckRouter {
     fn publish<'a>(&'a self, messages: &'a [Outgoing]) -> BoxFuture<'a, Result<(), MessagingError>> {
         Box::pin(async move {
             let mut by_endpoint: HashMap<String, (Vec<&Outgoing>, Vec<pb::CompensationAck>)> = HashMap::new();
             let mut through_topic: Vec<Outgoing> = Vec::new();
             for message in messages {
-                match addressed(message) {
+                match self.addressed(message) {
                     Some((endpoint, ack)) => {
                         let (group, acks) = by_endpoint.entry(endpoint).or_default();
                         group.push(message);
@@ -240,21 +263,29 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_http_addresses_are_called() {
-        assert!(usable_endpoint("http://127.0.0.1:50051"));
-        assert!(usable_endpoint("http://orchestrator-1:50051"));
-        for bad in [
-            "",
-            "127.0.0.1:50051",
-            "https://127.0.0.1:50051",
-            "http://",
-            "http://a/b",
-            "http://a\nb",
-            "http://a b",
-        ] {
-            assert!(!usable_endpoint(bad), "{bad:?}");
+    fn only_addresses_the_router_can_call_are_called() {
+        for tls in [false, true] {
+            assert!(usable_endpoint("http://127.0.0.1:50051", tls));
+            assert!(usable_endpoint("http://orchestrator-1:50051", tls));
+            assert_eq!(usable_endpoint("https://orchestrator-1:50051", tls), tls);
+            for bad in [
+                "",
+                "127.0.0.1:50051",
+                "ftp://127.0.0.1:50051",
+                "http://",
+                "https://",
+                "http://a/b",
+                "http://a\nb",
+                "http://a b",
+            ] {
+                assert!(!usable_endpoint(bad, tls), "{bad:?}");
+            }
+            assert!(!usable_endpoint(&format!("http://{}", "a".repeat(300)), tls));
         }
-        assert!(!usable_endpoint(&format!("http://{}", "a".repeat(300))));
+        let router = AckRouter::new(Arc::new(Recording::default()));
+        assert!(!router.usable("https://a:1"));
+        router.set_tls(ClientTlsConfig::new());
+        assert!(router.usable("https://a:1"));
     }
 
     /// An endpoint nobody listens on (an orchestrator that is down or moved) does not hold the

@@ -130,6 +130,9 @@ struct AckRoute {
 #[derive(Clone)]
 pub struct CompensationConsumer {
     participant: Participant,
+    /// The relay's transport: acks to an orchestrator's endpoint over gRPC, the rest through
+    /// `transport` (`crate::acks`).
+    router: Arc<crate::acks::AckRouter>,
     /// Publishes acknowledgements (through the relay) and requeued messages.
     transport: Arc<dyn Transport>,
     relay: Arc<RelayTask>,
@@ -147,15 +150,16 @@ impl CompensationConsumer {
         let wake = Arc::new(Notify::new());
         // Acknowledgements whose request named an `ack_endpoint` go to it over gRPC, the rest
         // through the transport (`crate::acks`).
-        let relayed: Arc<dyn Transport> = Arc::new(crate::acks::AckRouter::new(Arc::clone(&transport)));
+        let router = Arc::new(crate::acks::AckRouter::new(Arc::clone(&transport)));
         let task = tokio::spawn(saga_messaging::relay::run(
             participant.log().clone(),
-            relayed,
+            Arc::clone(&router) as Arc<dyn Transport>,
             Arc::clone(&wake),
         ))
         .abort_handle();
         CompensationConsumer {
             participant,
+            router,
             transport,
             relay: Arc::new(RelayTask { wake, task }),
             group,
@@ -169,6 +173,13 @@ impl CompensationConsumer {
     /// README).
     pub fn with_group(mut self, group: String) -> Self {
         self.group = group;
+        self
+    }
+
+    /// Sends acknowledgements to `https://` orchestrator endpoints with `tls` (without it a
+    /// request naming one is acknowledged through the topic).
+    pub fn with_orchestrator_tls(self, tls: tonic::transport::ClientTlsConfig) -> Self {
+        self.router.set_tls(tls);
         self
     }
 
@@ -276,7 +287,7 @@ impl CompensationConsumer {
             // An address the router could not call is left out: the ack takes the topic.
             endpoint: request
                 .map(|r| r.ack_endpoint.as_str())
-                .filter(|e| crate::acks::usable_endpoint(e))
+                .filter(|e| self.router.usable(e))
                 .map(str::to_owned),
             token: request.map(|r| r.ack_token.clone()).unwrap_or_default(),
         }

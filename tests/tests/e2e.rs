@@ -903,6 +903,7 @@ async fn with_tls_everywhere_sagas_complete_and_compensate_and_plaintext_is_refu
     let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
     let read = |p: &std::path::Path| std::fs::read(p).expect("reads a PEM file");
     let ca = Certificate::from_pem(read(&pki.ca));
+    let orchestrator_metrics = format!("127.0.0.1:{}", saga_tests::free_port());
     let config = SystemConfig {
         participant_args: vec![
             "--tls-cert".into(),
@@ -910,6 +911,8 @@ async fn with_tls_everywhere_sagas_complete_and_compensate_and_plaintext_is_refu
             "--tls-key".into(),
             path(&pki.server_key),
             "--tls-client-ca".into(),
+            path(&pki.ca),
+            "--orchestrator-tls-ca".into(),
             path(&pki.ca),
         ],
         orchestrator_args: vec![
@@ -923,6 +926,11 @@ async fn with_tls_everywhere_sagas_complete_and_compensate_and_plaintext_is_refu
             path(&pki.client_cert),
             "--participant-tls-key".into(),
             path(&pki.client_key),
+            // Acknowledgements over gRPC, over TLS too.
+            "--ack-endpoint".into(),
+            "listen".into(),
+            "--metrics-listen".into(),
+            orchestrator_metrics.clone(),
         ],
         participant_client_tls: Some(
             ClientTlsConfig::new()
@@ -946,6 +954,17 @@ async fn with_tls_everywhere_sagas_complete_and_compensate_and_plaintext_is_refu
     assert_eq!(saga.state, pb::SagaState::Compensated as i32, "{saga:?}");
     assert_eq!(system.stock("p1").await, (9, 1));
     assert_eq!(system.balance("rich").await, 90);
+    // The compensation's acknowledgements came over TLS gRPC, none through the topic.
+    let body = scrape(&orchestrator_metrics).await;
+    assert!(
+        sample(&body, "saga_acks_received_total{via=\"grpc\"}") >= 2.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "saga_acks_received_total{via=\"topic\"}"),
+        0.0,
+        "{body}"
+    );
 
     let api = system.orchestrator.as_ref().expect("running").addr.clone();
     let plaintext = async {

@@ -90,7 +90,8 @@ struct Serve {
     /// Consumer group on the acknowledgement topic (default `saga-orchestrator-<node id>`).
     #[arg(long)]
     ack_group: Option<String>,
-    /// This orchestrator's gRPC address as participants reach it (`http://HOST:PORT`, or
+    /// This orchestrator's gRPC address as participants reach it (`http://HOST:PORT`,
+    /// `https://` with TLS, or
     /// `listen` for the address it listens on): compensation requests name it, and
     /// participants acknowledge there (AcknowledgeCompensations) instead of through the
     /// acknowledgement topic, which saves a broker message per compensation. Unset: through
@@ -98,7 +99,8 @@ struct Serve {
     /// participants fall back to it when this address does not answer). Give an address that
     /// reaches this orchestrator itself, not a load balancer in front of several: another
     /// node refuses the acks (their tokens are this node's) and they go through the topic.
-    /// Not yet with TLS (participants have no TLS client settings for it).
+    /// With TLS (`--tls-cert`) it is an `https://` address, and participants need
+    /// `--orchestrator-tls-ca` to call it.
     #[arg(long)]
     ack_endpoint: Option<String>,
     /// sled's page cache for the event log, in MiB.
@@ -397,28 +399,25 @@ enum DevOutcome {
 }
 
 /// The address compensation requests name for acknowledgements (`--ack-endpoint`): `listen`
-/// is the bound address.
+/// is the bound address; `https://` when the API serves TLS, `http://` otherwise.
 fn ack_endpoint(endpoint: &str, listening: std::net::SocketAddr, tls: bool) -> Result<String, String> {
-    if tls {
-        return Err(
-            "not supported yet with TLS (participants have no TLS client settings for \
-                    the orchestrator); leave it unset to acknowledge through the broker"
-                .into(),
-        );
-    }
+    let scheme = if tls { "https" } else { "http" };
     if endpoint == "listen" {
         if listening.ip().is_unspecified() {
             return Err(format!(
-                "`listen` needs a specific address, not {listening}: give http://HOST:PORT"
+                "`listen` needs a specific address, not {listening}: give {scheme}://HOST:PORT"
             ));
         }
-        return Ok(format!("http://{listening}"));
+        return Ok(format!("{scheme}://{listening}"));
     }
-    let Some(authority) = endpoint.strip_prefix("http://") else {
-        return Err(format!("{endpoint:?}: expected http://HOST:PORT or `listen`"));
-    };
+    let expected =
+        || format!("{endpoint:?}: expected {scheme}://HOST:PORT (the API serves {scheme}) or `listen`");
+    let authority = endpoint
+        .strip_prefix(scheme)
+        .and_then(|rest| rest.strip_prefix("://"))
+        .ok_or_else(expected)?;
     if authority.is_empty() || authority.contains(|c: char| c == '/' || c.is_whitespace() || c.is_control()) {
-        return Err(format!("{endpoint:?}: expected http://HOST:PORT or `listen`"));
+        return Err(expected());
     }
     Ok(endpoint.to_owned())
 }

@@ -72,6 +72,17 @@ struct Args {
     admin_token_file: Option<PathBuf>,
     #[command(flatten)]
     tls: saga_proto::tls::ServerTlsArgs,
+    /// Acknowledge to orchestrators that name an `https://` endpoint over TLS, verifying them
+    /// against this CA (PEM); without it such acknowledgements go through the topic.
+    #[arg(long)]
+    orchestrator_tls_ca: Option<PathBuf>,
+    /// Present this certificate (PEM) to the orchestrator (with --orchestrator-tls-key and
+    /// --orchestrator-tls-ca).
+    #[arg(long)]
+    orchestrator_tls_cert: Option<PathBuf>,
+    /// The private key of --orchestrator-tls-cert (PEM).
+    #[arg(long)]
+    orchestrator_tls_key: Option<PathBuf>,
     /// Log lines as text or JSON objects (levels from RUST_LOG); every line about a saga
     /// carries its trace id.
     #[arg(long, value_enum, default_value_t)]
@@ -184,6 +195,17 @@ async fn run(role: Role, args: Args, sources: saga_proto::config::Sources) -> an
                 .with_context(|| format!("{}: cannot start the RocketMQ client", sources.name("rocketmq")))?,
         );
         let mut consumer = CompensationConsumer::new(participant.clone(), transport.clone());
+        if let Some(tls) = saga_proto::tls::client_config(
+            args.orchestrator_tls_ca.as_deref(),
+            args.orchestrator_tls_cert.as_deref(),
+            args.orchestrator_tls_key.as_deref(),
+            "orchestrator_tls_",
+            &|id| sources.name(id),
+        )
+        .map_err(anyhow::Error::msg)?
+        {
+            consumer = consumer.with_orchestrator_tls(tls);
+        }
         if let Some(group) = args.group.clone() {
             consumer = consumer.with_group(group);
         }
