@@ -758,17 +758,7 @@ async fn with_an_ack_endpoint_acknowledgements_arrive_over_grpc_not_the_topic() 
         ],
         ..SystemConfig::default()
     };
-    let system = System::start(&namesrv, config).await;
-    system.seed_stock("p1", 10).await;
-    system.seed_balance("poor", 0).await;
-    let mut client = system.client().await;
-    let poor = start(
-        &mut client,
-        order(&format!("{}-g1", system.run), "poor", "p1", ""),
-    )
-    .await;
-    let saga = wait_final(&mut client, &poor, PATIENCE).await;
-    assert_eq!(saga.state, pb::SagaState::Compensated as i32, "{saga:?}");
+    let (system, _saga) = one_compensated_saga(&namesrv, config, "g1").await;
 
     let body = scrape(&orchestrator_metrics).await;
     // create_order's and reserve_stock's (at least once each; a duplicate is possible).
