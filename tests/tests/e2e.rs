@@ -739,6 +739,21 @@ async fn metrics_endpoints_count_sagas_steps_appends_and_compensations() {
     assert!(sample(&stock, "saga_log_append_seconds_count") >= 3.0, "{stock}");
 }
 
+/// The orchestrator's scrape `body` after one compensated saga without a coupon: its two
+/// acknowledgements (create_order's and reserve_stock's, at least once each: a duplicate is
+/// possible) came over gRPC, none through the topic.
+fn assert_acks_came_over_grpc(body: &str) {
+    assert!(
+        sample(body, "saga_acks_received_total{via=\"grpc\"}") >= 2.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(body, "saga_acks_received_total{via=\"topic\"}"),
+        0.0,
+        "{body}"
+    );
+}
+
 /// Issue 11: with `--ack-endpoint listen` the compensation requests name the orchestrator's
 /// address and the participants acknowledge there over gRPC (`saga_participants::acks`): a
 /// compensated saga's acknowledgements all arrive that way, none through the topic, and the
@@ -760,17 +775,7 @@ async fn with_an_ack_endpoint_acknowledgements_arrive_over_grpc_not_the_topic() 
     };
     let (system, _saga) = one_compensated_saga(&namesrv, config, "g1").await;
 
-    let body = scrape(&orchestrator_metrics).await;
-    // create_order's and reserve_stock's (at least once each; a duplicate is possible).
-    assert!(
-        sample(&body, "saga_acks_received_total{via=\"grpc\"}") >= 2.0,
-        "{body}"
-    );
-    assert_eq!(
-        sample(&body, "saga_acks_received_total{via=\"topic\"}"),
-        0.0,
-        "{body}"
-    );
+    assert_acks_came_over_grpc(&scrape(&orchestrator_metrics).await);
     assert_eq!(system.stock("p1").await, (10, 0), "the reservation was undone");
 }
 
@@ -945,16 +950,7 @@ async fn with_tls_everywhere_sagas_complete_and_compensate_and_plaintext_is_refu
     assert_eq!(system.stock("p1").await, (9, 1));
     assert_eq!(system.balance("rich").await, 90);
     // The compensation's acknowledgements came over TLS gRPC, none through the topic.
-    let body = scrape(&orchestrator_metrics).await;
-    assert!(
-        sample(&body, "saga_acks_received_total{via=\"grpc\"}") >= 2.0,
-        "{body}"
-    );
-    assert_eq!(
-        sample(&body, "saga_acks_received_total{via=\"topic\"}"),
-        0.0,
-        "{body}"
-    );
+    assert_acks_came_over_grpc(&scrape(&orchestrator_metrics).await);
 
     let api = system.orchestrator.as_ref().expect("running").addr.clone();
     let plaintext = async {
