@@ -1055,3 +1055,77 @@ async fn a_panic_of_the_writer_thread_marks_the_log_failed() {
             .is_err()
     );
 }
+
+/// Holds the transaction of an append to the stream `held` open until released (a slow
+/// projector), and says when it is inside it.
+struct HoldingProjector {
+    inside: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Projector for HoldingProjector {
+    fn project(&self, event: &EventView<'_>, _tx: &mut ProjectionTx<'_>) -> Result<(), ProjectError> {
+        if event.stream == "held" {
+            if let Some(inside) = self.inside.lock().expect("lock").take() {
+                let _ = inside.send(());
+            }
+            let _ = self
+                .release
+                .lock()
+                .expect("lock")
+                .recv_timeout(std::time::Duration::from_secs(30));
+        }
+        Ok(())
+    }
+}
+
+/// Two logs in one process (the dev command runs six) do not wait for each other: while one
+/// log's writer is inside a transaction, the other appends and reads. sled 0.34 kept one lock
+/// for every database of the process (its `concurrency_control`, taken by every transaction
+/// for writing and by every read): the second log's append waited for the first's transaction
+/// (vendored change, vendor/sled/PATCHES.md item 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_of_one_log_does_not_hold_up_another_log_of_the_process() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let (inside_tx, inside) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let a = EventLog::open_with(
+        LogConfig::new(dir_a.path()),
+        Some(Arc::new(HoldingProjector {
+            inside: std::sync::Mutex::new(Some(inside_tx)),
+            release: std::sync::Mutex::new(release_rx),
+        })),
+    )
+    .expect("opens a");
+    let b = EventLog::open(LogConfig::new(dir_b.path())).expect("opens b");
+    let event = AccountEvent::Deposited { amount: 1 }.to_new();
+    let held = tokio::spawn({
+        let (a, event) = (a.clone(), event.clone());
+        async move {
+            a.append(AppendRequest::new("held", ExpectedVersion::Any).event(event))
+                .await
+        }
+    });
+    tokio::task::spawn_blocking(move || inside.recv_timeout(std::time::Duration::from_secs(10)))
+        .await
+        .expect("joins")
+        .expect("a's writer is inside its transaction");
+    let other = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        b.append(AppendRequest::new("other", ExpectedVersion::Any).event(event.clone()))
+            .await
+            .expect("b appends");
+        b.read_stream("other", StreamVersion::new(1), 10)
+            .await
+            .expect("b reads")
+    })
+    .await;
+    release.send(()).expect("releases a");
+    let other = other.expect("b went on while a's transaction was open");
+    assert_eq!(other.len(), 1);
+    held.await
+        .expect("joins")
+        .expect("a's append completes once released");
+}

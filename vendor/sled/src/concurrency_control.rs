@@ -13,21 +13,16 @@ thread_local! {
 
 const RW_REQUIRED_BIT: usize = 1 << 31;
 
-#[derive(Default)]
+/// Vendored change (PATCHES.md, item 4): one per database (`RunningConfig::concurrency_control`,
+/// shared by its clones), no longer one static for the whole process, so that the databases of
+/// one process do not serialize each other's transactions and reads.
+#[derive(Debug, Default)]
 pub(crate) struct ConcurrencyControl {
     active: AtomicUsize,
     upgrade_complete: AtomicBool,
     rw: RwLock<()>,
 }
 
-static CONCURRENCY_CONTROL: Lazy<
-    ConcurrencyControl,
-    fn() -> ConcurrencyControl,
-> = Lazy::new(init_cc);
-
-fn init_cc() -> ConcurrencyControl {
-    ConcurrencyControl::default()
-}
 
 #[derive(Debug)]
 #[must_use]
@@ -51,13 +46,6 @@ impl<'a> Drop for Protector<'a> {
     }
 }
 
-pub(crate) fn read<'a>() -> Protector<'a> {
-    CONCURRENCY_CONTROL.read()
-}
-
-pub(crate) fn write<'a>() -> Protector<'a> {
-    CONCURRENCY_CONTROL.write()
-}
 
 impl ConcurrencyControl {
     fn enable(&self) {
@@ -70,7 +58,7 @@ impl ConcurrencyControl {
         }
     }
 
-    fn read(&self) -> Protector<'_> {
+    pub(crate) fn read(&self) -> Protector<'_> {
         #[cfg(feature = "testing")]
         COUNT.with(|c| {
             let mut c = c.borrow_mut();
@@ -88,7 +76,7 @@ impl ConcurrencyControl {
         }
     }
 
-    fn write(&self) -> Protector<'_> {
+    pub(crate) fn write(&self) -> Protector<'_> {
         #[cfg(feature = "testing")]
         COUNT.with(|c| {
             let mut c = c.borrow_mut();

@@ -349,7 +349,11 @@ impl Config {
         let file = config.open_file()?;
 
         // seal config in a Config
-        let config = RunningConfig { inner: config, file: Arc::new(file) };
+        let config = RunningConfig {
+            inner: config,
+            file: Arc::new(file),
+            concurrency_control: Arc::default(),
+        };
 
         Db::start_inner(config)
     }
@@ -439,7 +443,11 @@ impl Config {
         });
 
         // seal config in a Config
-        RunningConfig { inner: self, file: Arc::new(file) }
+        RunningConfig {
+            inner: self,
+            file: Arc::new(file),
+            concurrency_control: Arc::default(),
+        }
     }
 
     fn gen_temp_path() -> PathBuf {
@@ -785,6 +793,8 @@ impl Config {
 pub struct RunningConfig {
     inner: Config,
     pub(crate) file: Arc<File>,
+    /// This database's transaction isolation (vendored change, PATCHES.md item 4).
+    pub(crate) concurrency_control: Arc<crate::concurrency_control::ConcurrencyControl>,
 }
 
 #[allow(unsafe_code)]

@@ -861,7 +861,7 @@ impl PageCache {
     ))]
     pub(crate) fn attempt_gc(&self) -> Result<bool> {
         let guard = pin();
-        let cc = concurrency_control::read();
+        let cc = self.config.concurrency_control.read();
         let to_clean = self.log.iobufs.segment_cleaner.pop();
         let ret = if let Some((pid_to_clean, segment_to_clean)) = to_clean {
             self.rewrite_page(pid_to_clean, segment_to_clean, &guard)
