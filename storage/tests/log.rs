@@ -599,9 +599,10 @@ async fn concurrent_appends_share_flushes() {
     );
 }
 
-/// sled's concurrency control is one process-wide lock: a read inside one log's transaction
-/// once deadlocked against another log's commit. Two logs, many new streams (head not cached,
-/// so it is loaded from disk), concurrent appends: all must finish.
+/// sled's concurrency control was one lock for the whole process (one per database since the
+/// vendored change, vendor/sled/PATCHES.md item 4): a read inside one log's transaction once
+/// deadlocked against another log's commit. Kept as a guard: two logs, many new streams (head
+/// not cached, so it is loaded from disk), concurrent appends: all must finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_logs_in_one_process_append_to_new_streams_without_deadlock() {
     let dirs = [

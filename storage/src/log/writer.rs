@@ -337,9 +337,10 @@ impl Writer {
     }
 
     /// Loads the heads of the batch's streams that are not cached, before any transaction:
-    /// sled's concurrency control is one process-wide fair RwLock, and a plain read inside a
-    /// transaction closure can deadlock against another thread's commit waiting for the write
-    /// lock. A job whose head cannot be read is left out with the error.
+    /// sled's concurrency control is a fair RwLock (one per database since the vendored change,
+    /// vendor/sled/PATCHES.md item 4; one for the whole process before), which the transaction
+    /// holds for writing, so a plain read inside the closure can deadlock. A job whose head
+    /// cannot be read is left out with the error.
     fn load_missing_heads<'b>(&self, batch: &'b [Job]) -> (HashMap<&'b str, Head>, LeftOut) {
         let mut loaded = HashMap::new();
         let mut left_out = HashMap::new();
