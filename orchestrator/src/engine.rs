@@ -606,6 +606,7 @@ impl Engine {
         steps: &[String],
     ) -> Vec<OutboxMessage> {
         let requested_at_unix_ms = now_us() / 1000;
+        let grpc_acks = self.inner.config.ack_endpoint.as_ref();
         steps
             .iter()
             .filter_map(|name| def.steps.iter().find(|d| d.name == *name))
@@ -625,18 +626,8 @@ impl Engine {
                     // Every caller records the sending's event after building its messages.
                     round: state.compensation_round + 1,
                     traceparent: saga_proto::trace::outgoing(&state.saga_id).traceparent(),
-                    ack_endpoint: self
-                        .inner
-                        .config
-                        .ack_endpoint
-                        .as_ref()
-                        .map(|a| a.url.clone())
-                        .unwrap_or_default(),
-                    ack_token: self
-                        .inner
-                        .config
-                        .ack_endpoint
-                        .as_ref()
+                    ack_endpoint: grpc_acks.map(|a| a.url.clone()).unwrap_or_default(),
+                    ack_token: grpc_acks
                         .map(|a| a.key.token(&state.saga_id, &step.name))
                         .unwrap_or_default(),
                 }

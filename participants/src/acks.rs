@@ -46,14 +46,9 @@ const ENDPOINT_LEN_MAX: usize = 256;
 /// it has TLS settings, `tls`) and an authority, nothing else (no path, no whitespace or
 /// control characters), that tonic accepts.
 pub fn usable_endpoint(endpoint: &str, tls: bool) -> bool {
-    let authority = endpoint
-        .strip_prefix("http://")
-        .or_else(|| endpoint.strip_prefix("https://").filter(|_| tls));
+    let schemes: &[&str] = if tls { &["http", "https"] } else { &["http"] };
     endpoint.len() <= ENDPOINT_LEN_MAX
-        && authority.is_some_and(|authority| {
-            !authority.is_empty()
-                && !authority.contains(|c: char| c == '/' || c.is_whitespace() || c.is_control())
-        })
+        && saga_proto::endpoint_authority(endpoint, schemes).is_some()
         && Endpoint::from_shared(endpoint.to_owned()).is_ok()
 }
 

@@ -120,9 +120,9 @@ struct AckRoute {
     topic: String,
     tag: String,
     round: u32,
-    /// The orchestrator's address for acknowledgements over gRPC (`crate::acks`), if the
-    /// request named a usable one, and the token to echo.
-    endpoint: Option<String>,
+    /// The orchestrator's address for acknowledgements over gRPC (`crate::acks`) if the
+    /// request named a usable one (empty: the topic), and the token to echo.
+    endpoint: String,
     token: String,
 }
 
@@ -262,7 +262,7 @@ impl CompensationConsumer {
             detail,
             round: route.round,
             ack_token: route.token.clone(),
-            ack_endpoint: route.endpoint.clone().unwrap_or_default(),
+            ack_endpoint: route.endpoint.clone(),
         }
         .encode_to_vec();
         OutboxMessage {
@@ -288,7 +288,8 @@ impl CompensationConsumer {
             endpoint: request
                 .map(|r| r.ack_endpoint.as_str())
                 .filter(|e| self.router.usable(e))
-                .map(str::to_owned),
+                .unwrap_or_default()
+                .to_owned(),
             token: request.map(|r| r.ack_token.clone()).unwrap_or_default(),
         }
     }

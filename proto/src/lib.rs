@@ -177,6 +177,19 @@ impl v1::StepState {
     }
 }
 
+/// The authority of `endpoint` (`<scheme>://HOST:PORT` for one of `schemes`): nothing after it
+/// (no path), no whitespace or control characters. The one rule for the acknowledgement
+/// endpoint the orchestrator names (`--ack-endpoint`) and the participants call.
+pub fn endpoint_authority<'a>(endpoint: &'a str, schemes: &[&str]) -> Option<&'a str> {
+    schemes
+        .iter()
+        .find_map(|scheme| endpoint.strip_prefix(scheme)?.strip_prefix("://"))
+        .filter(|authority| {
+            !authority.is_empty()
+                && !authority.contains(|c: char| c == '/' || c.is_whitespace() || c.is_control())
+        })
+}
+
 pub mod auth;
 pub mod config;
 pub mod status;

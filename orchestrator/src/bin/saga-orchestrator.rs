@@ -412,13 +412,7 @@ fn ack_endpoint(endpoint: &str, listening: std::net::SocketAddr, tls: bool) -> R
     }
     let expected =
         || format!("{endpoint:?}: expected {scheme}://HOST:PORT (the API serves {scheme}) or `listen`");
-    let authority = endpoint
-        .strip_prefix(scheme)
-        .and_then(|rest| rest.strip_prefix("://"))
-        .ok_or_else(expected)?;
-    if authority.is_empty() || authority.contains(|c: char| c == '/' || c.is_whitespace() || c.is_control()) {
-        return Err(expected());
-    }
+    saga_proto::endpoint_authority(endpoint, &[scheme]).ok_or_else(expected)?;
     Ok(endpoint.to_owned())
 }
 

@@ -83,10 +83,7 @@ use std::collections::HashMap as Map;
 #[cfg(feature = "testing")]
 use std::collections::BTreeMap as Map;
 
-use crate::{
-    concurrency_control, pin, Batch, Error, Guard, IVec, Protector, Result,
-    Tree,
-};
+use crate::{pin, Batch, Error, Guard, IVec, Protector, Result, Tree};
 
 /// A transaction that will
 /// be applied atomically to the
