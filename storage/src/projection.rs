@@ -81,15 +81,16 @@ impl ProjectionTx<'_> {
         Ok(self.tree.get(key)?)
     }
 
-    /// Sets `key` to `value`.
+    /// Sets `key` to `value` (a blind write: the old value is not read, vendor/sled/PATCHES.md
+    /// item 5).
     pub fn insert(&mut self, key: impl AsRef<[u8]>, value: impl Into<IVec>) -> Result<(), ProjectError> {
-        self.tree.insert(key.as_ref(), value)?;
+        self.tree.insert_blind(key.as_ref(), value);
         Ok(())
     }
 
-    /// Removes `key`.
+    /// Removes `key` (blind, like `insert`).
     pub fn remove(&mut self, key: impl AsRef<[u8]>) -> Result<(), ProjectError> {
-        self.tree.remove(key.as_ref())?;
+        self.tree.remove_blind(key.as_ref());
         Ok(())
     }
 }

@@ -430,7 +430,7 @@ impl Writer {
                     let parts = match job {
                         Job::AckOutbox { ids, .. } => {
                             for id in ids {
-                                tx.outbox.remove(&id.to_key())?;
+                                tx.outbox.remove_blind(&id.to_key());
                             }
                             outcomes.push((index, Outcome::Acked));
                             continue;
@@ -552,10 +552,12 @@ impl Writer {
             };
             self.project(tx, append.index, &view)?;
             let bytes = IVec::from(bytes);
-            tx.events.insert(&position.to_be_bytes(), bytes.clone())?;
+            // Blind writes (vendor/sled/PATCHES.md item 5): nothing here reads what a write
+            // replaces, and sled's `insert` would descend the tree for it.
+            tx.events.insert_blind(&position.to_be_bytes(), bytes.clone());
             written.push(bytes);
             tx.streams
-                .insert(stream_key(stream, version), &position.to_be_bytes())?;
+                .insert_blind(stream_key(stream, version), &position.to_be_bytes());
             prev_checksum = checksum;
             position += 1;
         }
@@ -564,7 +566,7 @@ impl Writer {
                 position: append.position,
                 index: i as u16,
             };
-            tx.outbox.insert(&id.to_key(), body.as_slice())?;
+            tx.outbox.insert_blind(&id.to_key(), body.as_slice());
         }
         let appended = Appended {
             stream_version: StreamVersion::new(version),

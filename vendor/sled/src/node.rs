@@ -106,6 +106,64 @@ impl Node {
         }
     }
 
+    /// This node with `link` applied, for `PageCache::link` (vendored change, PATCHES.md
+    /// item 6): a leaf's `Set` or `Del` builds the new key and value vectors at their final
+    /// length, where `clone` then `apply` copied them at the old length and then grew them (a
+    /// reallocation and a second copy of both vectors per insert). The result is the same node
+    /// as `clone` then `apply`; any other link takes that path.
+    pub(crate) fn applied(&self, link: &Link) -> Node {
+        assert!(
+            !self.merging,
+            "somehow a link was applied to a node after it was merged"
+        );
+        let leaf = match (&self.data, link) {
+            (Data::Leaf(leaf), Link::Set(..) | Link::Del(..)) => leaf,
+            _ => {
+                let mut node = self.clone();
+                node.apply(link);
+                return node;
+            }
+        };
+        let leaf = match link {
+            Link::Set(key, value) => {
+                if !self.hi.is_empty() {
+                    assert!(**key < self.hi[self.prefix_len as usize..]);
+                }
+                match leaf.keys.binary_search_by(|k| fastcmp(k, key)) {
+                    Ok(idx) => {
+                        let mut values = leaf.values.clone();
+                        values[idx] = value.clone();
+                        Leaf { keys: leaf.keys.clone(), values }
+                    }
+                    Err(idx) => Leaf {
+                        keys: inserted(&leaf.keys, idx, key),
+                        values: inserted(&leaf.values, idx, value),
+                    },
+                }
+            }
+            Link::Del(key) => {
+                match leaf.keys.binary_search_by(|k| fastcmp(k, key)) {
+                    Ok(idx) => Leaf {
+                        keys: removed(&leaf.keys, idx),
+                        values: removed(&leaf.values, idx),
+                    },
+                    Err(_) => leaf.clone(),
+                }
+            }
+            _ => unreachable!("only a leaf's Set and Del get here"),
+        };
+        testing_assert!(is_sorted(&leaf.keys));
+        Node {
+            prefix_len: self.prefix_len,
+            next: self.next,
+            merging_child: self.merging_child,
+            merging: self.merging,
+            lo: self.lo.clone(),
+            hi: self.hi.clone(),
+            data: Data::Leaf(leaf),
+        }
+    }
+
     pub(crate) fn set_leaf(&mut self, key: IVec, val: IVec) {
         if !self.hi.is_empty() {
             assert!(*key < self.hi[self.prefix_len as usize..]);
@@ -643,6 +701,25 @@ impl Node {
 
         (pos, index.pointers[pos])
     }
+}
+
+/// `items` with `item` inserted at `idx`, allocated once at its final length (see
+/// `Node::applied`).
+fn inserted(items: &[IVec], idx: usize, item: &IVec) -> Vec<IVec> {
+    let mut out = Vec::with_capacity(items.len() + 1);
+    out.extend_from_slice(&items[..idx]);
+    out.push(item.clone());
+    out.extend_from_slice(&items[idx..]);
+    out
+}
+
+/// `items` without the one at `idx`, allocated once at its final length (see
+/// `Node::applied`).
+fn removed(items: &[IVec], idx: usize) -> Vec<IVec> {
+    let mut out = Vec::with_capacity(items.len() - 1);
+    out.extend_from_slice(&items[..idx]);
+    out.extend_from_slice(&items[idx + 1..]);
+    out
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -284,6 +284,29 @@ impl TransactionalTree {
         old
     }
 
+    /// Sets a key to a new value without reading the value it replaces (vendored change,
+    /// PATCHES.md item 5): `insert` reads the old value to return it, a descent of the tree
+    /// per write; a caller that does not need it writes blind. Within the transaction the
+    /// write is seen by `get` exactly as `insert`'s is, and it commits the same way.
+    pub fn insert_blind<K, V>(&self, key: K, value: V)
+    where
+        K: Into<IVec>,
+        V: Into<IVec>,
+    {
+        let mut writes = self.writes.borrow_mut();
+        let _last_write = writes.insert(key.into(), Some(value.into()));
+    }
+
+    /// Removes a key without reading the value it had (vendored change, PATCHES.md item 5;
+    /// see `insert_blind`).
+    pub fn remove_blind<K>(&self, key: K)
+    where
+        K: Into<IVec>,
+    {
+        let mut writes = self.writes.borrow_mut();
+        let _last_write = writes.insert(key.into(), None);
+    }
+
     /// Get the value associated with a key
     pub fn get<K: AsRef<[u8]>>(
         &self,

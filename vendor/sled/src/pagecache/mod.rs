@@ -1032,8 +1032,9 @@ impl PageCache {
             }
         }
 
-        let mut node: Node = old.as_node().clone();
-        node.apply(&new);
+        // Vendored change (PATCHES.md item 6): the node with the link applied, built at its
+        // final size instead of cloned and then grown.
+        let node: Node = old.as_node().applied(&new);
 
         // see if we should short-circuit replace
         if old.cache_infos.len() >= PAGE_CONSOLIDATION_THRESHOLD {
