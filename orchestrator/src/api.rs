@@ -290,6 +290,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
         check_id("saga_id", &request.saga_id, ID_LEN_MAX, true)?;
         let saga_id = request.saga_id;
         let from_version = request.from_version.max(1);
+        let changes_only = request.status_changes_only;
         // Subscribe before the first read, so that no change between them is missed.
         let mut watch = self.engine.watch(&saga_id);
         let log = self.engine.log().clone();
@@ -322,6 +323,7 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                             return;
                         }
                     };
+                    let before = state.as_ref().map(|s| s.status);
                     let folded = match state.as_mut() {
                         None => SagaState::fold(&saga_id, [(event.clone(), record.timestamp_us())])
                             .map(|s| state = Some(s.expect("one event folds to a state or an error"))),
@@ -332,7 +334,10 @@ impl pb::orchestrator_server::Orchestrator for OrchestratorService {
                         return;
                     }
                     let status = state.as_ref().expect("folded").status;
-                    if record.version() >= from_version {
+                    // With `status_changes_only`, an event that leaves the state as it was
+                    // is folded and not sent (SagaStarted changes it from none).
+                    let sent = !changes_only || before != Some(status);
+                    if record.version() >= from_version && sent {
                         let message = pb::SagaEvent {
                             saga_id: saga_id.clone(),
                             version: record.version().get(),

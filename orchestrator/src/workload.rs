@@ -207,6 +207,8 @@ pub async fn run_order(
         .watch_saga(pb::WatchSagaRequest {
             saga_id: saga.saga_id.clone(),
             from_version: 1,
+            // Only the outcome matters here: the events that change the state.
+            status_changes_only: true,
         })
         .await?
         .into_inner();

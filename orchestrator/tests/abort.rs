@@ -50,6 +50,7 @@ async fn an_aborted_running_saga_compensates_what_it_did() {
         .watch_saga(pb::WatchSagaRequest {
             saga_id: saga.saga_id.clone(),
             from_version: 1,
+            status_changes_only: false,
         })
         .await
         .expect("watches")

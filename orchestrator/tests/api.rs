@@ -588,6 +588,7 @@ async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_se
             .watch_saga(pb::WatchSagaRequest {
                 saga_id: saga_id.clone(),
                 from_version: 1,
+                status_changes_only: false,
             })
             .await;
         expect_invalid("WatchSaga", field, watch.map(|_| ()));
@@ -647,6 +648,7 @@ async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_se
             .watch_saga(pb::WatchSagaRequest {
                 saga_id: unknown.clone(),
                 from_version: 1,
+                status_changes_only: false,
             })
             .await
             .map(|_| ()),
@@ -818,6 +820,75 @@ async fn a_watch_ends_when_stuck_is_the_last_record_of_a_full_chunk() {
     system.shutdown().await;
 }
 
+/// Issue 11: a client that waits for the outcome asks WatchSaga for the state changes only,
+/// and gets the events that changed the saga's state and nothing else: a completed saga
+/// RUNNING then COMPLETED, a compensated one RUNNING, COMPENSATING, COMPENSATED, each with its
+/// version as in the full stream, which still sends every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_of_status_changes_only_sends_the_events_that_change_the_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let system = Dev::start(dir.path(), "127.0.0.1:0", 100, DevOptions::default())
+        .await
+        .expect("starts");
+    let mut client = system.client().await.expect("connects");
+    use pb::SagaState::{Compensated, Compensating, Completed, Running};
+    // Fail20: order 1's user has balance, order 5's has none (it fails at deduct_balance).
+    for (n, expected) in [
+        (1, vec![Running, Completed]),
+        (5, vec![Running, Compensating, Compensated]),
+    ] {
+        let saga = workload::run_order(&mut client, workload::Scenario::Fail20, "changes", n)
+            .await
+            .expect("runs");
+        let every = watch_from(&mut client, &saga.saga_id, false).await;
+        let changes = watch_from(&mut client, &saga.saga_id, true).await;
+        let states = |events: &[pb::SagaEvent]| -> Vec<pb::SagaState> {
+            events
+                .iter()
+                .map(|e| pb::SagaState::try_from(e.state).expect("a state"))
+                .collect()
+        };
+        assert_eq!(states(&changes), expected, "order {n}: {changes:?}");
+        // The same events as the full stream's where the state changed, versions included.
+        let mut before = None;
+        let expected_events: Vec<pb::SagaEvent> = every
+            .iter()
+            .filter(|e| std::mem::replace(&mut before, Some(e.state)) != Some(e.state))
+            .cloned()
+            .collect();
+        assert_eq!(changes, expected_events, "order {n}");
+        assert!(every.len() > changes.len(), "order {n}: {} events", every.len());
+    }
+    system.shutdown().await;
+}
+
+/// Watches `saga_id` from version 1 until the stream ends (at most 30 s), with or without
+/// `status_changes_only`.
+async fn watch_from(
+    client: &mut pb::orchestrator_client::OrchestratorClient<tonic::transport::Channel>,
+    saga_id: &str,
+    status_changes_only: bool,
+) -> Vec<pb::SagaEvent> {
+    let mut stream = client
+        .watch_saga(pb::WatchSagaRequest {
+            saga_id: saga_id.into(),
+            from_version: 1,
+            status_changes_only,
+        })
+        .await
+        .expect("watches")
+        .into_inner();
+    let mut watched = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(event) = stream.message().await.expect("stream") {
+            watched.push(event);
+        }
+    })
+    .await
+    .expect("the watch ends");
+    watched
+}
+
 /// Watches `saga_id` from version 1 until the stream ends (at most 30 s, else the test
 /// fails); every event sent.
 async fn watch_to_end(
@@ -828,6 +899,7 @@ async fn watch_to_end(
         .watch_saga(pb::WatchSagaRequest {
             saga_id: saga_id.into(),
             from_version: 1,
+            status_changes_only: false,
         })
         .await
         .expect("watches")

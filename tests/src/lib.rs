@@ -128,6 +128,7 @@ pub async fn wait_state(
             .watch_saga(pb::WatchSagaRequest {
                 saga_id: saga_id.into(),
                 from_version: 1,
+                status_changes_only: false,
             })
             .await
             .expect("watches")

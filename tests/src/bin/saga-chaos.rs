@@ -483,6 +483,7 @@ async fn follow(client: &mut pb::orchestrator_client::OrchestratorClient<Channel
         .watch_saga(pb::WatchSagaRequest {
             saga_id: saga_id.into(),
             from_version: 1,
+            status_changes_only: false,
         })
         .await
     else {

@@ -617,6 +617,7 @@ async fn run(args: Args, sources: saga_proto::config::Sources) -> Result<(), Fai
                 .watch_saga(pb::WatchSagaRequest {
                     saga_id,
                     from_version: 1,
+                    status_changes_only: false,
                 })
                 .await
                 .map_err(status)?
