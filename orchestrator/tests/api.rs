@@ -853,7 +853,7 @@ async fn a_watch_of_status_changes_only_sends_the_events_that_change_the_state()
         let mut before = None;
         let expected_events: Vec<pb::SagaEvent> = every
             .iter()
-            .filter(|e| std::mem::replace(&mut before, Some(e.state)) != Some(e.state))
+            .filter(|e| before.replace(e.state) != Some(e.state))
             .cloned()
             .collect();
         assert_eq!(changes, expected_events, "order {n}");

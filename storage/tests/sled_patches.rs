@@ -1,7 +1,8 @@
 //! The vendored sled's changes to its write path (vendor/sled/PATCHES.md items 5 and 6: blind
 //! transactional writes, a leaf change built at its final size) against a model: random
 //! inserts, overwrites and removals through transactions give the same contents as a
-//! `BTreeMap`, read back live and after the database is reopened from its log.
+//! `BTreeMap`, read back live and after the database is reopened from its log; each write is
+//! read back inside its own transaction.
 
 use std::collections::BTreeMap;
 
@@ -50,10 +51,14 @@ proptest! {
             for writes in &transactions {
                 tree.transaction(|tx| {
                     for &(k, value) in writes {
-                        match value {
-                            Some(v) => tx.insert_blind(key(k).to_vec(), vec![v; 1 + v as usize % 40]),
+                        let value = value.map(|v| vec![v; 1 + v as usize % 40]);
+                        match &value {
+                            Some(v) => tx.insert_blind(key(k).to_vec(), v.clone()),
                             None => tx.remove_blind(key(k).to_vec()),
                         }
+                        // Read your own blind write inside the transaction.
+                        let read = tx.get(key(k))?.map(|v| v.to_vec());
+                        assert_eq!(read, value, "key {k} read back inside the transaction");
                     }
                     Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
                 })
