@@ -362,7 +362,7 @@ async fn a_parked_compensation_makes_the_saga_stuck_and_retry_finishes_it_after_
     );
     // Watching a stuck saga ends after its events, the last one STUCK: it does not stream
     // forever waiting for an operator.
-    let watched = watch_to_end(&mut client, &saga.saga_id).await;
+    let watched = watch_to_end(&mut client, &saga.saga_id, false).await;
     let last = watched.last().expect("events");
     assert_eq!(last.state, pb::SagaState::Stuck as i32, "{watched:?}");
     assert!(
@@ -814,7 +814,7 @@ async fn a_watch_ends_when_stuck_is_the_last_record_of_a_full_chunk() {
         .await
         .expect("starts");
     let mut client = system.client().await.expect("connects");
-    let watched = watch_to_end(&mut client, saga_id).await;
+    let watched = watch_to_end(&mut client, saga_id, false).await;
     assert_eq!(watched.len(), chunk);
     assert_eq!(watched.last().expect("events").state, pb::SagaState::Stuck as i32);
     system.shutdown().await;
@@ -840,8 +840,8 @@ async fn a_watch_of_status_changes_only_sends_the_events_that_change_the_state()
         let saga = workload::run_order(&mut client, workload::Scenario::Fail20, "changes", n)
             .await
             .expect("runs");
-        let every = watch_from(&mut client, &saga.saga_id, false).await;
-        let changes = watch_from(&mut client, &saga.saga_id, true).await;
+        let every = watch_to_end(&mut client, &saga.saga_id, false).await;
+        let changes = watch_to_end(&mut client, &saga.saga_id, true).await;
         let states = |events: &[pb::SagaEvent]| -> Vec<pb::SagaState> {
             events
                 .iter()
@@ -862,9 +862,9 @@ async fn a_watch_of_status_changes_only_sends_the_events_that_change_the_state()
     system.shutdown().await;
 }
 
-/// Watches `saga_id` from version 1 until the stream ends (at most 30 s), with or without
-/// `status_changes_only`.
-async fn watch_from(
+/// Watches `saga_id` from version 1 until the stream ends (at most 30 s, else the test
+/// fails); every event sent, or with `status_changes_only` those that change the state.
+async fn watch_to_end(
     client: &mut pb::orchestrator_client::OrchestratorClient<tonic::transport::Channel>,
     saga_id: &str,
     status_changes_only: bool,
@@ -874,32 +874,6 @@ async fn watch_from(
             saga_id: saga_id.into(),
             from_version: 1,
             status_changes_only,
-        })
-        .await
-        .expect("watches")
-        .into_inner();
-    let mut watched = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(event) = stream.message().await.expect("stream") {
-            watched.push(event);
-        }
-    })
-    .await
-    .expect("the watch ends");
-    watched
-}
-
-/// Watches `saga_id` from version 1 until the stream ends (at most 30 s, else the test
-/// fails); every event sent.
-async fn watch_to_end(
-    client: &mut pb::orchestrator_client::OrchestratorClient<tonic::transport::Channel>,
-    saga_id: &str,
-) -> Vec<pb::SagaEvent> {
-    let mut stream = client
-        .watch_saga(pb::WatchSagaRequest {
-            saga_id: saga_id.into(),
-            from_version: 1,
-            status_changes_only: false,
         })
         .await
         .expect("watches")
