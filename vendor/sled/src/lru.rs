@@ -22,8 +22,11 @@ const MAX_QUEUE_ITEMS: usize = 64;
 #[cfg(any(test, feature = "lock_free_delays"))]
 const N_SHARDS: usize = 2;
 
+// Vendored change (PATCHES.md item 7): 16 shards instead of 256. The cache's capacity is split
+// evenly over the shards, and our logs run with 1 MiB: 256 shards of 4 KiB each held less than
+// one of our 64-entry leaves, so pages just written were evicted and read back from the log.
 #[cfg(not(any(test, feature = "lock_free_delays")))]
-const N_SHARDS: usize = 256;
+const N_SHARDS: usize = 16;
 
 struct AccessBlock {
     len: AtomicUsize,
