@@ -245,6 +245,18 @@ impl EventLog {
                 reason: "batch_len_max and queue_len_max must be positive".into(),
             });
         }
+        // sled asserts at least this much (its LRU); a smaller cache (`--cache-mb 0`) is the
+        // caller's error, named, not a panic inside sled.
+        const CACHE_CAPACITY_MIN: u64 = 256;
+        if config.cache_capacity_bytes < CACHE_CAPACITY_MIN {
+            return Err(StorageError::Invalid {
+                field: "cache_capacity_bytes",
+                reason: format!(
+                    "{} bytes: sled's cache needs at least {CACHE_CAPACITY_MIN}",
+                    config.cache_capacity_bytes
+                ),
+            });
+        }
         let sled_config = sled::Config::new()
             .path(&config.path)
             .cache_capacity(config.cache_capacity_bytes)

@@ -1130,3 +1130,21 @@ async fn a_transaction_of_one_log_does_not_hold_up_another_log_of_the_process() 
         .expect("joins")
         .expect("a's append completes once released");
 }
+
+/// A cache too small for sled (it asserts at least 256 bytes; `--cache-mb 0` gives 0) is a
+/// configuration error naming the field, not a panic inside sled.
+#[test]
+fn a_cache_smaller_than_sled_takes_is_an_error_naming_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for bytes in [0, 255] {
+        let mut config = LogConfig::new(dir.path());
+        config.cache_capacity_bytes = bytes;
+        match EventLog::open_with(config, None) {
+            Err(StorageError::Invalid { field, reason }) => {
+                assert_eq!(field, "cache_capacity_bytes", "{reason}")
+            }
+            Err(other) => panic!("{bytes} bytes: {other}"),
+            Ok(_) => panic!("{bytes} bytes: opened"),
+        }
+    }
+}

@@ -104,7 +104,7 @@ struct Serve {
     #[arg(long)]
     ack_endpoint: Option<String>,
     /// sled's page cache for the event log, in MiB.
-    #[arg(long, env = "SAGA_CACHE_MB", default_value_t = saga_storage::LogConfig::CACHE_MB_DEFAULT)]
+    #[arg(long, env = "SAGA_CACHE_MB", default_value_t = saga_storage::LogConfig::CACHE_MB_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
     cache_mb: u64,
     /// How long a compensation's acknowledgement may take before it is re-published (doubled
     /// after each re-publish, up to 8 times this).

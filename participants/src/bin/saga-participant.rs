@@ -61,7 +61,7 @@ struct Args {
     #[arg(long, env = "SAGA_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
     /// sled's page cache for the role's event log, in MiB.
-    #[arg(long, env = "SAGA_CACHE_MB", default_value_t = saga_storage::LogConfig::CACHE_MB_DEFAULT)]
+    #[arg(long, env = "SAGA_CACHE_MB", default_value_t = saga_storage::LogConfig::CACHE_MB_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
     cache_mb: u64,
     /// Serve Prometheus metrics over HTTP on this address (off unless given).
     #[arg(long, env = "SAGA_METRICS_LISTEN")]
