@@ -36,7 +36,12 @@
 //! # Trees
 //!
 //! - `events`: position (u64 BE) -> record (see `record_format`).
-//! - `streams`: stream ++ 0x00 ++ version (u64 BE) -> position (u64 BE).
+//! - `streams`: stream ++ 0x00 ++ version (u64 BE) -> position (u64 BE), one entry per append:
+//!   its last event's version and position. An append's events are at consecutive positions,
+//!   so the entry covers the versions after the previous entry's (see `keys::covering`); a
+//!   log written before this had an entry per event, which is the case of one-event appends
+//!   and reads the same. The writer's cost is per insert (a leaf copy and a tree descent in
+//!   sled), and a completed saga appends 12 events in 3 appends in the orchestrator.
 //! - Stream heads (version and checksum of the last record, for version checks and the hash
 //!   chain) are not stored: the writer, the only writer, keeps them in a bounded cache and
 //!   derives a missing one from the stream index and the stream's last record. That saves a
@@ -81,7 +86,7 @@ mod record;
 mod request;
 mod writer;
 
-pub(crate) use keys::{decode_position, stream_key};
+pub(crate) use keys::{covering, decode_position, stream_key};
 pub use open::{LOG_STREAM, LOST_TAIL_ACCEPTED, LostTailAccepted};
 pub(crate) use open::{check_mark, open_sled};
 pub use reads::Subscription;
@@ -422,44 +427,41 @@ impl EventLog {
             return Ok(records);
         }
         let trees = &self.shared.trees;
-        let start = stream_key(stream, from_version);
-        let end = stream_key(stream, u64::MAX);
         let mut records: Vec<Record> = Vec::new();
         let mut prev_checksum = None;
         if from_version > 1 {
             // The record before the range anchors the chain check of the first one.
-            if let Some(value) = trees.streams.get(stream_key(stream, from_version - 1))? {
-                let position = decode_position("streams", &start, &value)?;
-                prev_checksum = Some(self.record_at(position)?.checksum());
+            if let Some(entry) = covering(&trees.streams, stream, from_version - 1)? {
+                let position = entry.position_of(stream, from_version - 1)?;
+                prev_checksum = Some(
+                    self.stream_record_at(position, stream, from_version - 1)?
+                        .checksum(),
+                );
             }
         } else {
             prev_checksum = Some(0);
         }
-        for entry in trees.streams.range(start..=end).take(max) {
-            let (key, value) = entry?;
-            let position = decode_position("streams", &key, &value)?;
-            let record = self.record_at(position)?;
-            let expected_version = from_version + records.len() as u64;
-            if record.stream() != stream || record.version().get() != expected_version {
-                return Err(StorageError::Corrupt {
-                    position,
-                    reason: format!(
-                        "index says {stream:?} v{expected_version}, record says {:?} v{}",
-                        record.stream(),
-                        record.version()
-                    ),
-                });
+        let mut version = from_version;
+        'entries: for entry in entries_from(&trees.streams, stream, from_version) {
+            let entry = entry?;
+            // The versions from `version` to the entry's last are at consecutive positions.
+            for position in entry.position_of(stream, version)?..=entry.last_position {
+                if records.len() == max {
+                    break 'entries;
+                }
+                let record = self.stream_record_at(position, stream, version)?;
+                if let Some(prev) = prev_checksum
+                    && record.prev_checksum() != prev
+                {
+                    return Err(StorageError::Corrupt {
+                        position,
+                        reason: "hash chain broken: prev_checksum does not match the previous record".into(),
+                    });
+                }
+                prev_checksum = Some(record.checksum());
+                records.push(record);
+                version += 1;
             }
-            if let Some(prev) = prev_checksum
-                && record.prev_checksum() != prev
-            {
-                return Err(StorageError::Corrupt {
-                    position,
-                    reason: "hash chain broken: prev_checksum does not match the previous record".into(),
-                });
-            }
-            prev_checksum = Some(record.checksum());
-            records.push(record);
         }
         self.wait_durable_read().await?;
         Ok(records)
@@ -609,6 +611,22 @@ impl EventLog {
             appends: self.shared.appends.load(Ordering::Relaxed),
             events: self.shared.events.load(Ordering::Relaxed),
         }
+    }
+
+    /// The record at `position`, which the stream index says is `stream` at `version`.
+    fn stream_record_at(&self, position: u64, stream: &str, version: u64) -> Result<Record, StorageError> {
+        let record = self.record_at(position)?;
+        if record.stream() != stream || record.version().get() != version {
+            return Err(StorageError::Corrupt {
+                position,
+                reason: format!(
+                    "index says {stream:?} v{version}, record says {:?} v{}",
+                    record.stream(),
+                    record.version()
+                ),
+            });
+        }
+        Ok(record)
     }
 
     fn record_at(&self, position: u64) -> Result<Record, StorageError> {

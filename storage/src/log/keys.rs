@@ -19,6 +19,74 @@ pub(crate) fn decode_position(tree: &'static str, key: &[u8], value: &[u8]) -> R
     Ok(u64::from_be_bytes(bytes))
 }
 
+/// One entry of the stream index: the last version of an append and its position. The
+/// append's events are at consecutive positions, so it also places every version of the
+/// stream after the previous entry's, up to its own.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IndexEntry {
+    pub(crate) last_version: u64,
+    pub(crate) last_position: u64,
+}
+
+impl IndexEntry {
+    fn decode(key: &[u8], value: &[u8]) -> Result<IndexEntry, StorageError> {
+        let last_position = decode_position("streams", key, value)?;
+        let version_bytes: [u8; 8] = key
+            .get(key.len().saturating_sub(8)..)
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or_else(|| StorageError::CorruptIndex {
+                tree: "streams",
+                key: key.to_vec(),
+                reason: "a key shorter than a version".into(),
+            })?;
+        Ok(IndexEntry {
+            last_version: u64::from_be_bytes(version_bytes),
+            last_position,
+        })
+    }
+
+    /// The position of `version` (at most `last_version`) in this entry's run. An entry that
+    /// would place it before the log's start is corrupt; the record found at the position is
+    /// checked by the caller (its stream and version).
+    pub(crate) fn position_of(&self, stream: &str, version: u64) -> Result<u64, StorageError> {
+        debug_assert!(version <= self.last_version);
+        self.last_position
+            .checked_sub(self.last_version - version)
+            .filter(|&position| position >= 1)
+            .ok_or_else(|| StorageError::Corrupt {
+                position: self.last_position,
+                reason: format!(
+                    "the stream index puts {stream:?} v{} here, so v{version} before the log's first position",
+                    self.last_version
+                ),
+            })
+    }
+}
+
+/// The index entries of `stream` from the one covering `version` on, in version order.
+pub(crate) fn entries_from(
+    streams: &sled::Tree,
+    stream: &str,
+    version: u64,
+) -> impl Iterator<Item = Result<IndexEntry, StorageError>> {
+    streams
+        .range(stream_key(stream, version)..=stream_key(stream, u64::MAX))
+        .map(|entry| {
+            let (key, value) = entry?;
+            IndexEntry::decode(&key, &value)
+        })
+}
+
+/// The index entry covering `version` of `stream` (the first at or after it: the entry of
+/// the append that wrote it), if the stream reaches that version.
+pub(crate) fn covering(
+    streams: &sled::Tree,
+    stream: &str,
+    version: u64,
+) -> Result<Option<IndexEntry>, StorageError> {
+    entries_from(streams, stream, version).next().transpose()
+}
+
 /// The stream's last (version, position) from the stream index, if it has any event.
 pub(super) fn last_version(streams: &sled::Tree, stream: &str) -> Result<Option<(u64, u64)>, StorageError> {
     let Some(entry) = streams
@@ -28,11 +96,8 @@ pub(super) fn last_version(streams: &sled::Tree, stream: &str) -> Result<Option<
         return Ok(None);
     };
     let (key, value) = entry?;
-    let position = decode_position("streams", &key, &value)?;
-    let version_bytes: [u8; 8] = key[key.len() - 8..]
-        .try_into()
-        .expect("stream keys end in 8 bytes");
-    Ok(Some((u64::from_be_bytes(version_bytes), position)))
+    let entry = IndexEntry::decode(&key, &value)?;
+    Ok(Some((entry.last_version, entry.last_position)))
 }
 
 /// A stream's head: its version and the checksum of its last record (0, 0 for a new stream),

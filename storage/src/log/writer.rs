@@ -556,10 +556,14 @@ impl Writer {
             // replaces, and sled's `insert` would descend the tree for it.
             tx.events.insert_blind(&position.to_be_bytes(), bytes.clone());
             written.push(bytes);
-            tx.streams
-                .insert_blind(stream_key(stream, version), &position.to_be_bytes());
             prev_checksum = checksum;
             position += 1;
+        }
+        // One index entry per append, for its last event: the append's events are at
+        // consecutive positions, so readers derive the others from it (see `keys`).
+        if !append.request.events.is_empty() {
+            tx.streams
+                .insert_blind(stream_key(stream, version), &(position - 1).to_be_bytes());
         }
         for (i, body) in append.encoded_outbox.iter().enumerate() {
             let id = OutboxId {
