@@ -178,8 +178,8 @@ impl AuditLog {
             // The index entry covering this version (one per append, its last version) must
             // place it here; an entry naming this very version counts as matched.
             let version = record.version().get();
-            match covering(&self.streams, stream, version)? {
-                Some(entry) if entry.position_of(stream, version).ok() == Some(position) => {
+            match covering(&self.streams, stream, version) {
+                Ok(Some(entry)) if entry.position_of(stream, version).ok() == Some(position) => {
                     if entry.last_version == version {
                         index_matched += 1;
                     }
@@ -188,11 +188,12 @@ impl AuditLog {
                     &mut findings,
                     Some(position),
                     match other {
-                        Some(entry) => format!(
+                        Ok(Some(entry)) => format!(
                             "stream index for {stream:?} v{version}: its entry (v{} at {}) does not place it here",
                             entry.last_version, entry.last_position
                         ),
-                        None => format!("stream index for {stream:?} v{version}: no entry covers it"),
+                        Ok(None) => format!("stream index for {stream:?} v{version}: no entry covers it"),
+                        Err(error) => format!("stream index for {stream:?} v{version}: {error}"),
                     },
                 ),
             }

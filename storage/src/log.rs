@@ -442,12 +442,15 @@ impl EventLog {
             prev_checksum = Some(0);
         }
         let mut version = from_version;
-        'entries: for entry in entries_from(&trees.streams, stream, from_version) {
-            let entry = entry?;
+        let mut entries = entries_from(&trees.streams, stream, from_version);
+        while records.len() < max {
+            let Some(entry) = entries.next().transpose()? else {
+                break;
+            };
             // The versions from `version` to the entry's last are at consecutive positions.
             for position in entry.position_of(stream, version)?..=entry.last_position {
                 if records.len() == max {
-                    break 'entries;
+                    break;
                 }
                 let record = self.stream_record_at(position, stream, version)?;
                 if let Some(prev) = prev_checksum

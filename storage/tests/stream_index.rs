@@ -200,3 +200,63 @@ async fn a_read_past_a_missing_entry_of_a_non_contiguous_run_is_an_error() {
         other => panic!("expected a corrupt index, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_read_that_ends_with_a_run_does_not_touch_the_entry_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let positions = write(dir.path()).await;
+    // The entry of versions 7-8 names a position that cannot hold them.
+    set_index_entry(dir.path(), "s", 8, Some(1));
+    let log = EventLog::open(LogConfig::new(dir.path())).expect("opens");
+    let records = log
+        .read_stream("s", StreamVersion::new(5), 2)
+        .await
+        .expect("versions 5 and 6 need no later entry");
+    let got: Vec<u64> = records.iter().map(|r| r.position().get()).collect();
+    assert_eq!(got, positions[4..6]);
+    assert!(matches!(
+        log.read_stream("s", StreamVersion::new(5), 3).await,
+        Err(StorageError::Corrupt { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_name_that_extends_a_streams_key_reads_nothing_of_that_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path()).await;
+    let log = EventLog::open(LogConfig::new(dir.path())).expect("opens");
+    // "s" ++ 0x00 ++ 7 bytes sorts among s's index keys; it is no stream's name (appends refuse
+    // NUL), and reads of it find nothing.
+    let name = "s\0\0\0\0\0\0\0";
+    for from in [1, 5, 9] {
+        let records = log
+            .read_stream(name, StreamVersion::new(from), 10)
+            .await
+            .expect("reads");
+        assert!(records.is_empty(), "from v{from}: {records:?}");
+    }
+    assert_eq!(log.stream_version(name).await.unwrap(), StreamVersion::NONE);
+}
+
+#[tokio::test]
+async fn a_malformed_index_value_is_a_finding_of_the_audit_not_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let positions = write(dir.path()).await;
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let mut key = b"s\0".to_vec();
+        key.extend_from_slice(&4u64.to_be_bytes());
+        db.open_tree("streams").unwrap().insert(key, &b"bad"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let report = AuditLog::open(dir.path()).unwrap().verify(None).unwrap();
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| f.position == Some(positions[3]) && f.what.contains("stream index")),
+        "{:?}",
+        report.findings
+    );
+    assert_eq!(report.records, 12, "the audit read the whole log");
+}

@@ -29,34 +29,33 @@ pub(crate) struct IndexEntry {
 }
 
 impl IndexEntry {
-    fn decode(key: &[u8], value: &[u8]) -> Result<IndexEntry, StorageError> {
-        let last_position = decode_position("streams", key, value)?;
-        let version_bytes: [u8; 8] = key
-            .get(key.len().saturating_sub(8)..)
-            .and_then(|bytes| bytes.try_into().ok())
-            .ok_or_else(|| StorageError::CorruptIndex {
-                tree: "streams",
-                key: key.to_vec(),
-                reason: "a key shorter than a version".into(),
-            })?;
-        Ok(IndexEntry {
-            last_version: u64::from_be_bytes(version_bytes),
-            last_position,
-        })
+    /// The entry at `key` if the key is `stream`'s (`stream ++ 0x00 ++ version`); `None` for a
+    /// key of another stream inside the range (a name that extends `stream ++ 0x00`).
+    fn decode(stream: &str, key: &[u8], value: &[u8]) -> Option<Result<IndexEntry, StorageError>> {
+        if key.len() != stream.len() + 9 {
+            return None;
+        }
+        let version = u64::from_be_bytes(key[stream.len() + 1..].try_into().expect("8 bytes"));
+        Some(
+            decode_position("streams", key, value).map(|last_position| IndexEntry {
+                last_version: version,
+                last_position,
+            }),
+        )
     }
 
-    /// The position of `version` (at most `last_version`) in this entry's run. An entry that
-    /// would place it before the log's start is corrupt; the record found at the position is
-    /// checked by the caller (its stream and version).
+    /// The position of `version` in this entry's run. An entry that would place it before
+    /// the log's start, or that does not reach it, is corrupt; the record found at the
+    /// position is checked by the caller (its stream and version).
     pub(crate) fn position_of(&self, stream: &str, version: u64) -> Result<u64, StorageError> {
-        debug_assert!(version <= self.last_version);
-        self.last_position
-            .checked_sub(self.last_version - version)
+        self.last_version
+            .checked_sub(version)
+            .and_then(|back| self.last_position.checked_sub(back))
             .filter(|&position| position >= 1)
             .ok_or_else(|| StorageError::Corrupt {
                 position: self.last_position,
                 reason: format!(
-                    "the stream index puts {stream:?} v{} here, so v{version} before the log's first position",
+                    "the stream index puts {stream:?} v{} here, which cannot place v{version}",
                     self.last_version
                 ),
             })
@@ -64,16 +63,16 @@ impl IndexEntry {
 }
 
 /// The index entries of `stream` from the one covering `version` on, in version order.
-pub(crate) fn entries_from(
+pub(crate) fn entries_from<'s>(
     streams: &sled::Tree,
-    stream: &str,
+    stream: &'s str,
     version: u64,
-) -> impl Iterator<Item = Result<IndexEntry, StorageError>> {
+) -> impl Iterator<Item = Result<IndexEntry, StorageError>> + 's {
     streams
         .range(stream_key(stream, version)..=stream_key(stream, u64::MAX))
-        .map(|entry| {
-            let (key, value) = entry?;
-            IndexEntry::decode(&key, &value)
+        .filter_map(move |entry| match entry {
+            Ok((key, value)) => IndexEntry::decode(stream, &key, &value),
+            Err(error) => Some(Err(error.into())),
         })
 }
 
@@ -89,15 +88,17 @@ pub(crate) fn covering(
 
 /// The stream's last (version, position) from the stream index, if it has any event.
 pub(super) fn last_version(streams: &sled::Tree, stream: &str) -> Result<Option<(u64, u64)>, StorageError> {
-    let Some(entry) = streams
+    for entry in streams
         .range(stream_key(stream, 1)..=stream_key(stream, u64::MAX))
-        .next_back()
-    else {
-        return Ok(None);
-    };
-    let (key, value) = entry?;
-    let entry = IndexEntry::decode(&key, &value)?;
-    Ok(Some((entry.last_version, entry.last_position)))
+        .rev()
+    {
+        let (key, value) = entry?;
+        if let Some(entry) = IndexEntry::decode(stream, &key, &value) {
+            let entry = entry?;
+            return Ok(Some((entry.last_version, entry.last_position)));
+        }
+    }
+    Ok(None)
 }
 
 /// A stream's head: its version and the checksum of its last record (0, 0 for a new stream),

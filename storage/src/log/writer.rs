@@ -523,7 +523,7 @@ type TxResult<T> = Result<T, ConflictableTransactionError<LeaveOut>>;
 
 impl Writer {
     /// Writes one append's records (each through the projector first), its stream index
-    /// entries and its outbox messages (keyed by its first position). Returns what was
+    /// entry and its outbox messages (keyed by its first position). Returns what was
     /// appended and the stream's new head; a projector's refusal aborts the transaction with
     /// the job to leave out.
     fn write_append(&self, tx: &TxTrees<'_>, append: AppendAt<'_>) -> TxResult<(Appended, Head, Vec<IVec>)> {
