@@ -88,34 +88,49 @@ impl Mark {
     }
 }
 
+#[cfg(test)]
 fn encode_slot(seq: u64, mark: &Mark) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
+    let mut out = Vec::new();
+    encode_slot_into(&mut out, seq, mark.position, mark.checksum, &mark.recent);
+    out
+}
+
+/// Encodes a slot into `out` (cleared first), from the recent appends by reference: the
+/// flusher writes one per flush, so nothing of it is cloned or allocated once `out` has grown
+/// to a slot's size.
+fn encode_slot_into<'a, R>(out: &mut Vec<u8>, seq: u64, position: u64, checksum_at: u64, recent: R)
+where
+    R: IntoIterator<Item = &'a RecentAppend>,
+    R::IntoIter: DoubleEndedIterator + ExactSizeIterator + Clone,
+{
+    out.clear();
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&mark.position.to_le_bytes());
-    out.extend_from_slice(&mark.checksum.to_le_bytes());
+    out.extend_from_slice(&position.to_le_bytes());
+    out.extend_from_slice(&checksum_at.to_le_bytes());
     // Keep the newest appends that fit in the slot.
-    let mut recent: Vec<&RecentAppend> = Vec::new();
+    let recent = recent.into_iter();
+    let mut kept = 0;
     let mut len = out.len() + 2 + 8;
-    for append in mark.recent.iter().rev() {
+    for append in recent.clone().rev() {
         let entry_len = 8 + 8 + 2 + append.stream.len();
-        if len + entry_len > SLOT_LEN || recent.len() >= RECENT_LEN_MAX {
+        if len + entry_len > SLOT_LEN || kept >= RECENT_LEN_MAX {
             break;
         }
         len += entry_len;
-        recent.push(append);
+        kept += 1;
     }
-    recent.reverse();
-    out.extend_from_slice(&(recent.len() as u16).to_le_bytes());
-    for append in recent {
+    out.reserve(len - out.len());
+    out.extend_from_slice(&(kept as u16).to_le_bytes());
+    let skipped = recent.len() - kept;
+    for append in recent.skip(skipped) {
         out.extend_from_slice(&append.first_position.to_le_bytes());
         out.extend_from_slice(&append.last_position.to_le_bytes());
         out.extend_from_slice(&(append.stream.len() as u16).to_le_bytes());
         out.extend_from_slice(append.stream.as_bytes());
     }
-    let sum = checksum(&out);
+    let sum = checksum(out);
     out.extend_from_slice(&sum.to_le_bytes());
-    out
 }
 
 /// Reads fields from the front of a byte slice.
@@ -214,6 +229,8 @@ pub struct MarkWriter {
     recent: VecDeque<RecentAppend>,
     last_sync: Instant,
     unsynced: bool,
+    /// The slot being written, kept between writes (see `encode_slot_into`).
+    slot: Vec<u8>,
 }
 
 impl MarkWriter {
@@ -232,10 +249,11 @@ impl MarkWriter {
             recent: start.recent.iter().cloned().collect(),
             last_sync: Instant::now(),
             unsynced: false,
+            slot: Vec::with_capacity(SLOT_LEN),
         };
         // Start both slots from `start`, durably: the log and its mark agree from here on.
-        writer.write(start.position, start.checksum, &[])?;
-        writer.write(start.position, start.checksum, &[])?;
+        writer.write(start.position, start.checksum, [])?;
+        writer.write(start.position, start.checksum, [])?;
         writer.sync()?;
         Ok(writer)
     }
@@ -246,24 +264,19 @@ impl MarkWriter {
         &mut self,
         position: u64,
         checksum: u64,
-        appends: &[RecentAppend],
+        appends: impl IntoIterator<Item = RecentAppend>,
     ) -> Result<(), StorageError> {
         for append in appends {
             if self.recent.len() == RECENT_LEN_MAX {
                 self.recent.pop_front();
             }
-            self.recent.push_back(append.clone());
+            self.recent.push_back(append);
         }
         self.seq += 1;
-        let mark = Mark {
-            position,
-            checksum,
-            recent: self.recent.iter().cloned().collect(),
-        };
-        let slot = encode_slot(self.seq, &mark);
+        encode_slot_into(&mut self.slot, self.seq, position, checksum, &self.recent);
         let offset = (self.seq % 2) * SLOT_LEN as u64;
         self.file
-            .write_all_at(&slot, offset)
+            .write_all_at(&self.slot, offset)
             .map_err(|e| StorageError::Failed(format!("write the durable mark: {e}")))?;
         self.unsynced = true;
         Ok(())
@@ -329,7 +342,7 @@ mod tests {
                 .write(
                     p,
                     p * 7,
-                    &[RecentAppend {
+                    [RecentAppend {
                         first_position: p,
                         last_position: p,
                         stream: format!("s{p}"),
@@ -352,6 +365,27 @@ mod tests {
             panic!("a mark");
         };
         assert_eq!(found.position, 4);
+    }
+
+    #[test]
+    fn a_slot_keeps_the_newest_appends_that_fit_in_order() {
+        let long = |p: u64| RecentAppend {
+            first_position: p,
+            last_position: p + 1,
+            stream: format!("{p:04}{}", "x".repeat(996)),
+        };
+        let mark = Mark {
+            position: 100,
+            checksum: 7,
+            recent: (1..=RECENT_LEN_MAX as u64).map(long).collect(),
+        };
+        let slot = encode_slot(9, &mark);
+        assert!(slot.len() <= SLOT_LEN, "{}", slot.len());
+        // 8 magic + 3 * 8 fields + 2 count + 8 checksum, then 18 + 1000 bytes an append.
+        let fit = (SLOT_LEN - 42) / 1018;
+        let (seq, decoded) = decode_slot(&slot).expect("decodes");
+        assert_eq!(seq, 9);
+        assert_eq!(decoded.recent, mark.recent[mark.recent.len() - fit..]);
     }
 
     #[test]

@@ -85,8 +85,9 @@ impl Flusher {
         if let Some(mark) = &mut self.mark
             && wrote_records
         {
-            let appends: Vec<RecentAppend> = ready.iter().flat_map(|c| c.appends.iter().cloned()).collect();
-            if let Err(error) = mark.write(position, checksum, &appends) {
+            // Moved into the mark: nothing reads a batch's appends after this.
+            let appends = ready.iter_mut().flat_map(|c| std::mem::take(&mut c.appends));
+            if let Err(error) = mark.write(position, checksum, appends) {
                 // The records are durable, but the evidence of how far is not: fail this
                 // flush's appends like a failed flush, and stop.
                 self.stop(ready, error.to_string());
