@@ -87,14 +87,17 @@ pub struct Dev {
 }
 
 /// Serves `routes` on `listener` in a task until the returned sender fires.
+/// `on_stop` runs when it fires, before the server waits for its open streams to end.
 fn serve_routes(
     routes: tonic::service::Routes,
     listener: tokio::net::TcpListener,
+    on_stop: impl FnOnce() + Send + 'static,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         let stopped = async {
             let _ = stopped.await;
+            on_stop();
         };
         if let Err(error) = saga_proto::server::serve(routes, listener, stopped).await {
             tracing::error!(%error, "gRPC server failed");
@@ -162,13 +165,12 @@ impl Dev {
             );
             let listener = bind("127.0.0.1:0").await?;
             addrs.push(local_addr(&listener)?.to_string());
-            let (s, server) = serve_routes(
-                participant
-                    .routes(Some(consumer))
-                    .await
-                    .map_err(DevError::Routes)?,
-                listener,
-            );
+            let routes = participant
+                .routes(Some(consumer))
+                .await
+                .map_err(DevError::Routes)?;
+            // The orchestrator's step streams would hold the server's graceful shutdown.
+            let (s, server) = serve_routes(routes, listener, move || participant.close_step_streams());
             stop.push(s);
             servers.push(server);
         }
@@ -211,7 +213,7 @@ impl Dev {
         if node.resumed > 0 {
             tracing::info!(resumed = node.resumed, "resumed unfinished sagas");
         }
-        let (s, server) = serve_routes(node.routes.clone(), listener);
+        let (s, server) = serve_routes(node.routes.clone(), listener, || ());
         stop.push(s);
         servers.push(server);
 

@@ -32,4 +32,5 @@ pub mod node;
 pub mod order;
 pub mod projector;
 pub mod state;
+pub mod step_stream;
 pub mod workload;

@@ -18,6 +18,7 @@ use saga_proto::Role;
 
 use crate::definition::{InvalidDefinition, RetryPolicy, SagaDefinition, StepDef};
 use crate::engine::{StepError, StepInvoker};
+use crate::step_stream::{StepStream, Unserved};
 
 /// The definition's name, stored in every order saga's `SagaStarted`.
 pub const DEFINITION: &str = "order";
@@ -211,8 +212,18 @@ pub fn lazy_channel(addr: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel
         .connect_lazy())
 }
 
-/// Calls the participants for the order saga's steps.
+/// Calls the participants for the order saga's steps: over each participant's step stream
+/// ([`StepStream`]), or its unary RPCs when it does not serve one.
 pub struct OrderInvoker {
+    unary: UnaryClients,
+    order_steps: Arc<StepStream>,
+    stock_steps: Arc<StepStream>,
+    coupon_steps: Arc<StepStream>,
+    balance_steps: Arc<StepStream>,
+}
+
+#[derive(Clone)]
+struct UnaryClients {
     order: pb::order_service_client::OrderServiceClient<Channel>,
     stock: pb::stock_service_client::StockServiceClient<Channel>,
     coupon: pb::coupon_service_client::CouponServiceClient<Channel>,
@@ -225,15 +236,33 @@ impl OrderInvoker {
         addrs: &ParticipantAddrs,
         tls: Option<&ClientTlsConfig>,
     ) -> Result<Arc<OrderInvoker>, tonic::transport::Error> {
+        let (order, stock, coupon, balance) = (
+            lazy_channel(&addrs.order, tls)?,
+            lazy_channel(&addrs.stock, tls)?,
+            lazy_channel(&addrs.coupon, tls)?,
+            lazy_channel(&addrs.balance, tls)?,
+        );
         Ok(Arc::new(OrderInvoker {
-            order: pb::order_service_client::OrderServiceClient::new(lazy_channel(&addrs.order, tls)?),
-            stock: pb::stock_service_client::StockServiceClient::new(lazy_channel(&addrs.stock, tls)?),
-            coupon: pb::coupon_service_client::CouponServiceClient::new(lazy_channel(&addrs.coupon, tls)?),
-            balance: pb::balance_service_client::BalanceServiceClient::new(lazy_channel(
-                &addrs.balance,
-                tls,
-            )?),
+            order_steps: Arc::new(StepStream::new(order.clone())),
+            stock_steps: Arc::new(StepStream::new(stock.clone())),
+            coupon_steps: Arc::new(StepStream::new(coupon.clone())),
+            balance_steps: Arc::new(StepStream::new(balance.clone())),
+            unary: UnaryClients {
+                order: pb::order_service_client::OrderServiceClient::new(order),
+                stock: pb::stock_service_client::StockServiceClient::new(stock),
+                coupon: pb::coupon_service_client::CouponServiceClient::new(coupon),
+                balance: pb::balance_service_client::BalanceServiceClient::new(balance),
+            },
         }))
+    }
+
+    fn steps_of(&self, role: Role) -> &Arc<StepStream> {
+        match role {
+            Role::Order => &self.order_steps,
+            Role::Stock => &self.stock_steps,
+            Role::Coupon => &self.coupon_steps,
+            Role::Balance => &self.balance_steps,
+        }
     }
 }
 
@@ -332,70 +361,59 @@ impl StepInvoker for OrderInvoker {
             // Not reached: `check` refused the definition at registration.
             Err(e) => return Box::pin(async move { Err(StepError::Business(e.to_string())) }),
         };
-        let (mut orders, mut stock, mut coupon, mut balance) = (
-            self.order.clone(),
-            self.stock.clone(),
-            self.coupon.clone(),
-            self.balance.clone(),
-        );
+        use pb::step_call::Call;
+        let step_call = match action {
+            OrderAction::CreateOrder => Call::CreateOrder(pb::CreateOrderRequest {
+                key,
+                order_id,
+                user_id: order.user_id,
+                items: order.items,
+                amount_minor: order.amount_minor,
+                coupon_id: order.coupon_id,
+            }),
+            OrderAction::ReserveStock => Call::ReserveStock(pb::ReserveStockRequest {
+                key,
+                order_id,
+                items: order.items,
+            }),
+            OrderAction::LockCoupon => Call::LockCoupon(pb::LockCouponRequest {
+                key,
+                coupon_id: order.coupon_id,
+                user_id: order.user_id,
+                order_id,
+            }),
+            OrderAction::DeductBalance => Call::DeductBalance(pb::DeductBalanceRequest {
+                key,
+                user_id: order.user_id,
+                amount_minor: order.amount_minor,
+                order_id,
+            }),
+            OrderAction::ConfirmOrder => Call::ConfirmOrder(pb::ConfirmOrderRequest { key, order_id }),
+        };
+        let steps = Arc::clone(self.steps_of(action.role()));
+        let unary = self.unary.clone();
         Box::pin(async move {
-            let result = match action {
-                OrderAction::CreateOrder => orders
-                    .create_order(request(
-                        pb::CreateOrderRequest {
-                            key,
-                            order_id,
-                            user_id: order.user_id,
-                            items: order.items,
-                            amount_minor: order.amount_minor,
-                            coupon_id: order.coupon_id,
-                        },
-                        &call,
-                    ))
-                    .await
-                    .map(drop),
-                OrderAction::ReserveStock => stock
-                    .reserve_stock(request(
-                        pb::ReserveStockRequest {
-                            key,
-                            order_id,
-                            items: order.items,
-                        },
-                        &call,
-                    ))
-                    .await
-                    .map(drop),
-                OrderAction::LockCoupon => coupon
-                    .lock_coupon(request(
-                        pb::LockCouponRequest {
-                            key,
-                            coupon_id: order.coupon_id,
-                            user_id: order.user_id,
-                            order_id,
-                        },
-                        &call,
-                    ))
-                    .await
-                    .map(drop),
-                OrderAction::DeductBalance => balance
-                    .deduct_balance(request(
-                        pb::DeductBalanceRequest {
-                            key,
-                            user_id: order.user_id,
-                            amount_minor: order.amount_minor,
-                            order_id,
-                        },
-                        &call,
-                    ))
-                    .await
-                    .map(drop),
-                OrderAction::ConfirmOrder => orders
-                    .confirm_order(request(pb::ConfirmOrderRequest { key, order_id }, &call))
-                    .await
-                    .map(drop),
+            let timeout = Duration::from_millis(deadline_ms);
+            let result = match steps.call(step_call, call.trace.traceparent(), timeout).await {
+                Ok(result) => result,
+                Err(Unserved(step_call)) => unary.call(step_call, &call).await,
             };
             result.map_err(|status| classify(&status, deadline_ms))
         })
+    }
+}
+
+impl UnaryClients {
+    /// `call` as the participant's unary RPC (a participant without a step stream).
+    async fn call(mut self, call: pb::step_call::Call, meta: &CallMeta) -> Result<(), tonic::Status> {
+        use pb::step_call::Call;
+        match call {
+            Call::CreateOrder(r) => self.order.create_order(request(r, meta)).await.map(drop),
+            Call::ConfirmOrder(r) => self.order.confirm_order(request(r, meta)).await.map(drop),
+            Call::ReserveStock(r) => self.stock.reserve_stock(request(r, meta)).await.map(drop),
+            Call::LockCoupon(r) => self.coupon.lock_coupon(request(r, meta)).await.map(drop),
+            Call::DeductBalance(r) => self.balance.deduct_balance(request(r, meta)).await.map(drop),
+        }
     }
 }
 

@@ -46,6 +46,7 @@ pub mod projector;
 pub mod record;
 pub mod refusal;
 pub mod service;
+mod step_calls;
 pub mod stock;
 
 use std::path::Path;
@@ -89,6 +90,8 @@ pub struct Participant {
     barrier: Arc<dyn Barrier>,
     admin: AdminToken,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Set when the server stops: the step streams end (see [`Participant::close_step_streams`]).
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Participant {
@@ -107,6 +110,7 @@ impl Participant {
             barrier,
             admin: AdminToken::none(),
             tls: None,
+            closing: Arc::new(tokio::sync::watch::Sender::new(false)),
         })
     }
 
@@ -150,6 +154,27 @@ impl Participant {
         let log = self.log.clone();
         let barrier = Arc::clone(&self.barrier);
         let admin = self.admin.clone();
+        let role_service = Arc::new(match self.role {
+            Role::Order => step_calls::RoleService::Order(order::OrderService {
+                log: log.clone(),
+                barrier: Arc::clone(&barrier),
+            }),
+            Role::Stock => step_calls::RoleService::Stock(stock::StockService {
+                log: log.clone(),
+                barrier: Arc::clone(&barrier),
+                admin: admin.clone(),
+            }),
+            Role::Coupon => step_calls::RoleService::Coupon(coupon::CouponService {
+                log: log.clone(),
+                barrier: Arc::clone(&barrier),
+                admin: admin.clone(),
+            }),
+            Role::Balance => step_calls::RoleService::Balance(balance::BalanceService {
+                log: log.clone(),
+                barrier: Arc::clone(&barrier),
+                admin: admin.clone(),
+            }),
+        });
         let (routes, name) = match self.role {
             Role::Order => {
                 type S = pb::order_service_server::OrderServiceServer<order::OrderService>;
@@ -192,8 +217,19 @@ impl Participant {
             })
             .max_decoding_message_size(REQUEST_LEN_MAX),
         );
-        let (routes, standard) =
-            saga_proto::server::with_standard_services(routes, &[name, name_of::<Admin>()]).await?;
+        type Steps = pb::step_calls_server::StepCallsServer<step_calls::StepCallsService>;
+        let routes = routes.add_service(
+            Steps::new(step_calls::StepCallsService {
+                role: role_service,
+                closing: self.closing.subscribe(),
+            })
+            .max_decoding_message_size(REQUEST_LEN_MAX),
+        );
+        let (routes, standard) = saga_proto::server::with_standard_services(
+            routes,
+            &[name, name_of::<Admin>(), name_of::<Steps>()],
+        )
+        .await?;
         // Health is also the no-op call of the ceiling benchmark (tests/benches/ceiling.rs).
         let failure = self.log.failure();
         if !self.log.is_failed() {
@@ -219,7 +255,22 @@ impl Participant {
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
         let routes = self.routes(consumer).await?;
+        let closing = Arc::clone(&self.closing);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = closing.send(true);
+        };
         Ok(saga_proto::server::serve_tls(routes, listener, self.tls.clone(), shutdown).await?)
+    }
+
+    /// Ends the step streams of this participant's routes (`StepCalls.Steps`) once their
+    /// running calls are answered, and refuses new ones UNAVAILABLE. A server's graceful
+    /// shutdown waits for its open HTTP/2 streams, and a caller keeps its step stream open for
+    /// as long as it lives: [`Participant::serve`] calls this when its shutdown completes; a
+    /// caller serving [`Participant::routes`] itself calls it when it stops the server. The
+    /// caller's calls still unanswered are unknown outcomes to it, repeated with their keys.
+    pub fn close_step_streams(&self) {
+        let _ = self.closing.send(true);
     }
 
     /// Undoes `key`'s action exactly once.

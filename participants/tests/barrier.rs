@@ -940,3 +940,117 @@ async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_se
         .expect("keeps serving");
     running.stop().await;
 }
+
+/// `StepCalls.Steps` (the orchestrator's path): each call on the stream is answered with its
+/// id and the status the unary RPC gives (refusal details and the invalid field included), the
+/// barrier holds across both paths, and another role's action or an empty call is refused
+/// without writing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_step_stream_answers_each_call_as_the_unary_rpc_does() {
+    use pb::step_call::Call;
+    let p = Running::start(Role::Stock).await;
+    let mut unary = pb::stock_service_client::StockServiceClient::new(p.channel.clone());
+    seed_stock(&mut unary, "p1", 1).await;
+    let (calls, outgoing) = tokio::sync::mpsc::unbounded_channel();
+    let mut replies = pb::step_calls_client::StepCallsClient::new(p.channel.clone())
+        .steps(tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing))
+        .await
+        .expect("opens")
+        .into_inner();
+    let mut call = async |id: u64, call: Option<Call>| -> Result<(), tonic::Status> {
+        calls
+            .send(pb::StepCall {
+                id,
+                traceparent: String::new(),
+                call,
+            })
+            .expect("stream open");
+        let reply = replies.message().await.expect("reply").expect("a reply");
+        assert_eq!(reply.id, id);
+        match Code::from(reply.code) {
+            Code::Ok => Ok(()),
+            code => Err(tonic::Status::with_details(
+                code,
+                reply.message,
+                reply.details.into(),
+            )),
+        }
+    };
+    call(1, Some(Call::ReserveStock(reserve("s1", "p1", 1))))
+        .await
+        .expect("reserved");
+    let refused = call(2, Some(Call::ReserveStock(reserve("s2", "p1", 1))))
+        .await
+        .expect_err("out of stock");
+    assert_eq!(refusal_of(&refused), pb::RefusalReason::OutOfStock);
+    // The unary path sees the stream's decisions: a repeat returns the first outcome.
+    let repeat = unary
+        .reserve_stock(reserve("s1", "p1", 1))
+        .await
+        .expect("repeat")
+        .into_inner();
+    assert!(repeat.replayed);
+    let before = p.participant.log().durable_position();
+    let invalid = call(3, Some(Call::ReserveStock(reserve("s3", "p1", 0))))
+        .await
+        .expect_err("invalid");
+    assert_eq!(invalid.code(), Code::InvalidArgument, "{invalid:?}");
+    assert!(invalid.message().starts_with("items[0].quantity:"), "{invalid:?}");
+    let elsewhere = call(
+        4,
+        Some(Call::ConfirmOrder(pb::ConfirmOrderRequest {
+            key: key("s1", "confirm_order"),
+            order_id: "s1".into(),
+        })),
+    )
+    .await
+    .expect_err("not the stock participant's");
+    assert_eq!(elsewhere.code(), Code::Unimplemented, "{elsewhere:?}");
+    let empty = call(5, None).await.expect_err("no call");
+    assert_eq!(empty.code(), Code::InvalidArgument, "{empty:?}");
+    assert!(empty.message().starts_with("call:"), "{empty:?}");
+    assert_eq!(
+        p.participant.log().durable_position(),
+        before,
+        "nothing was written"
+    );
+    // A repeat on the stream: the first outcome, nothing reserved twice.
+    call(6, Some(Call::ReserveStock(reserve("s1", "p1", 1))))
+        .await
+        .expect("the first outcome");
+    assert_eq!(stock_level(&mut unary, "p1").await, (0, 1));
+    p.stop().await;
+}
+
+/// A caller keeps its step stream open for as long as it lives, and a server's graceful
+/// shutdown waits for open streams: the participant ends its step streams when it stops, so
+/// stopping it is not held by a caller, and the caller sees its stream end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_stops_with_a_step_stream_open_and_the_stream_ends() {
+    let p = Running::start(Role::Stock).await;
+    let mut unary = pb::stock_service_client::StockServiceClient::new(p.channel.clone());
+    seed_stock(&mut unary, "p1", 5).await;
+    let (calls, outgoing) = tokio::sync::mpsc::unbounded_channel();
+    let mut replies = pb::step_calls_client::StepCallsClient::new(p.channel.clone())
+        .steps(tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing))
+        .await
+        .expect("opens")
+        .into_inner();
+    calls
+        .send(pb::StepCall {
+            id: 1,
+            traceparent: String::new(),
+            call: Some(pb::step_call::Call::ReserveStock(reserve("s1", "p1", 1))),
+        })
+        .expect("stream open");
+    let reply = replies.message().await.expect("reply").expect("a reply");
+    assert_eq!((reply.id, reply.code), (1, 0));
+    tokio::time::timeout(std::time::Duration::from_secs(10), p.stop())
+        .await
+        .expect("the participant stops with the caller's stream still open");
+    assert!(
+        !matches!(replies.message().await, Ok(Some(_))),
+        "the stream ended"
+    );
+    drop(calls);
+}

@@ -126,15 +126,18 @@ impl TraceContext {
 /// The span a server of ours runs one call in: the method, and the caller's trace id when the
 /// call carries a valid `traceparent`.
 pub fn server_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
-    let context = request
-        .headers()
-        .get(TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceContext::parse);
+    let traceparent = request.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok());
+    call_span(request.uri().path(), traceparent)
+}
+
+/// The span of one served call (`method`: its path), carrying the caller's trace id from its
+/// `traceparent` when valid: [`server_span`], and each call of a participant's step stream.
+pub fn call_span(method: &str, traceparent: Option<&str>) -> tracing::Span {
+    let context = traceparent.and_then(TraceContext::parse);
     let span = tracing::info_span!(
         target: SPAN_TARGET,
         "grpc",
-        method = %request.uri().path(),
+        method = %method,
         trace_id = tracing::field::Empty
     );
     if let Some(context) = context {
