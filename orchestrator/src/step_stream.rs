@@ -78,9 +78,19 @@ impl Lane {
         }
         pending.open
     }
+}
 
-    fn forget(&self, id: u64) {
-        self.pending.lock().expect("step stream lock").waiting.remove(&id);
+/// A registered call's entry, removed when the call's future ends however it ends.
+struct Registered {
+    pending: Arc<Mutex<Pending>>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.waiting.remove(&self.id);
+        }
     }
 }
 
@@ -108,6 +118,7 @@ impl StepStream {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (waiter, answer) = oneshot::channel();
+        let deadline_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX).max(1);
         let attempt = async {
             let lane = match self.lane().await {
                 Ok(lane) => lane,
@@ -117,13 +128,20 @@ impl StepStream {
             if !lane.register(id, waiter) {
                 return Ok(Err(Status::unavailable("the step stream ended")));
             }
+            // From here the call is registered: however this future ends (answered, past its
+            // deadline, or dropped by the engine's own timer), its entry goes with it, and a
+            // reply after that is dropped by the reader (nobody waits for its id).
+            let _registered = Registered {
+                pending: Arc::clone(&lane.pending),
+                id,
+            };
             let message = pb::StepCall {
                 id,
                 traceparent,
+                deadline_ms,
                 call: Some(call),
             };
             if lane.calls.send(message).is_err() {
-                lane.forget(id);
                 return Ok(Err(Status::unavailable("the step stream ended")));
             }
             let result = answer
@@ -138,14 +156,15 @@ impl StepStream {
                 self.unserved.store(true, Ordering::Relaxed);
                 Err(unserved)
             }
-            Err(_elapsed) => {
-                // A reply after this is dropped by the reader (nobody waits for its id).
-                if let Some(lane) = self.current.lock().expect("step stream lock").as_ref() {
-                    lane.forget(id);
-                }
-                Ok(Err(Status::deadline_exceeded("Timeout expired")))
-            }
+            Err(_elapsed) => Ok(Err(Status::deadline_exceeded("Timeout expired"))),
         }
+    }
+
+    /// Calls registered on the open stream and not answered yet.
+    pub fn waiting(&self) -> usize {
+        self.open_lane().map_or(0, |lane| {
+            lane.pending.lock().expect("step stream lock").waiting.len()
+        })
     }
 
     /// The open stream, or a new one.

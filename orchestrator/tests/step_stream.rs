@@ -198,3 +198,15 @@ async fn a_participant_without_step_calls_gets_its_calls_back_for_the_unary_rpc(
         }
     }
 }
+
+#[tokio::test]
+async fn a_call_its_caller_drops_leaves_nothing_waiting() {
+    let (steps, server) = scripted().await;
+    // The engine's own timer may end a call before the stream's deadline does.
+    let dropped = tokio::time::timeout(Duration::from_millis(100), call(&steps, "hold", LONG)).await;
+    assert!(dropped.is_err(), "the held call was dropped by its caller");
+    assert_eq!(steps.waiting(), 0);
+    call(&steps, "ok", LONG).await.expect("the stream goes on");
+    assert_eq!(steps.waiting(), 0);
+    assert_eq!(server.opened.load(Ordering::SeqCst), 1);
+}

@@ -254,6 +254,8 @@ impl Participant {
         consumer: Option<Arc<consumer::CompensationConsumer>>,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
+        // Served again after a stop: step streams are accepted again.
+        self.closing.send_replace(false);
         let routes = self.routes(consumer).await?;
         let closing = Arc::clone(&self.closing);
         let shutdown = async move {

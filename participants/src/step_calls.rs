@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use saga_proto::v1 as pb;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -21,9 +21,13 @@ use tracing::Instrument;
 
 use crate::Role;
 
-/// Replies waiting to be written to one stream; a caller that stops reading holds its calls'
-/// tasks at their reply, not the process's memory.
+/// Replies waiting to be written to one stream.
 const REPLIES_QUEUED_MAX: usize = 1024;
+/// Calls of one stream running at once. A caller that sends more, or stops reading its
+/// replies, is held back (the stream stops being read), so a stream's tasks and replies stay
+/// bounded. The orchestrator has about as many calls in flight to one participant as sagas in
+/// flight.
+const CALLS_RUNNING_MAX: usize = 512;
 
 /// The role's unary service, whose handlers the stream's calls run.
 pub(crate) enum RoleService {
@@ -123,6 +127,27 @@ fn reply(id: u64, result: Result<(), Status>) -> pb::StepReply {
     }
 }
 
+/// Runs `call` within `deadline_ms` of its receipt (0: no deadline), as tonic's server bounds a
+/// unary handler by its `grpc-timeout`: past it the handler is dropped (an append it started
+/// completes or not in the log's writer, as for a unary call) and the answer is
+/// DEADLINE_EXCEEDED, an unknown outcome to the caller, who gave up on it already.
+async fn run_within(role: &RoleService, call: pb::step_call::Call, deadline_ms: u32) -> Result<(), Status> {
+    if deadline_ms == 0 {
+        return role.run(call).await;
+    }
+    let deadline = std::time::Duration::from_millis(u64::from(deadline_ms));
+    tokio::time::timeout(deadline, role.run(call))
+        .await
+        .unwrap_or_else(|_| Err(Status::deadline_exceeded("Timeout expired")))
+}
+
+/// Completes once the server stops; never without a sender (no `Participant` left to stop it).
+async fn stopping(closing: &mut watch::Receiver<bool>) {
+    if closing.wait_for(|closing| *closing).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 pub(crate) struct StepCallsService {
     pub(crate) role: Arc<RoleService>,
     /// True once the server stops (`Participant::close_step_streams`).
@@ -144,43 +169,43 @@ impl pb::step_calls_server::StepCalls for StepCallsService {
         let mut calls = request.into_inner();
         let (replies, answers) = mpsc::channel(REPLIES_QUEUED_MAX);
         let role = Arc::clone(&self.role);
+        let running = Arc::new(Semaphore::new(CALLS_RUNNING_MAX));
         tokio::spawn(async move {
             // Until the caller ends the stream or it breaks (a malformed message breaks it too:
             // tonic answers the stream with its status, the caller repeats its calls), or the
-            // server stops: then the stream ends once the running calls are answered, so that
-            // the server's graceful shutdown is not held by a caller that never ends it.
+            // server stops: then the stream ends once the running calls are answered (each
+            // within its deadline), so that the server's graceful shutdown is not held by a
+            // caller that never ends it.
             loop {
-                let stopping = async {
-                    // Without a sender (no `Participant` left) nothing will ever close it.
-                    if closing.wait_for(|closing| *closing).await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
+                // At most CALLS_RUNNING_MAX calls run at once: past that this stops reading,
+                // and HTTP/2 flow control holds the caller back.
+                let permit = tokio::select! {
+                    permit = Arc::clone(&running).acquire_owned() => permit.expect("never closed"),
+                    () = stopping(&mut closing) => break,
                 };
                 let mut call = tokio::select! {
                     message = calls.message() => match message {
                         Ok(Some(call)) => call,
                         Ok(None) | Err(_) => break,
                     },
-                    () = stopping => break,
+                    () = stopping(&mut closing) => break,
                 };
-                let Some(inner) = call.call.take() else {
-                    let answer = reply(
-                        call.id,
-                        Err(saga_proto::status::invalid_argument("call", "required")),
-                    );
-                    if replies.send(Ok(answer)).await.is_err() {
-                        break;
-                    }
-                    continue;
-                };
-                let span = saga_proto::trace::call_span(call_path(&inner), Some(&call.traceparent));
                 let (role, replies) = (Arc::clone(&role), replies.clone());
+                let inner = call.call.take();
+                let span = saga_proto::trace::call_span(
+                    inner.as_ref().map_or("/saga.v1.StepCalls/Steps", call_path),
+                    Some(&call.traceparent),
+                );
                 tokio::spawn(
                     async move {
-                        let result = role.run(inner).await;
+                        let result = match inner {
+                            Some(inner) => run_within(&role, inner, call.deadline_ms).await,
+                            None => Err(saga_proto::status::invalid_argument("call", "required")),
+                        };
                         // The caller may be gone: its unanswered calls are unknown outcomes to
                         // it, repeated with the same key.
                         let _ = replies.send(Ok(reply(call.id, result))).await;
+                        drop(permit);
                     }
                     .instrument(span),
                 );

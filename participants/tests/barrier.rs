@@ -20,8 +20,16 @@ struct Running {
 
 impl Running {
     async fn start(role: Role) -> Running {
+        Running::start_with(role, None).await
+    }
+
+    /// With `decorate` around the participant's barrier (fault injection).
+    async fn start_with(role: Role, decorate: Option<saga_participants::BarrierDecorator>) -> Running {
         let dir = tempfile::tempdir().expect("tempdir");
-        let participant = Participant::open(role, dir.path()).expect("opens");
+        let mut participant = Participant::open(role, dir.path()).expect("opens");
+        if let Some(decorate) = decorate {
+            participant = participant.with_barrier(&decorate);
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -962,6 +970,7 @@ async fn the_step_stream_answers_each_call_as_the_unary_rpc_does() {
             .send(pb::StepCall {
                 id,
                 traceparent: String::new(),
+                deadline_ms: 10_000,
                 call,
             })
             .expect("stream open");
@@ -1040,6 +1049,7 @@ async fn a_participant_stops_with_a_step_stream_open_and_the_stream_ends() {
         .send(pb::StepCall {
             id: 1,
             traceparent: String::new(),
+            deadline_ms: 0,
             call: Some(pb::step_call::Call::ReserveStock(reserve("s1", "p1", 1))),
         })
         .expect("stream open");
@@ -1052,5 +1062,58 @@ async fn a_participant_stops_with_a_step_stream_open_and_the_stream_ends() {
         !matches!(replies.message().await, Ok(Some(_))),
         "the stream ended"
     );
+    drop(calls);
+}
+
+/// A call on the step stream is bounded by its deadline, as a unary handler is by its
+/// `grpc-timeout`: past it the participant answers DEADLINE_EXCEEDED (what it did is an unknown
+/// outcome to the caller, here a reservation taken) and stops working on it, so a stop is not
+/// held by it either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_stream_call_past_its_deadline_is_answered_deadline_exceeded() {
+    use saga_participants::faults::{ActFault, FaultPlan};
+    let slow: saga_participants::BarrierDecorator = std::sync::Arc::new(|_, inner| {
+        FaultPlan {
+            act: vec![ActFault::DelayAfterApply {
+                step: "reserve_stock".into(),
+                delay_ms: 60_000,
+            }],
+            ..FaultPlan::default()
+        }
+        .decorate(inner)
+    });
+    let p = Running::start_with(Role::Stock, Some(slow)).await;
+    let mut unary = pb::stock_service_client::StockServiceClient::new(p.channel.clone());
+    seed_stock(&mut unary, "p1", 5).await;
+    let (calls, outgoing) = tokio::sync::mpsc::unbounded_channel();
+    let mut replies = pb::step_calls_client::StepCallsClient::new(p.channel.clone())
+        .steps(tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing))
+        .await
+        .expect("opens")
+        .into_inner();
+    let began = std::time::Instant::now();
+    calls
+        .send(pb::StepCall {
+            id: 7,
+            traceparent: String::new(),
+            deadline_ms: 200,
+            call: Some(pb::step_call::Call::ReserveStock(reserve("s1", "p1", 1))),
+        })
+        .expect("stream open");
+    let reply = replies.message().await.expect("reply").expect("a reply");
+    assert_eq!((reply.id, Code::from(reply.code)), (7, Code::DeadlineExceeded));
+    assert!(
+        began.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(
+        stock_level(&mut unary, "p1").await,
+        (4, 1),
+        "applied before the delay"
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(10), p.stop())
+        .await
+        .expect("stops");
     drop(calls);
 }

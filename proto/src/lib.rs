@@ -302,8 +302,13 @@ pub mod server {
         tls: Option<tonic::transport::ServerTlsConfig>,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
-        // Every call runs in a span carrying the caller's trace id (crate::trace).
-        let mut builder = tonic::transport::Server::builder().trace_fn(crate::trace::server_span);
+        // Every call runs in a span carrying the caller's trace id (crate::trace). HTTP/2
+        // keepalive: a caller's long-lived stream (a participant's step stream) whose host
+        // vanished without closing its connection is noticed and dropped within 15 s.
+        let mut builder = tonic::transport::Server::builder()
+            .trace_fn(crate::trace::server_span)
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)));
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;
         }
