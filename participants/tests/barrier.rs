@@ -949,6 +949,22 @@ async fn every_rpc_refuses_malformed_input_by_field_records_nothing_and_keeps_se
     running.stop().await;
 }
 
+/// A step stream to the participant at `channel`: where calls go, and their replies.
+async fn open_step_stream(
+    channel: &Channel,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<pb::StepCall>,
+    tonic::Streaming<pb::StepReply>,
+) {
+    let (calls, outgoing) = tokio::sync::mpsc::unbounded_channel();
+    let replies = pb::step_calls_client::StepCallsClient::new(channel.clone())
+        .steps(tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing))
+        .await
+        .expect("opens")
+        .into_inner();
+    (calls, replies)
+}
+
 /// `StepCalls.Steps` (the orchestrator's path): each call on the stream is answered with its
 /// id and the status the unary RPC gives (refusal details and the invalid field included), the
 /// barrier holds across both paths, and another role's action or an empty call is refused
@@ -959,12 +975,7 @@ async fn the_step_stream_answers_each_call_as_the_unary_rpc_does() {
     let p = Running::start(Role::Stock).await;
     let mut unary = pb::stock_service_client::StockServiceClient::new(p.channel.clone());
     seed_stock(&mut unary, "p1", 1).await;
-    let (calls, outgoing) = tokio::sync::mpsc::unbounded_channel();
-    let mut replies = pb::step_calls_client::StepCallsClient::new(p.channel.clone())
-        .steps(tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing))
-        .await
-        .expect("opens")
-        .into_inner();
+    let (calls, mut replies) = open_step_stream(&p.channel).await;
     let mut call = async |id: u64, call: Option<Call>| -> Result<(), tonic::Status> {
         calls
             .send(pb::StepCall {
@@ -1039,12 +1050,7 @@ async fn a_participant_stops_with_a_step_stream_open_and_the_stream_ends() {
     let p = Running::start(Role::Stock).await;
     let mut unary = pb::stock_service_client::StockServiceClient::new(p.channel.clone());
     seed_stock(&mut unary, "p1", 5).await;
-    let (calls, outgoing) = tokio::sync::mpsc::unbounded_channel();
-    let mut replies = pb::step_calls_client::StepCallsClient::new(p.channel.clone())
-        .steps(tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing))
-        .await
-        .expect("opens")
-        .into_inner();
+    let (calls, mut replies) = open_step_stream(&p.channel).await;
     calls
         .send(pb::StepCall {
             id: 1,
@@ -1085,12 +1091,7 @@ async fn a_step_stream_call_past_its_deadline_is_answered_deadline_exceeded() {
     let p = Running::start_with(Role::Stock, Some(slow)).await;
     let mut unary = pb::stock_service_client::StockServiceClient::new(p.channel.clone());
     seed_stock(&mut unary, "p1", 5).await;
-    let (calls, outgoing) = tokio::sync::mpsc::unbounded_channel();
-    let mut replies = pb::step_calls_client::StepCallsClient::new(p.channel.clone())
-        .steps(tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing))
-        .await
-        .expect("opens")
-        .into_inner();
+    let (calls, mut replies) = open_step_stream(&p.channel).await;
     let began = std::time::Instant::now();
     calls
         .send(pb::StepCall {
