@@ -279,7 +279,11 @@ async fn invalid_requests_name_the_field_and_lookups_list_and_replay_work() {
     let stock = workload::channel(&system.participants.stock)
         .await
         .expect("connects");
-    let own = ["saga.v1.StockService", "saga.v1.ConsumerAdmin"];
+    let own = [
+        "saga.v1.StockService",
+        "saga.v1.ConsumerAdmin",
+        "saga.v1.StepCalls",
+    ];
     assert_eq!(list_services_v1(stock.clone()).await, expected(&own));
     assert_eq!(list_services_v1alpha(stock).await, expected(&own));
     system.shutdown().await;
