@@ -154,7 +154,7 @@ def main():
     participants = dict(p.split("=", 1) for p in args.participant)
     for role, addr in participants.items():
         with grpc.insecure_channel(addr) as channel:
-            check_reflection(channel, [PARTICIPANT_SERVICES[role], "saga.v1.ConsumerAdmin"], role)
+            check_reflection(channel, [PARTICIPANT_SERVICES[role], "saga.v1.ConsumerAdmin", "saga.v1.StepCalls"], role)
     with grpc.insecure_channel(participants["stock"]) as channel:
         check_refusal(common_pb2, part_pb2, part_grpc, channel, args.product)
     print("all checks passed")
