@@ -154,61 +154,54 @@ impl Participant {
         let log = self.log.clone();
         let barrier = Arc::clone(&self.barrier);
         let admin = self.admin.clone();
-        let role_service = Arc::new(match self.role {
-            Role::Order => step_calls::RoleService::Order(order::OrderService {
-                log: log.clone(),
-                barrier: Arc::clone(&barrier),
-            }),
-            Role::Stock => step_calls::RoleService::Stock(stock::StockService {
-                log: log.clone(),
-                barrier: Arc::clone(&barrier),
-                admin: admin.clone(),
-            }),
-            Role::Coupon => step_calls::RoleService::Coupon(coupon::CouponService {
-                log: log.clone(),
-                barrier: Arc::clone(&barrier),
-                admin: admin.clone(),
-            }),
-            Role::Balance => step_calls::RoleService::Balance(balance::BalanceService {
-                log: log.clone(),
-                barrier: Arc::clone(&barrier),
-                admin: admin.clone(),
-            }),
-        });
-        let (routes, name) = match self.role {
+        // One service per role, shared by its unary RPCs and its step stream.
+        let (routes, name, role_service) = match self.role {
             Role::Order => {
                 type S = pb::order_service_server::OrderServiceServer<order::OrderService>;
-                let service = order::OrderService { log, barrier };
+                let service = Arc::new(order::OrderService { log, barrier });
                 (
-                    tonic::service::Routes::new(S::new(service).max_decoding_message_size(REQUEST_LEN_MAX)),
+                    tonic::service::Routes::new(
+                        S::from_arc(Arc::clone(&service)).max_decoding_message_size(REQUEST_LEN_MAX),
+                    ),
                     name_of::<S>(),
+                    step_calls::RoleService::Order(service),
                 )
             }
             Role::Stock => {
                 type S = pb::stock_service_server::StockServiceServer<stock::StockService>;
-                let service = stock::StockService { log, barrier, admin };
+                let service = Arc::new(stock::StockService { log, barrier, admin });
                 (
-                    tonic::service::Routes::new(S::new(service).max_decoding_message_size(REQUEST_LEN_MAX)),
+                    tonic::service::Routes::new(
+                        S::from_arc(Arc::clone(&service)).max_decoding_message_size(REQUEST_LEN_MAX),
+                    ),
                     name_of::<S>(),
+                    step_calls::RoleService::Stock(service),
                 )
             }
             Role::Coupon => {
                 type S = pb::coupon_service_server::CouponServiceServer<coupon::CouponService>;
-                let service = coupon::CouponService { log, barrier, admin };
+                let service = Arc::new(coupon::CouponService { log, barrier, admin });
                 (
-                    tonic::service::Routes::new(S::new(service).max_decoding_message_size(REQUEST_LEN_MAX)),
+                    tonic::service::Routes::new(
+                        S::from_arc(Arc::clone(&service)).max_decoding_message_size(REQUEST_LEN_MAX),
+                    ),
                     name_of::<S>(),
+                    step_calls::RoleService::Coupon(service),
                 )
             }
             Role::Balance => {
                 type S = pb::balance_service_server::BalanceServiceServer<balance::BalanceService>;
-                let service = balance::BalanceService { log, barrier, admin };
+                let service = Arc::new(balance::BalanceService { log, barrier, admin });
                 (
-                    tonic::service::Routes::new(S::new(service).max_decoding_message_size(REQUEST_LEN_MAX)),
+                    tonic::service::Routes::new(
+                        S::from_arc(Arc::clone(&service)).max_decoding_message_size(REQUEST_LEN_MAX),
+                    ),
                     name_of::<S>(),
+                    step_calls::RoleService::Balance(service),
                 )
             }
         };
+        let role_service = Arc::new(role_service);
         type Admin = pb::consumer_admin_server::ConsumerAdminServer<admin::ConsumerAdminService>;
         let routes = routes.add_service(
             Admin::new(admin::ConsumerAdminService {

@@ -31,10 +31,10 @@ const CALLS_RUNNING_MAX: usize = 512;
 
 /// The role's unary service, whose handlers the stream's calls run.
 pub(crate) enum RoleService {
-    Order(crate::order::OrderService),
-    Stock(crate::stock::StockService),
-    Coupon(crate::coupon::CouponService),
-    Balance(crate::balance::BalanceService),
+    Order(Arc<crate::order::OrderService>),
+    Stock(Arc<crate::stock::StockService>),
+    Coupon(Arc<crate::coupon::CouponService>),
+    Balance(Arc<crate::balance::BalanceService>),
 }
 
 impl RoleService {
@@ -53,27 +53,27 @@ impl RoleService {
         use pb::step_call::Call;
         match (self, call) {
             (RoleService::Order(s), Call::CreateOrder(r)) => {
-                pb::order_service_server::OrderService::create_order(s, Request::new(r))
+                pb::order_service_server::OrderService::create_order(s.as_ref(), Request::new(r))
                     .await
                     .map(drop)
             }
             (RoleService::Order(s), Call::ConfirmOrder(r)) => {
-                pb::order_service_server::OrderService::confirm_order(s, Request::new(r))
+                pb::order_service_server::OrderService::confirm_order(s.as_ref(), Request::new(r))
                     .await
                     .map(drop)
             }
             (RoleService::Stock(s), Call::ReserveStock(r)) => {
-                pb::stock_service_server::StockService::reserve_stock(s, Request::new(r))
+                pb::stock_service_server::StockService::reserve_stock(s.as_ref(), Request::new(r))
                     .await
                     .map(drop)
             }
             (RoleService::Coupon(s), Call::LockCoupon(r)) => {
-                pb::coupon_service_server::CouponService::lock_coupon(s, Request::new(r))
+                pb::coupon_service_server::CouponService::lock_coupon(s.as_ref(), Request::new(r))
                     .await
                     .map(drop)
             }
             (RoleService::Balance(s), Call::DeductBalance(r)) => {
-                pb::balance_service_server::BalanceService::deduct_balance(s, Request::new(r))
+                pb::balance_service_server::BalanceService::deduct_balance(s.as_ref(), Request::new(r))
                     .await
                     .map(drop)
             }
@@ -98,15 +98,12 @@ fn call_path(call: &pb::step_call::Call) -> &'static str {
     }
 }
 
+/// The RPC name of `call` (the last part of its path).
 fn call_name(call: &pb::step_call::Call) -> &'static str {
-    use pb::step_call::Call;
-    match call {
-        Call::CreateOrder(_) => "CreateOrder",
-        Call::ConfirmOrder(_) => "ConfirmOrder",
-        Call::ReserveStock(_) => "ReserveStock",
-        Call::LockCoupon(_) => "LockCoupon",
-        Call::DeductBalance(_) => "DeductBalance",
-    }
+    call_path(call)
+        .rsplit('/')
+        .next()
+        .expect("a path has a last part")
 }
 
 /// The reply to call `id` with `result`: the status the unary call would have ended with.
