@@ -2,7 +2,8 @@
 //! transactional writes, a leaf change built at its final size) against a model: random
 //! inserts, overwrites and removals through transactions give the same contents as a
 //! `BTreeMap`, read back live and after the database is reopened from its log; each write is
-//! read back inside its own transaction.
+//! read back inside its own transaction. Item 8 (a batch manifest written by the next flush)
+//! under concurrent flushes and reads.
 
 use std::collections::BTreeMap;
 
@@ -72,4 +73,106 @@ proptest! {
         let tree = db.open_tree("t").unwrap();
         prop_assert_eq!(&contents(&tree), &model, "after reopening");
     }
+}
+
+/// PATCHES.md item 8: a transaction's batch manifest is left in its buffer for the next flush,
+/// which writes it with the data after it, and anyone who must wait for it writes it first.
+/// Transactions (of one writer, as in the log), flushes and reads from other threads, with a
+/// cache small enough that reads page in from the log: nothing waits forever, every flushed
+/// transaction is there after a reopen, and every transaction is there after the last flush.
+#[test]
+fn deferred_batch_manifests_are_written_by_flushes_and_waiters() {
+    use sled::Transactional;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, mpsc};
+    use std::time::Duration;
+
+    const TRANSACTIONS: u64 = 3_000;
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        sled::Config::new()
+            .path(dir.path())
+            .cache_capacity(64 * 1024)
+            .flush_every_ms(None)
+            .open()
+            .unwrap()
+    };
+    let value = |n: u64| format!("value {n} {}", "x".repeat((n % 97) as usize)).into_bytes();
+    {
+        let db = open();
+        let records = db.open_tree("records").unwrap();
+        let index = db.open_tree("index").unwrap();
+        // The last transaction known flushed: everything up to it must survive a reopen.
+        let flushed = Arc::new(AtomicU64::new(0));
+        let committed = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (done, finished) = mpsc::channel::<&'static str>();
+        let flusher = {
+            let (db, committed, flushed, stop, done) =
+                (db.clone(), committed.clone(), flushed.clone(), stop.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    let upto = committed.load(Ordering::Acquire);
+                    db.flush().unwrap();
+                    flushed.fetch_max(upto, Ordering::AcqRel);
+                    std::thread::yield_now();
+                }
+                done.send("flusher").unwrap();
+            })
+        };
+        let reader = {
+            let (records, committed, stop, done) =
+                (records.clone(), committed.clone(), stop.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let upto = committed.load(Ordering::Acquire);
+                    if upto > 0 {
+                        // Old keys first: their pages are the ones paged out.
+                        n = (n * 7 + 13) % upto + 1;
+                        let got = records.get(n.to_be_bytes()).unwrap();
+                        assert_eq!(got.as_deref(), Some(value(n).as_slice()), "record {n}");
+                    }
+                }
+                done.send("reader").unwrap();
+            })
+        };
+        let writer = {
+            let (records, index, committed, done) = (records.clone(), index.clone(), committed.clone(), done);
+            std::thread::spawn(move || {
+                for n in 1..=TRANSACTIONS {
+                    (&records, &index)
+                        .transaction(|(records, index)| {
+                            records.insert_blind(&n.to_be_bytes(), value(n));
+                            index.insert_blind(format!("stream-{}", n % 211).as_bytes(), &n.to_be_bytes());
+                            Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+                        })
+                        .unwrap();
+                    committed.store(n, Ordering::Release);
+                }
+                done.send("writer").unwrap();
+            })
+        };
+        let patience = Duration::from_secs(120);
+        assert_eq!(finished.recv_timeout(patience), Ok("writer"), "the writer finishes");
+        stop.store(true, Ordering::Release);
+        for _ in 0..2 {
+            finished
+                .recv_timeout(patience)
+                .expect("the flusher and the reader finish (no wait left hanging)");
+        }
+        for thread in [writer, flusher, reader] {
+            thread.join().unwrap();
+        }
+        assert!(flushed.load(Ordering::Acquire) > 0, "some flush covered a transaction");
+        db.flush().unwrap();
+    }
+    let db = open();
+    let records = db.open_tree("records").unwrap();
+    assert_eq!(records.len() as u64, TRANSACTIONS, "every transaction after the last flush");
+    for n in 1..=TRANSACTIONS {
+        assert_eq!(records.get(n.to_be_bytes()).unwrap().as_deref(), Some(value(n).as_slice()));
+    }
+    let index = db.open_tree("index").unwrap();
+    assert_eq!(index.len(), 211);
 }

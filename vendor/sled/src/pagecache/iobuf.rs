@@ -314,6 +314,12 @@ pub(crate) struct IoBufs {
     pub segment_accountant: Mutex<SegmentAccountant>,
     pub segment_cleaner: SegmentCleaner,
     deferred_segment_ops: stack::Stack<SegmentOp>,
+    // Vendored change (PATCHES.md, item 8): the sealed and complete buffer of
+    // a transaction's batch manifest, not written yet. The next explicit flush
+    // writes it together with the data after it (one write, one sync instead
+    // of two each); anyone who must wait for its LSN writes it first
+    // (`make_stable_inner`), so no wait depends on it being written by others.
+    pub(crate) deferred_batch_manifest: Mutex<Option<Arc<IoBuf>>>,
     #[cfg(feature = "io_uring")]
     pub submission_mutex: Mutex<()>,
     #[cfg(feature = "io_uring")]
@@ -417,6 +423,7 @@ impl IoBufs {
             segment_accountant: Mutex::new(segment_accountant),
             segment_cleaner,
             deferred_segment_ops: stack::Stack::default(),
+            deferred_batch_manifest: Mutex::new(None),
             #[cfg(feature = "io_uring")]
             submission_mutex: Mutex::new(()),
             #[cfg(feature = "io_uring")]
@@ -567,6 +574,86 @@ impl IoBufs {
     // Write an IO buffer's data to stable storage and set up the
     // next IO buffer for writing.
     pub(crate) fn write_to_log(&self, iobuf: &IoBuf) -> Result<()> {
+        self.write_to_log_after(None, iobuf)
+    }
+
+    /// Vendored change (PATCHES.md, item 8): holds `manifest` as the deferred
+    /// batch manifest buffer (sealed, no writers left). A buffer deferred
+    /// before and not written yet is written now, on this thread.
+    pub(crate) fn defer_batch_manifest(&self, manifest: Arc<IoBuf>) -> Result<()> {
+        let previous = self.deferred_batch_manifest.lock().replace(manifest);
+        // Linearized with a waiter in `make_stable_inner`, which looks at the
+        // deferred buffer while it holds `intervals`: it saw this one, or it
+        // is waiting and is woken here.
+        let intervals = self.intervals.lock();
+        drop(intervals);
+        let _notified = self.interval_updated.notify_all();
+        match previous {
+            Some(previous) => self.write_deferred(None, &previous),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the deferred batch manifest buffer, if any. It is returned when
+    /// it ends exactly where `next` begins (same memory, file offset and LSN),
+    /// to be written with it; otherwise it is written now, on its own.
+    pub(in crate::pagecache) fn take_deferred_batch_manifest(
+        &self,
+        next: Option<&IoBuf>,
+    ) -> Result<Option<Arc<IoBuf>>> {
+        let deferred = self.deferred_batch_manifest.lock().take();
+        let Some(deferred) = deferred else {
+            return Ok(None);
+        };
+        let header = deferred.get_header();
+        let len = header::offset(header);
+        let adjacent = next.map_or(false, |next| {
+            !header::is_maxed(header)
+                && deferred.buf.get() == next.buf.get()
+                && deferred.base + len == next.base
+                && deferred.offset + len as LogOffset == next.offset
+                && deferred.lsn + len as Lsn == next.lsn
+        });
+        if adjacent {
+            Ok(Some(deferred))
+        } else {
+            self.write_deferred(None, &deferred)?;
+            Ok(None)
+        }
+    }
+
+    /// Writes `iobuf`, preceded in the same write by `before` when given (see
+    /// `take_deferred_batch_manifest`); an error is recorded as the global
+    /// error and waiters are woken, as for the threadpool's writes.
+    pub(in crate::pagecache) fn write_deferred(
+        &self,
+        before: Option<&IoBuf>,
+        iobuf: &IoBuf,
+    ) -> Result<()> {
+        match self.write_to_log_after(before, iobuf) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                error!(
+                    "hit error while writing iobuf with lsn {}: {:?}",
+                    iobuf.lsn, e
+                );
+                self.config.set_global_error(e.clone());
+                let intervals = self.intervals.lock();
+                drop(intervals);
+                let _notified = self.interval_updated.notify_all();
+                Err(e)
+            }
+        }
+    }
+
+    /// `write_to_log`, with `before` (a sealed, complete, not maxed buffer
+    /// that ends exactly where `iobuf` begins, in memory, file and LSN)
+    /// written in the same write and sync (PATCHES.md, item 8).
+    fn write_to_log_after(
+        &self,
+        before: Option<&IoBuf>,
+        iobuf: &IoBuf,
+    ) -> Result<()> {
         let _measure = Measure::new(&M.write_to_log);
         let header = iobuf.get_header();
         let log_offset = iobuf.offset;
@@ -675,16 +762,28 @@ impl IoBufs {
 
         let total_len = if maxed { capacity } else { bytes_to_write };
 
-        let data = iobuf.get_mut_range(0, total_len);
-        let stored_max_stable_lsn = iobuf.stored_max_stable_lsn;
+        let before_len = before.map_or(0, |b| header::offset(b.get_header()));
+        let (io_offset, io_len) = match before {
+            Some(b) => (b.offset, before_len + total_len),
+            None => (log_offset, total_len),
+        };
+        let data = match before {
+            // `before`'s bytes are followed by `iobuf`'s in the same buffer.
+            Some(b) => b.get_mut_range(0, io_len),
+            None => iobuf.get_mut_range(0, io_len),
+        };
+        let stored_max_stable_lsn = before.map_or(
+            iobuf.stored_max_stable_lsn,
+            |b| b.stored_max_stable_lsn.max(iobuf.stored_max_stable_lsn),
+        );
 
         io_fail!(self, "buffer write");
         #[cfg(feature = "io_uring")]
         {
             let mut wrote = 0;
-            while wrote < total_len {
+            while wrote < io_len {
                 let to_write = &data[wrote..];
-                let offset = log_offset + wrote as u64;
+                let offset = io_offset + wrote as u64;
 
                 // we take out this mutex to guarantee
                 // that our `Link` write operation below
@@ -727,7 +826,7 @@ impl IoBufs {
         #[cfg(not(feature = "io_uring"))]
         {
             let f = &self.config.file;
-            pwrite_all(f, data, log_offset)?;
+            pwrite_all(f, data, io_offset)?;
             if !self.config.temporary {
                 #[cfg(target_os = "linux")]
                 {
@@ -735,8 +834,8 @@ impl IoBufs {
                     let ret = unsafe {
                         libc::sync_file_range(
                             f.as_raw_fd(),
-                            i64::try_from(log_offset).unwrap(),
-                            i64::try_from(total_len).unwrap(),
+                            i64::try_from(io_offset).unwrap(),
+                            i64::try_from(io_len).unwrap(),
                             libc::SYNC_FILE_RANGE_WAIT_BEFORE
                                 | libc::SYNC_FILE_RANGE_WRITE
                                 | libc::SYNC_FILE_RANGE_WAIT_AFTER,
@@ -757,6 +856,10 @@ impl IoBufs {
             }
         }
         io_fail!(self, "buffer write post");
+
+        if let Some(before) = before {
+            self.mark_interval(before.lsn, before_len);
+        }
 
         if total_len > 0 {
             let complete_len = if maxed {
@@ -779,7 +882,7 @@ impl IoBufs {
             self.mark_interval(base_lsn, complete_len);
         }
 
-        M.written_bytes.measure(total_len as u64);
+        M.written_bytes.measure(io_len as u64);
 
         // NB the below deferred logic is important to ensure
         // that we never actually free a segment until all threads
@@ -967,6 +1070,17 @@ pub(in crate::pagecache) fn make_stable_inner(
                     return Ok(assert_usize(stable - first_stable));
                 }
             }
+        }
+
+        if stable < lsn && iobufs.deferred_batch_manifest.lock().is_some() {
+            // A deferred batch manifest (PATCHES.md, item 8) may be what
+            // `lsn` waits for, and nobody else is bound to write it: write it
+            // here. Looked at under `intervals`, linearized with
+            // `defer_batch_manifest`'s wake-up.
+            drop(waiter);
+            let _ = iobufs.take_deferred_batch_manifest(None)?;
+            stable = iobufs.stable();
+            continue;
         }
 
         if stable < lsn {
@@ -1191,34 +1305,38 @@ fn seal_and_write_iobuf(
             "asynchronously writing iobuf with lsn {} to log from maybe_seal",
             lsn
         );
-        let iobufs = iobufs.clone();
-        let iobuf = iobuf.clone();
-        let write = move || {
-            if let Err(e) = iobufs.write_to_log(&iobuf) {
-                error!(
-                    "hit error while writing iobuf with lsn {}: {:?}",
-                    lsn, e
-                );
-
-                // store error before notifying so that waiting threads will see
-                // it
-                iobufs.config.set_global_error(e);
-
-                let intervals = iobufs.intervals.lock();
-
-                // having held the mutex makes this linearized
-                // with the notify below.
-                drop(intervals);
-
-                let _notified = iobufs.interval_updated.notify_all();
-            }
-        };
         if write_here {
             // An explicit flush (make_stable) waits for this write anyway:
             // do it on the caller's thread instead of handing it to the
-            // pool and waiting for the pool to say it is done.
-            write();
+            // pool and waiting for the pool to say it is done. A deferred
+            // batch manifest right before this buffer goes in the same write
+            // (PATCHES.md, item 8). An error is recorded as the pool's would
+            // be, and returned.
+            let before = iobufs.take_deferred_batch_manifest(Some(iobuf))?;
+            iobufs.write_deferred(before.as_deref(), iobuf)?;
         } else {
+            let iobufs = iobufs.clone();
+            let iobuf = iobuf.clone();
+            let write = move || {
+                if let Err(e) = iobufs.write_to_log(&iobuf) {
+                    error!(
+                        "hit error while writing iobuf with lsn {}: {:?}",
+                        lsn, e
+                    );
+
+                    // store error before notifying so that waiting threads will see
+                    // it
+                    iobufs.config.set_global_error(e);
+
+                    let intervals = iobufs.intervals.lock();
+
+                    // having held the mutex makes this linearized
+                    // with the notify below.
+                    drop(intervals);
+
+                    let _notified = iobufs.interval_updated.notify_all();
+                }
+            };
             let _result = threadpool::spawn(write)?;
 
             #[cfg(feature = "event_log")]

@@ -388,6 +388,7 @@ impl Log {
                 is_blob_rewrite: blob_rewrite.is_some(),
                 header_len: usize::try_from(message_header.serialized_size())
                     .unwrap(),
+                defer_write: false,
             });
         }
     }
@@ -395,7 +396,7 @@ impl Log {
     /// Called by Reservation on termination (completion or abort).
     /// Handles departure from shared state, and possibly writing
     /// the buffer to stable storage if necessary.
-    pub(super) fn exit_reservation(&self, iobuf: &Arc<IoBuf>) -> Result<()> {
+    pub(super) fn exit_reservation(&self, iobuf: &Arc<IoBuf>, defer_write: bool) -> Result<()> {
         let mut header = iobuf.get_header();
 
         // Decrement writer count, retrying until successful.
@@ -433,6 +434,12 @@ impl Log {
                  to log from exit_reservation",
                 lsn
             );
+            if defer_write {
+                // Vendored change (PATCHES.md, item 8): a transaction's batch
+                // manifest is complete; its buffer waits for the next flush,
+                // which writes it in one write with the data after it.
+                return self.iobufs.defer_batch_manifest(iobuf.clone());
+            }
             let iobufs = self.iobufs.clone();
             let iobuf = iobuf.clone();
             threadpool::spawn(move || {

@@ -14,6 +14,10 @@ pub struct Reservation<'a> {
     pub(super) lsn: Lsn,
     pub(super) is_blob_rewrite: bool,
     pub(super) header_len: usize,
+    /// Vendored change (PATCHES.md, item 8): set for a batch manifest (`mark_writebatch`),
+    /// whose buffer, once complete, is left for the next flush to write with the data after
+    /// it (`IoBufs::defer_batch_manifest`) instead of being written by the threadpool.
+    pub(super) defer_write: bool,
 }
 
 impl<'a> Drop for Reservation<'a> {
@@ -79,7 +83,7 @@ impl<'a> Reservation<'a> {
     /// Will panic if the reservation is not the correct
     /// size to hold a serialized Lsn.
     #[doc(hidden)]
-    pub fn mark_writebatch(self, peg_lsn: Lsn) -> Result<(Lsn, DiskPtr)> {
+    pub fn mark_writebatch(mut self, peg_lsn: Lsn) -> Result<(Lsn, DiskPtr)> {
         trace!(
             "writing batch required stable lsn {} into \
              BatchManifest at lid {} peg_lsn {}",
@@ -105,6 +109,7 @@ impl<'a> Reservation<'a> {
             intervals.mark_batch((self.lsn, peg_lsn));
             drop(intervals);
 
+            self.defer_write = true;
             self.complete()
         }
     }
@@ -136,7 +141,7 @@ impl<'a> Reservation<'a> {
                 std::mem::size_of::<u32>(),
             );
         }
-        self.log.exit_reservation(&self.iobuf)?;
+        self.log.exit_reservation(&self.iobuf, self.defer_write)?;
 
         Ok((self.lsn(), self.pointer()))
     }
