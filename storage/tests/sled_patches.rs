@@ -25,6 +25,23 @@ fn contents(tree: &sled::Tree) -> BTreeMap<Vec<u8>, Vec<u8>> {
         .collect()
 }
 
+/// Opens the database, waiting for sled's file lock: after the last handle is dropped, sled's
+/// I/O threads can hold the file for a moment (as `EventLog::open` does, `LOCK_WAIT_MAX`).
+fn reopen(config: &sled::Config) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            result => return result.unwrap(),
+        }
+    }
+}
+
 fn apply(model: &mut BTreeMap<Vec<u8>, Vec<u8>>, writes: &[Write]) {
     for &(k, value) in writes {
         match value {
@@ -69,7 +86,7 @@ proptest! {
             prop_assert_eq!(&contents(&tree), &model);
             db.flush().unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = reopen(&sled::Config::new().path(dir.path()));
         let tree = db.open_tree("t").unwrap();
         prop_assert_eq!(&contents(&tree), &model, "after reopening");
     }
@@ -90,12 +107,12 @@ fn deferred_batch_manifests_are_written_by_flushes_and_waiters() {
     const TRANSACTIONS: u64 = 3_000;
     let dir = tempfile::tempdir().unwrap();
     let open = || {
-        sled::Config::new()
-            .path(dir.path())
-            .cache_capacity(64 * 1024)
-            .flush_every_ms(None)
-            .open()
-            .unwrap()
+        reopen(
+            &sled::Config::new()
+                .path(dir.path())
+                .cache_capacity(64 * 1024)
+                .flush_every_ms(None),
+        )
     };
     let value = |n: u64| format!("value {n} {}", "x".repeat((n % 97) as usize)).into_bytes();
     {
@@ -108,8 +125,13 @@ fn deferred_batch_manifests_are_written_by_flushes_and_waiters() {
         let stop = Arc::new(AtomicBool::new(false));
         let (done, finished) = mpsc::channel::<&'static str>();
         let flusher = {
-            let (db, committed, flushed, stop, done) =
-                (db.clone(), committed.clone(), flushed.clone(), stop.clone(), done.clone());
+            let (db, committed, flushed, stop, done) = (
+                db.clone(),
+                committed.clone(),
+                flushed.clone(),
+                stop.clone(),
+                done.clone(),
+            );
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Acquire) {
                     let upto = committed.load(Ordering::Acquire);
@@ -154,7 +176,11 @@ fn deferred_batch_manifests_are_written_by_flushes_and_waiters() {
             })
         };
         let patience = Duration::from_secs(120);
-        assert_eq!(finished.recv_timeout(patience), Ok("writer"), "the writer finishes");
+        assert_eq!(
+            finished.recv_timeout(patience),
+            Ok("writer"),
+            "the writer finishes"
+        );
         stop.store(true, Ordering::Release);
         for _ in 0..2 {
             finished
@@ -164,15 +190,81 @@ fn deferred_batch_manifests_are_written_by_flushes_and_waiters() {
         for thread in [writer, flusher, reader] {
             thread.join().unwrap();
         }
-        assert!(flushed.load(Ordering::Acquire) > 0, "some flush covered a transaction");
+        assert!(
+            flushed.load(Ordering::Acquire) > 0,
+            "some flush covered a transaction"
+        );
         db.flush().unwrap();
     }
     let db = open();
     let records = db.open_tree("records").unwrap();
-    assert_eq!(records.len() as u64, TRANSACTIONS, "every transaction after the last flush");
+    assert_eq!(
+        records.len() as u64,
+        TRANSACTIONS,
+        "every transaction after the last flush"
+    );
     for n in 1..=TRANSACTIONS {
-        assert_eq!(records.get(n.to_be_bytes()).unwrap().as_deref(), Some(value(n).as_slice()));
+        assert_eq!(
+            records.get(n.to_be_bytes()).unwrap().as_deref(),
+            Some(value(n).as_slice())
+        );
     }
     let index = db.open_tree("index").unwrap();
     assert_eq!(index.len(), 211);
+}
+
+/// PATCHES.md item 8, with sled's periodic flusher (`flush_every_ms`, sled's default, not the
+/// log's): a transaction with no explicit flush after it is on disk once the flusher has run,
+/// batch manifest included. The database's files are copied while it is open (what a kill
+/// would leave) until the copy opens with the transaction in it.
+#[test]
+fn the_periodic_flusher_writes_a_deferred_batch_manifest() {
+    use sled::Transactional;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::Config::new()
+        .path(dir.path())
+        .flush_every_ms(Some(10))
+        .open()
+        .unwrap();
+    let (a, b) = (db.open_tree("a").unwrap(), db.open_tree("b").unwrap());
+    (&a, &b)
+        .transaction(|(a, b)| {
+            a.insert_blind(&b"key"[..], &b"a"[..]);
+            b.insert_blind(&b"key"[..], &b"b"[..]);
+            Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+        })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut copies = 0;
+    loop {
+        copies += 1;
+        let copy = tempfile::tempdir().unwrap();
+        copy_files(dir.path(), copy.path());
+        let reopened = sled::open(copy.path()).unwrap();
+        let got = reopened.open_tree("b").unwrap().get(b"key").unwrap();
+        if got.as_deref() == Some(&b"b"[..]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the transaction never reached the disk without an explicit flush ({copies} copies)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(db);
+}
+
+fn copy_files(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_files(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }

@@ -65,7 +65,14 @@ fn run(
     while shutdown.is_running() || wrote_data {
         let before = std::time::Instant::now();
         let cc = pagecache.config.concurrency_control.read();
-        match pagecache.log.roll_iobuf() {
+        // Vendored change (PATCHES.md, item 8): a batch manifest left for the
+        // next explicit flush is written here too, so that the periodic flush
+        // covers every transaction as it did before.
+        let rolled = pagecache.log.roll_iobuf().and_then(|rolled| {
+            let wrote = pagecache.log.iobufs.write_deferred_batch_manifest()?;
+            Ok(if wrote { rolled.max(1) } else { rolled })
+        });
+        match rolled {
             Ok(0) => {
                 wrote_data = false;
                 if !shutdown.is_running() {

@@ -579,18 +579,38 @@ impl IoBufs {
 
     /// Vendored change (PATCHES.md, item 8): holds `manifest` as the deferred
     /// batch manifest buffer (sealed, no writers left). A buffer deferred
-    /// before and not written yet is written now, on this thread.
-    pub(crate) fn defer_batch_manifest(&self, manifest: Arc<IoBuf>) -> Result<()> {
-        let previous = self.deferred_batch_manifest.lock().replace(manifest);
+    /// before and not written yet goes to the threadpool, as every manifest
+    /// did before this change (the caller holds the database's lock for
+    /// writing: no device wait here).
+    pub(crate) fn defer_batch_manifest(
+        iobufs: &Arc<IoBufs>,
+        manifest: Arc<IoBuf>,
+    ) -> Result<()> {
+        let this = &**iobufs;
+        let previous = this.deferred_batch_manifest.lock().replace(manifest);
         // Linearized with a waiter in `make_stable_inner`, which looks at the
         // deferred buffer while it holds `intervals`: it saw this one, or it
         // is waiting and is woken here.
-        let intervals = self.intervals.lock();
+        let intervals = this.intervals.lock();
         drop(intervals);
-        let _notified = self.interval_updated.notify_all();
-        match previous {
-            Some(previous) => self.write_deferred(None, &previous),
-            None => Ok(()),
+        let _notified = this.interval_updated.notify_all();
+        if let Some(previous) = previous {
+            let iobufs = iobufs.clone();
+            threadpool::spawn(move || {
+                let _ = iobufs.write_deferred(None, &previous);
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Writes the deferred batch manifest buffer, if any, on its own
+    /// (sled's periodic flusher, which does not go through `make_stable`).
+    /// Returns whether there was one.
+    pub(crate) fn write_deferred_batch_manifest(&self) -> Result<bool> {
+        let deferred = self.deferred_batch_manifest.lock().take();
+        match deferred {
+            Some(deferred) => self.write_deferred(None, &deferred).map(|()| true),
+            None => Ok(false),
         }
     }
 

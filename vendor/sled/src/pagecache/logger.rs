@@ -438,7 +438,10 @@ impl Log {
                 // Vendored change (PATCHES.md, item 8): a transaction's batch
                 // manifest is complete; its buffer waits for the next flush,
                 // which writes it in one write with the data after it.
-                return self.iobufs.defer_batch_manifest(iobuf.clone());
+                return IoBufs::defer_batch_manifest(
+                    &self.iobufs,
+                    iobuf.clone(),
+                );
             }
             let iobufs = self.iobufs.clone();
             let iobuf = iobuf.clone();
