@@ -268,3 +268,44 @@ fn copy_files(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// PATCHES.md item 9: `Tree::last_in(lo, hi)` (a lookup in the leaf that holds `hi`, with
+    /// the iterator as fallback) answers as `range(lo..=hi).next_back()` for every range, on a
+    /// tree of many leaves, live and after a reopen (leaves paged in from the log).
+    #[test]
+    fn last_in_answers_as_the_reverse_iterator(
+        keys in prop::collection::btree_set(0u16..4_000, 0..600),
+        removed in prop::collection::vec(0u16..4_000, 0..100),
+        ranges in prop::collection::vec((0u16..4_100, 0u16..300), 1..80),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = sled::Config::new().path(dir.path()).cache_capacity(64 * 1024).flush_every_ms(None);
+        let check = |tree: &sled::Tree| -> Result<(), TestCaseError> {
+            for &(lo, len) in &ranges {
+                let (lo, hi) = (key(lo), key(lo.saturating_add(len)));
+                let expected = tree.range(lo..=hi).next_back().transpose().unwrap();
+                prop_assert_eq!(tree.last_in(lo, hi).unwrap(), expected, "range {:?}..={:?}", lo, hi);
+                // An empty range (lo above hi) has nothing.
+                prop_assert_eq!(tree.last_in(hi, lo).unwrap().filter(|_| lo != hi), None);
+            }
+            Ok(())
+        };
+        {
+            let db = reopen(&config);
+            let tree = db.open_tree("t").unwrap();
+            for &k in &keys {
+                tree.insert(key(k), vec![(k % 251) as u8; 1 + k as usize % 30]).unwrap();
+            }
+            for &k in &removed {
+                tree.remove(key(k)).unwrap();
+            }
+            check(&tree)?;
+            db.flush().unwrap();
+        }
+        let db = reopen(&config);
+        check(&db.open_tree("t").unwrap())?;
+    }
+}

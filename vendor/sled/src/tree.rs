@@ -886,6 +886,44 @@ impl Tree {
         self.range(..key).next_back().transpose()
     }
 
+    /// Vendored change (PATCHES.md, item 9): the last key and value in
+    /// `lo..=hi`, like `range(lo..=hi).next_back()`, found in the leaf that
+    /// holds `hi` without the copy of that leaf an iterator makes. Falls back
+    /// to the iterator only when the answer may lie in an earlier leaf (no key
+    /// at or below `hi` in this one, and the range starts before it).
+    pub fn last_in<K: AsRef<[u8]>>(
+        &self,
+        lo: K,
+        hi: K,
+    ) -> Result<Option<(IVec, IVec)>> {
+        let (lo, hi) = (lo.as_ref(), hi.as_ref());
+        if lo > hi {
+            return Ok(None);
+        }
+        {
+            let _measure = Measure::new(&M.tree_reverse_scan);
+            let guard = pin();
+            let _cc = self.context.concurrency_control.read();
+            let view = self.view_for_key(hi, &guard)?;
+            let bound = ops::Bound::Included(IVec::from(hi));
+            if view.contains_upper_bound(&bound)
+                && view.contains_lower_bound(&bound, false)
+            {
+                match view.predecessor(&bound) {
+                    // The last key at or below `hi` in a leaf that holds
+                    // `hi`: every earlier leaf's keys are below it.
+                    Some((key, value)) if key.as_ref() >= lo => {
+                        return Ok(Some((key, value)));
+                    }
+                    Some(_) => return Ok(None),
+                    None if view.lo.as_ref() <= lo => return Ok(None),
+                    None => {}
+                }
+            }
+        }
+        self.range(lo..=hi).next_back().transpose()
+    }
+
     /// Retrieve the next key and value from the `Tree` after the
     /// provided key.
     ///
