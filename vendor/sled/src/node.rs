@@ -222,17 +222,23 @@ impl Node {
     }
 
     pub(crate) fn split(mut self) -> (Node, Node) {
+        /// Entries the rightmost leaf keeps on its right side when it splits: not below the
+        /// leaves' merge threshold (`should_merge`: fewer than 4), so that the new rightmost
+        /// leaf is not merged back at once.
+        const RIGHTMOST_LEAF_SPLIT_RIGHT_LEN: usize = 4;
+
         fn split_inner<T>(
             keys: &mut Vec<IVec>,
             values: &mut Vec<T>,
             old_prefix: &[u8],
             old_hi: &[u8],
             suffix_truncation: bool,
+            split_point: usize,
         ) -> (IVec, u8, Vec<IVec>, Vec<T>)
         where
             T: Clone + Ord,
         {
-            let split_point = keys.len() / 2 + 1;
+            assert!(0 < split_point && split_point < keys.len());
             let right_keys = keys.split_off(split_point);
             let right_values = values.split_off(split_point);
             let right_min = &right_keys[0];
@@ -303,6 +309,7 @@ impl Node {
         let prefixed_hi = &self.hi;
         let (split, right_prefix_len, right_data) = match self.data {
             Data::Index(ref mut index) => {
+                let half = index.keys.len() / 2 + 1;
                 let (split, right_prefix_len, right_keys, right_values) =
                     split_inner(
                         &mut index.keys,
@@ -310,6 +317,7 @@ impl Node {
                         prefixed_lo,
                         prefixed_hi,
                         false,
+                        half,
                     );
 
                 (
@@ -322,6 +330,19 @@ impl Node {
                 )
             }
             Data::Leaf(ref mut leaf) => {
+                // Vendored change (PATCHES.md, item 10): the rightmost leaf (no upper bound)
+                // keeps all but RIGHTMOST_LEAF_SPLIT_RIGHT_LEN entries on its left side
+                // instead of half. A tree filled in key order (our records, the outbox)
+                // inserts only there: its leaves then stay full instead of half full, it
+                // splits half as often, and the leaf every insert copies (`link`) is smaller
+                // on average. Any other leaf splits in half, as before.
+                let len = leaf.keys.len();
+                let half = len / 2 + 1;
+                let split_point = if prefixed_hi.is_empty() {
+                    half.max(len.saturating_sub(RIGHTMOST_LEAF_SPLIT_RIGHT_LEN))
+                } else {
+                    half
+                };
                 let (split, right_prefix_len, right_keys, right_values) =
                     split_inner(
                         &mut leaf.keys,
@@ -329,6 +350,7 @@ impl Node {
                         prefixed_lo,
                         prefixed_hi,
                         true,
+                        split_point,
                     );
 
                 (
