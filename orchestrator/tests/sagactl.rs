@@ -62,6 +62,58 @@ fn sagactl(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `sagactl watch --changes-only` prints the events of the full watch where the saga's state
+/// changed, and no other: a compensated saga's running, compensating and compensated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_changes_only_prints_the_events_that_change_the_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let system = Dev::start(dir.path(), "127.0.0.1:0", 100, DevOptions::default())
+        .await
+        .expect("starts");
+    let mut client = system.client().await.expect("connects");
+    // Fail20: order 5's user has no balance, so the saga is compensated.
+    let saga = workload::run_order(&mut client, workload::Scenario::Fail20, "watch", 5)
+        .await
+        .expect("runs an order");
+    let server = system.api_addr.to_string();
+    let (every, changes) = tokio::task::spawn_blocking(move || {
+        let watch = |extra: &[&str]| {
+            let mut args = vec![
+                "--server",
+                server.as_str(),
+                "--json",
+                "watch",
+                saga.saga_id.as_str(),
+            ];
+            args.extend_from_slice(extra);
+            let (code, stdout, stderr) = sagactl(&args);
+            assert_eq!(code, 0, "{args:?}: {stderr}");
+            stdout
+                .lines()
+                .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("a JSON line"))
+                .collect::<Vec<_>>()
+        };
+        (watch(&[]), watch(&["--changes-only"]))
+    })
+    .await
+    .expect("join");
+    system.shutdown().await;
+
+    let mut before = None;
+    let expected: Vec<serde_json::Value> = every
+        .iter()
+        .filter(|e| before.replace(e["state"].clone()) != Some(e["state"].clone()))
+        .cloned()
+        .collect();
+    assert_eq!(changes, expected);
+    let states: Vec<&str> = changes
+        .iter()
+        .map(|e| e["state"].as_str().expect("a state"))
+        .collect();
+    assert_eq!(states.len(), 3, "{states:?}");
+    assert!(every.len() > changes.len(), "{} events in all", every.len());
+}
+
 /// Issue 9: `sagactl audit` on the all-in-one system's data dirs: refused while the process
 /// holds them, clean after, one saga's timeline across logs, JSON export, and a forged
 /// projection is found with exit status 1.

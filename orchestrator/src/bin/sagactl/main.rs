@@ -121,6 +121,10 @@ enum Command {
     Watch {
         /// The saga's id.
         saga_id: String,
+        /// Only the events that change the saga's state (running, compensating, completed,
+        /// ...), as a client waiting for the outcome needs: the server leaves the others out.
+        #[arg(long)]
+        changes_only: bool,
     },
     /// Print the orchestrator's event log as JSON lines (an admin call).
     Replay {
@@ -612,12 +616,15 @@ async fn run(args: Args, sources: saga_proto::config::Sources) -> Result<(), Fai
                 }
             }
         }
-        Command::Watch { saga_id } => {
+        Command::Watch {
+            saga_id,
+            changes_only,
+        } => {
             let mut events = client
                 .watch_saga(pb::WatchSagaRequest {
                     saga_id,
                     from_version: 1,
-                    status_changes_only: false,
+                    status_changes_only: changes_only,
                 })
                 .await
                 .map_err(status)?
